@@ -1,0 +1,29 @@
+"""actprune: cut training memory by pruning the activations saved for backward to block-sparse form.
+
+    import actprune
+    actprune.prune_activations_(model, actprune.PruneConfig(sparsity=0.9, block_size=32))
+
+Seed method: Barley & Fröning 2023, "Compressing the Backward Pass of Large-Scale Neural
+Architectures by Structured Activation Pruning" (arXiv 2311.16883).
+"""
+
+from .blocksparse import BlockSparse, compress, select_blocks
+from .config import PruneConfig
+from .convert import prune_activations_, restore_dense_
+from .layers import PrunedLinear
+from .memory import SavedTensorLog, peak_memory, saved_activation_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockSparse",
+    "PruneConfig",
+    "PrunedLinear",
+    "SavedTensorLog",
+    "compress",
+    "peak_memory",
+    "prune_activations_",
+    "restore_dense_",
+    "saved_activation_bytes",
+    "select_blocks",
+]

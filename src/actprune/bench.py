@@ -1,0 +1,205 @@
+"""Kernel benchmarks: compression and the block-sparse weight gradient against what users have.
+
+Baselines, all measured in the same run: a plain copy of the activation (what compression must
+beat in bandwidth), the dense weight gradient dyᵀ·x (cuBLAS / MKL), and torch.sparse BSR
+(``to_sparse_bsr`` + BSR @ dense; on CUDA ``torch.sparse._triton_ops.bsr_dense_mm``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .blocksparse import compress
+from .config import PruneConfig
+
+# ResMLP-S24 Linear shapes with M = 8·196 token rows: (K, N) of fc1, fc2 and the token mixer.
+RESMLP_S24_SHAPES = ((384, 1536), (1536, 384), (196, 196))
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of fn in milliseconds (CUDA synchronised around each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class KernelRow:
+    """One (shape, block, sparsity) measurement; times in ms, medians."""
+
+    m: int
+    k: int
+    n: int
+    block: int
+    sparsity: float
+    dtype: str
+    copy_ms: float  # x.clone(): the bandwidth floor for compression
+    compress_ms: float  # actprune.compress (score + select + pack)
+    bsr_compress_ms: float | None  # mask + Tensor.to_sparse_bsr (selection given; None: shape
+    # not divisible by the block, which torch.sparse BSR requires)
+    dense_dw_ms: float  # dyᵀ·x
+    dw_ms: float  # actprune block-sparse dW
+    bsr_dw_ms: float | None  # torch.sparse BSR dW (None where torch has no kernel for the dtype)
+    backend: str
+
+    @property
+    def compress_gbps(self) -> float:
+        return 2 * self.m * self.k * _itemsize(self.dtype) / (self.compress_ms * 1e6)
+
+    @property
+    def dw_tflops(self) -> float:
+        """Effective TFLOP/s: the dense FLOP count 2·M·N·K over the measured time."""
+        return 2 * self.m * self.n * self.k / (self.dw_ms * 1e9)
+
+
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
+
+
+def _bsr_dw(dy: torch.Tensor, x_masked_t_bsr: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """dW = (X̃ᵀ·dy)ᵀ with X̃ᵀ in BSR: the way torch.sparse offers it, or None if unsupported."""
+    if dy.is_cuda:
+        try:
+            from torch.sparse._triton_ops import bsr_dense_mm
+        except ImportError:
+            return None
+        if bsr_dense_mm is None:
+            return None
+        return lambda: bsr_dense_mm(x_masked_t_bsr, dy).t()
+    if dy.dtype != torch.float32:  # CPU BSR @ dense is fp32-only
+        return None
+    return lambda: (x_masked_t_bsr @ dy).t()
+
+
+def measure_kernels(
+    shapes: Iterable[tuple[int, int]] = RESMLP_S24_SHAPES,
+    m: int = 8 * 196,
+    blocks: Iterable[int] = (16, 32),
+    sparsities: Iterable[float] = (0.5, 0.8, 0.9),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> list[KernelRow]:
+    """Time compression and dW for every (shape, block, sparsity); one row each."""
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for k, n in shapes:
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        dy = torch.randn(m, n, generator=gen).to(device, dtype)
+        baselines = {
+            "copy_ms": time_ms(x.clone, repeats),
+            "dense_dw_ms": time_ms(lambda: dy.t().mm(x), repeats),  # noqa: B023 - runs here
+        }
+        for block in blocks:
+            for sparsity in sparsities:
+                rows.append(_measure_one(x, dy, PruneConfig(sparsity, block), baselines, repeats))
+                if progress:
+                    progress(f"M={m} K={k} N={n} block={block} sparsity={sparsity}: done")
+    return rows
+
+
+def _measure_one(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    config: PruneConfig,
+    baselines: dict[str, float],
+    repeats: int,
+) -> KernelRow:
+    (m, k), n, (block, _) = x.shape, dy.shape[1], config.block_shape
+    packed = compress(x, config)
+    mask = packed.block_mask().repeat_interleave(block, 0).repeat_interleave(block, 1)[:m, :k]
+    x_masked = x * mask
+    bsr_ok = m % block == 0 and k % block == 0  # torch.sparse BSR needs divisible shapes
+    bsr_dw = None
+    if bsr_ok:
+        bsr_dw = _bsr_dw(dy, x_masked.t().contiguous().to_sparse_bsr((block, block)))
+    return KernelRow(
+        m=m,
+        k=k,
+        n=n,
+        block=block,
+        sparsity=config.sparsity,
+        dtype=str(x.dtype).removeprefix("torch."),
+        compress_ms=time_ms(lambda: compress(x, config), repeats),
+        bsr_compress_ms=(
+            time_ms(lambda: (x * mask).to_sparse_bsr((block, block)), repeats) if bsr_ok else None
+        ),
+        dw_ms=time_ms(lambda: kernels.weight_grad(dy, packed), repeats),
+        bsr_dw_ms=time_ms(bsr_dw, repeats) if bsr_dw else None,
+        backend=kernels.backend_for(x),
+        **baselines,
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def kernel_table(rows: list[KernelRow]) -> str:
+    """Markdown table; ratios > 1 mean actprune is faster than the baseline."""
+    head = (
+        "| M×K×N | block | sparsity | copy ms | compress ms | compress GB/s | BSR compress ms "
+        "| dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms | dW speed-up vs dense "
+        "| vs BSR |\n|" + "---|" * 13
+    )
+    lines = [head]
+    for r in rows:
+        vs_bsr = None if r.bsr_dw_ms is None else r.bsr_dw_ms / r.dw_ms
+        lines.append(
+            f"| {r.m}×{r.k}×{r.n} | {r.block} | {r.sparsity} | {_fmt(r.copy_ms)} "
+            f"| {_fmt(r.compress_ms)} | {r.compress_gbps:.2f} | {_fmt(r.bsr_compress_ms)} "
+            f"| {_fmt(r.dense_dw_ms)} | {_fmt(r.dw_ms)} | {r.dw_tflops:.3f} | {_fmt(r.bsr_dw_ms)} "
+            f"| {r.dense_dw_ms / r.dw_ms:.2f}× | {'n/a' if vs_bsr is None else f'{vs_bsr:.2f}×'} |"
+        )
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_results(
+    rows: list[KernelRow], device: str, out_dir: Path, stem: str, command: str
+) -> str:
+    """Write ``stem``.json and ``stem``.md under out_dir; returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "command": command,
+    }
+    table = kernel_table(rows)
+    md = (
+        f"# Kernel benchmark on {meta['device']}\n\n"
+        f"torch {meta['torch']}, kernels: {rows[0].backend if rows else 'n/a'}. "
+        f"Command: `{command}`\n\n"
+        "Times are medians; ratios are baseline time / actprune time (> 1: actprune faster), "
+        "measured in the same run.\n\n"
+        f"{table}\n"
+    )
+    (out_dir / f"{stem}.md").write_text(md)
+    payload = {**meta, "rows": [asdict(r) for r in rows]}
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return md

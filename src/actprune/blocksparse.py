@@ -1,0 +1,153 @@
+"""The storage format of a pruned activation: kept blocks grouped by block-column (BSC).
+
+A 2-D tensor X [M, K] is cut into (bm × bk) blocks; ``compress`` keeps the k highest-scoring ones.
+They are stored block-column by block-column because the one consumer that matters, the weight
+gradient dW[:, j-th block-column] = Σ_i dy[i-th block-row]ᵀ · X[i, j], then walks a contiguous run
+of blocks per output tile, with no gather and no transposed index (../docs/design.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .config import PruneConfig
+
+
+@dataclass(frozen=True)
+class BlockSparse:
+    """A 2-D tensor with only some (bm × bk) blocks stored; absent blocks are zero.
+
+    ``values[ccol_indices[j]:ccol_indices[j+1]]`` are the kept blocks of block-column j, in
+    increasing block-row order given by ``row_indices``. Edge blocks of shapes that are not
+    multiples of the block are stored zero-padded to the full block; the padding never shows in
+    ``to_dense`` and is counted in ``nbytes`` (it is memory that is really held).
+    """
+
+    values: torch.Tensor  # [nnz, bm, bk], dtype of the compressed tensor
+    row_indices: torch.Tensor  # int32 [nnz], block-row of each kept block
+    ccol_indices: torch.Tensor  # int32 [n_bc + 1], offsets of each block-column's blocks
+    shape: tuple[int, int]  # (M, K) of the dense tensor
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return (self.values.shape[1], self.values.shape[2])
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(block-rows, block-cols) of the dense tensor, edge blocks included."""
+        (m, k), (bm, bk) = self.shape, self.block_shape
+        return (-(-m // bm), -(-k // bk))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of blocks kept."""
+        n_br, n_bc = self.grid_shape
+        return self.nnz_blocks / max(1, n_br * n_bc)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors held, in constructor order (what autograd saves for backward)."""
+        return (self.values, self.row_indices, self.ccol_indices)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this object holds."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def col_indices(self) -> torch.Tensor:
+        """int32 [nnz]: block-column of each kept block (expanded from ``ccol_indices``)."""
+        return _expand_offsets(self.ccol_indices, self.nnz_blocks)
+
+    def block_mask(self) -> torch.Tensor:
+        """bool [n_br, n_bc]: True where a block is kept."""
+        mask = torch.zeros(self.grid_shape, dtype=torch.bool, device=self.device)
+        mask[self.row_indices.long(), self.col_indices().long()] = True
+        return mask
+
+    def to_dense(self) -> torch.Tensor:
+        """The [M, K] tensor with dropped blocks as zeros."""
+        (m, k), (bm, bk) = self.shape, self.block_shape
+        n_br, n_bc = self.grid_shape
+        dense = self.values.new_zeros(n_br, bm, n_bc, bk)
+        dense[self.row_indices.long(), :, self.col_indices().long(), :] = self.values
+        dense = dense.view(n_br * bm, n_bc * bk)
+        return dense if dense.shape == (m, k) else dense[:m, :k].contiguous()
+
+    def to_sparse_bsr(self) -> torch.Tensor:
+        """The same tensor as a ``torch.sparse_bsr_tensor`` (needs M, K multiples of the block)."""
+        (m, k), (bm, bk) = self.shape, self.block_shape
+        if m % bm or k % bk:
+            raise ValueError(
+                f"to_sparse_bsr needs a shape divisible by the block: shape {self.shape}, "
+                f"block {self.block_shape}"
+            )
+        rows, cols = self.row_indices.long(), self.col_indices().long()
+        order = torch.argsort(rows * self.grid_shape[1] + cols)
+        counts = torch.bincount(rows, minlength=self.grid_shape[0])
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return torch.sparse_bsr_tensor(
+            crow.int(),
+            cols[order].int(),
+            self.values[order],
+            size=self.shape,
+            check_invariants=True,
+        )
+
+
+def _expand_offsets(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 [total]: j repeated offsets[j+1] - offsets[j] times (compressed index -> per entry)."""
+    ids = torch.arange(offsets.numel() - 1, device=offsets.device, dtype=torch.int32)
+    return ids.repeat_interleave(offsets[1:] - offsets[:-1], output_size=total)
+
+
+def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
+
+    scores is [n_br, n_bc]. Ties are broken deterministically: among equal scores, the block that
+    comes first in column-major order (block-column, then block-row) is kept first.
+    """
+    n_br, n_bc = scores.shape
+    flat = scores.t().reshape(-1)  # column-major block ids: id = col * n_br + row
+    order = torch.sort(flat, descending=True, stable=True).indices
+    kept = torch.sort(order[:k]).values
+    cols = kept // n_br
+    counts = torch.bincount(cols, minlength=n_bc)
+    ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+    return (kept % n_br).int(), cols.int(), ccol
+
+
+def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
+    """Keep the k = ceil((1 - sparsity) · n_blocks) highest-scoring blocks of a 2-D tensor.
+
+    Scoring and packing run as Triton kernels on CUDA and as PyTorch ops elsewhere
+    (``actprune.kernels``). Blocks holding NaN/Inf always rank first (see ``block_scores``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"compress expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"compress expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"compress expects a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"compress expects a non-empty tensor, got shape {tuple(x.shape)}")
+    block_shape = config.block_shape
+    x = x.detach()
+    scores = kernels.block_scores(x, block_shape, config.criterion)
+    rows, cols, ccol = select_blocks(scores, config.kept_blocks(scores.numel()))
+    values = kernels.pack_blocks(x, rows, cols, block_shape)
+    return BlockSparse(values, rows, ccol, shape=tuple(x.shape))

@@ -1,0 +1,66 @@
+"""What to prune and how: the one configuration object every actprune entry point takes."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+CRITERIA = ("l2", "l1", "max")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How the activations saved for backward are pruned.
+
+    Example: ``PruneConfig(sparsity=0.9, block_size=32)`` keeps the 10 % of 32×32 blocks with the
+    largest L2 norm (Barley & Fröning 2023, arXiv 2311.16883).
+    """
+
+    # Fraction of blocks dropped, in [0, 1). 0 keeps everything (exact gradients); 0.9 keeps
+    # ceil(0.1 · n_blocks) blocks.
+    sparsity: float
+    # Block shape over the 2-D view (rows = tokens, cols = features) of a saved tensor: an int for
+    # square blocks or a (rows, cols) pair. Stored normalised as a (rows, cols) tuple.
+    block_size: int | tuple[int, int] = 32
+    # Block score: "l2" (Frobenius norm; keeping the top blocks by it minimises the squared error of
+    # the pruned tensor), "l1" (sum of |x|) or "max" (largest |x|).
+    criterion: str = "l2"
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (0.0 <= s < 1.0):
+            raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1), got {s!r}")
+        b = self.block_size
+        if _is_positive_int(b):
+            shape = (int(b), int(b))
+        elif isinstance(b, (tuple, list)) and len(b) == 2 and all(map(_is_positive_int, b)):
+            shape = (int(b[0]), int(b[1]))
+        else:
+            raise ValueError(
+                "PruneConfig.block_size must be a positive int or a (rows, cols) pair of positive "
+                f"ints, got {b!r}"
+            )
+        object.__setattr__(self, "sparsity", float(s))
+        object.__setattr__(self, "block_size", shape)
+        if self.criterion not in CRITERIA:
+            raise ValueError(
+                f"PruneConfig.criterion must be one of {', '.join(map(repr, CRITERIA))}, "
+                f"got {self.criterion!r}"
+            )
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(rows, cols) of one block."""
+        return self.block_size  # type: ignore[return-value]  # normalised in __post_init__
+
+    def kept_blocks(self, n_blocks: int) -> int:
+        """k = ceil((1 - sparsity) · n_blocks), computed so that float error never adds a block."""
+        if n_blocks <= 0:
+            return 0
+        dropped = math.floor(self.sparsity * n_blocks + 1e-9)
+        return max(1, n_blocks - dropped)

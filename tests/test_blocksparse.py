@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+from helpers import naive_mask, naive_scores
+
+from actprune import BlockSparse, PruneConfig, compress, select_blocks
+from actprune.kernels import reference
+
+
+@pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
+@pytest.mark.parametrize(
+    "shape, block, sparsity",
+    [((64, 64), (16, 16), 0.5), ((100, 70), (16, 16), 0.8), ((37, 53), (8, 12), 0.9),
+     ((5, 3), (8, 8), 0.5), ((96, 40), (32, 8), 0.0), ((33, 65), (32, 32), 0.7)],
+)  # fmt: skip
+def test_keeps_exactly_the_top_k_blocks(shape, block, sparsity, criterion):
+    x = torch.randn(*shape)
+    packed = compress(x, PruneConfig(sparsity, block, criterion))
+    block_mask, elem_mask = naive_mask(x, sparsity, block, criterion)
+    n_blocks = block_mask.numel()
+    assert packed.nnz_blocks == math.ceil(round((1 - sparsity) * n_blocks, 9))
+    assert torch.equal(packed.block_mask(), block_mask)
+    dense = packed.to_dense()
+    assert dense.shape == x.shape and dense.dtype == x.dtype
+    assert torch.equal(dense, x * elem_mask)  # exact values; padding never shows
+
+
+@pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
+def test_scores_match_definition(criterion):
+    x = torch.randn(45, 70, dtype=torch.float16)
+    got = reference.block_scores(x, (16, 32), criterion)
+    assert torch.allclose(got.double(), naive_scores(x, (16, 32), criterion), rtol=1e-5)
+
+
+def test_storage_layout_is_bsc_with_int32_indices():
+    x = torch.randn(64, 96)
+    p = compress(x, PruneConfig(0.5, 16))
+    assert p.values.shape == (p.nnz_blocks, 16, 16)
+    assert p.row_indices.dtype == torch.int32 and p.ccol_indices.dtype == torch.int32
+    assert p.ccol_indices.shape == (p.grid_shape[1] + 1,)
+    assert p.ccol_indices[0] == 0 and p.ccol_indices[-1] == p.nnz_blocks
+    cols = p.col_indices().long()
+    key = cols * p.grid_shape[0] + p.row_indices.long()
+    assert torch.all(key[1:] > key[:-1])  # column-major, strictly increasing
+    xb = x.view(4, 16, 6, 16)
+    for b in range(p.nnz_blocks):
+        assert torch.equal(p.values[b], xb[p.row_indices[b], :, cols[b], :])
+
+
+def test_nbytes_counts_every_tensor_including_edge_padding():
+    p = compress(torch.randn(40, 40), PruneConfig(0.0, 32))  # 2×2 grid, three blocks partial
+    assert p.nnz_blocks == 4
+    assert p.nbytes == 4 * 32 * 32 * 4 + 4 * 4 + 3 * 4
+    assert p.density == 1.0
+
+
+def test_ties_are_broken_by_column_major_position():
+    x = torch.ones(32, 32)  # 16 equal blocks of 8×8
+    p = compress(x, PruneConfig(0.75, 8))
+    # first four in column-major order: the whole first block-column
+    assert p.block_mask()[:, 0].all() and p.block_mask().sum() == 4
+    again = compress(x, PruneConfig(0.75, 8))
+    assert torch.equal(p.row_indices, again.row_indices)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_blocks_rank_first_and_are_kept(bad):
+    x = torch.randn(64, 64) * 100
+    x[40, 3] = bad  # a block that would otherwise be tiny
+    x[32:48, 0:16] = 0
+    x[40, 3] = bad
+    p = compress(x, PruneConfig(0.9, 16))
+    assert p.block_mask()[2, 0]
+    dense = p.to_dense()
+    assert (dense[40, 3] == bad) or (math.isnan(bad) and math.isnan(dense[40, 3]))
+
+
+def test_select_blocks_is_stable_and_sorted():
+    scores = torch.tensor([[1.0, 3.0, 3.0], [2.0, 3.0, 0.5]])
+    rows, cols, ccol = select_blocks(scores, 3)
+    # column-major ids: (0,1)=2, (1,1)=3, (0,2)=4 all score 3
+    assert rows.tolist() == [0, 1, 0] and cols.tolist() == [1, 1, 2]
+    assert ccol.tolist() == [0, 0, 2, 3]
+
+
+def test_to_sparse_bsr_round_trip_and_error():
+    x = torch.randn(64, 96)
+    p = compress(x, PruneConfig(0.6, (16, 32)))
+    bsr = p.to_sparse_bsr()
+    assert bsr.layout == torch.sparse_bsr
+    assert torch.equal(bsr.to_dense(), p.to_dense())
+    with pytest.raises(ValueError, match="divisible"):
+        compress(torch.randn(30, 30), PruneConfig(0.5, 16)).to_sparse_bsr()
+
+
+def test_constructor_round_trip_from_tensors():
+    p = compress(torch.randn(50, 20), PruneConfig(0.5, 8))
+    q = BlockSparse(*p.tensors, shape=p.shape)
+    assert torch.equal(q.to_dense(), p.to_dense())
+
+
+@pytest.mark.parametrize(
+    "x, err, match",
+    [
+        (torch.randn(4, 4, 4), ValueError, "2-D"),
+        (torch.randn(8), ValueError, "2-D"),
+        (torch.ones(4, 4, dtype=torch.int64), ValueError, "floating-point"),
+        (torch.randn(0, 4), ValueError, "non-empty"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs(x, err, match):
+    with pytest.raises(err, match=match):
+        compress(x, PruneConfig(0.5, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_are_kept(dtype):
+    x = torch.randn(48, 40).to(dtype)
+    p = compress(x, PruneConfig(0.5, 16))
+    assert p.dtype == dtype
+    _, elem = naive_mask(x, 0.5, (16, 16), "l2")
+    assert torch.equal(p.to_dense(), x * elem)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(80, 64).t()
+    p = compress(x, PruneConfig(0.5, 16))
+    _, elem = naive_mask(x, 0.5, (16, 16), "l2")
+    assert torch.equal(p.to_dense(), x * elem)

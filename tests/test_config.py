@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from actprune import PruneConfig
+
+
+def test_defaults_and_normalised_block():
+    c = PruneConfig(0.9)
+    assert c.block_size == (32, 32) and c.block_shape == (32, 32) and c.criterion == "l2"
+    assert PruneConfig(0.5, block_size=(8, 16)).block_shape == (8, 16)
+    assert PruneConfig(0.5, block_size=[4, 2]).block_shape == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, shown",
+    [
+        ({"sparsity": 1.0}, "sparsity", "1.0"),
+        ({"sparsity": 1.5}, "sparsity", "1.5"),
+        ({"sparsity": -0.1}, "sparsity", "-0.1"),
+        ({"sparsity": math.nan}, "sparsity", "nan"),
+        ({"sparsity": "0.5"}, "sparsity", "'0.5'"),
+        ({"sparsity": True}, "sparsity", "True"),
+        ({"sparsity": 0.5, "block_size": 0}, "block_size", "0"),
+        ({"sparsity": 0.5, "block_size": (8,)}, "block_size", "(8,)"),
+        ({"sparsity": 0.5, "block_size": (8, 0)}, "block_size", "(8, 0)"),
+        ({"sparsity": 0.5, "block_size": 2.5}, "block_size", "2.5"),
+        ({"sparsity": 0.5, "criterion": "l3"}, "criterion", "'l3'"),
+    ],
+)
+def test_invalid_values_name_field_value_and_allowed(kwargs, field, shown):
+    with pytest.raises(ValueError) as err:
+        PruneConfig(**kwargs)
+    msg = str(err.value)
+    assert f"PruneConfig.{field}" in msg and shown in msg
+    assert {"sparsity": "[0, 1)", "block_size": "positive int", "criterion": "'l2'"}[field] in msg
+
+
+@pytest.mark.parametrize(
+    "sparsity, n, k",
+    [(0.0, 10, 10), (0.9, 100, 10), (0.7, 10, 3), (0.5, 7, 4), (0.95, 3, 1), (0.999999, 10, 1)],
+)
+def test_kept_blocks_is_ceil_of_density(sparsity, n, k):
+    assert PruneConfig(sparsity).kept_blocks(n) == k
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        PruneConfig(0.5).sparsity = 0.1

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from actprune import PruneConfig, PrunedLinear, prune_activations_, restore_dense_
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.mixers = nn.ModuleDict({"a": nn.Sequential(nn.Linear(16, 16), nn.ReLU())})
+        self.head = nn.Linear(16, 4)
+        self.shared = self.head  # one module under two names
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.mixers["a"](x))
+
+
+def test_swaps_every_linear_sharing_parameters():
+    model = Net()
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = PruneConfig(0.0, 8)
+    assert prune_activations_(model, config) is model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, PrunedLinear) and m.config is config for m in linears)
+    assert model.shared is model.head
+    assert list(model.state_dict()) == keys_before
+    for n, p in model.named_parameters():
+        assert p is params_before[n]
+    assert opt.param_groups[0]["params"][0] is model.blocks[0].fc1.weight
+
+
+def test_converted_model_trains_like_dense_at_sparsity_zero():
+    dense = Net()
+    pruned = prune_activations_(copy.deepcopy(dense), PruneConfig(0.0, 8))
+    x = torch.randn(6, 10, 16)
+    dense(x).square().mean().backward()
+    pruned(x).square().mean().backward()
+    for (n, a), (_, b) in zip(dense.named_parameters(), pruned.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_filter_sees_qualified_names():
+    model = Net()
+    seen = []
+
+    def only_fc1(name, module):
+        seen.append(name)
+        return name.endswith("fc1")
+
+    prune_activations_(model, PruneConfig(0.5, 8), filter=only_fc1)
+    assert "blocks.0.fc1" in seen and "mixers.a.0" in seen
+    assert isinstance(model.blocks[1].fc1, PrunedLinear)
+    assert type(model.blocks[1].fc2) is nn.Linear and type(model.head) is nn.Linear
+
+
+def test_restore_dense_undoes_and_reapply_updates_config():
+    model = Net()
+    weight = model.blocks[0].fc2.weight
+    prune_activations_(model, PruneConfig(0.5, 8))
+    prune_activations_(model, PruneConfig(0.9, 4))
+    assert model.blocks[0].fc2.config == PruneConfig(0.9, 4)
+    assert restore_dense_(model) is model
+    assert not any(isinstance(m, PrunedLinear) for m in model.modules())
+    assert type(model.blocks[0].fc2) is nn.Linear and model.blocks[0].fc2.weight is weight
+    assert not hasattr(model.blocks[0].fc2, "config")
+
+
+def test_root_linear_and_subclass_round_trip():
+    class Plain(nn.Linear):  # subclass that keeps nn.Linear's forward
+        pass
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    root = prune_activations_(Plain(4, 4), PruneConfig(0.5, 2))
+    assert isinstance(root, PrunedLinear)
+    assert type(restore_dense_(root)) is Plain
+    custom = Custom(4, 4)
+    assert prune_activations_(custom, PruneConfig(0.5, 2)) is custom  # custom forward: untouched
+
+
+def test_hooks_survive_conversion():
+    model = Net()
+    calls = []
+    model.head.register_forward_hook(lambda m, i, o: calls.append(1))
+    prune_activations_(model, PruneConfig(0.5, 8))
+    model(torch.randn(2, 16))
+    assert calls == [1]
+
+
+def test_bad_config_type():
+    with pytest.raises(TypeError, match="PruneConfig"):
+        prune_activations_(Net(), {"sparsity": 0.5})
