@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo bench-kernels
+.PHONY: install test lint data demo bench-kernels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ test: install lint
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
-demo: install
-	$(BIN)/python benchmarks/kernels.py --out runs/demo
+# Fashion-MNIST from Debian's package when apt can install it; otherwise actprune downloads the
+# official release files into ~/.cache/actprune (checksum-verified) on first use.
+data:
+	@test -d /usr/share/datasets/fashion-mnist \
+	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	       && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	           || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); } \
+	  || echo "dataset-fashion-mnist not installed; actprune will download Fashion-MNIST"
+
+demo: install data
+	$(BIN)/actprune compare --out runs/demo --overwrite
 
 bench-kernels: install
 	$(BIN)/python benchmarks/kernels.py

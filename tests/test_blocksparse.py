@@ -11,9 +11,15 @@ from actprune.kernels import reference
 @pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
 @pytest.mark.parametrize(
     "shape, block, sparsity",
-    [((64, 64), (16, 16), 0.5), ((100, 70), (16, 16), 0.8), ((37, 53), (8, 12), 0.9),
-     ((5, 3), (8, 8), 0.5), ((96, 40), (32, 8), 0.0), ((33, 65), (32, 32), 0.7)],
-)  # fmt: skip
+    [
+        ((64, 64), (16, 16), 0.5),
+        ((100, 70), (16, 16), 0.8),
+        ((37, 53), (8, 12), 0.9),
+        ((5, 3), (8, 8), 0.5),
+        ((96, 40), (32, 8), 0.0),
+        ((33, 65), (32, 32), 0.7),
+    ],
+)
 def test_keeps_exactly_the_top_k_blocks(shape, block, sparsity, criterion):
     x = torch.randn(*shape)
     packed = compress(x, PruneConfig(sparsity, block, criterion))

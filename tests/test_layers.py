@@ -24,9 +24,14 @@ def _grads(layer, x, dy):
 
 @pytest.mark.parametrize(
     "lead, in_f, out_f, block",
-    [((64,), 64, 32, 16), ((37,), 50, 23, 16), ((3, 29), 45, 17, 8), ((2, 5, 7), 33, 40, (4, 32)),
-     ((200,), 96, 64, 32)],
-)  # fmt: skip
+    [
+        ((64,), 64, 32, 16),
+        ((37,), 50, 23, 16),
+        ((3, 29), 45, 17, 8),
+        ((2, 5, 7), 33, 40, (4, 32)),
+        ((200,), 96, 64, 32),
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_sparsity_zero_matches_nn_linear(lead, in_f, out_f, block, bias):
     dense, pruned = _pair(in_f, out_f, PruneConfig(0.0, block), bias=bias)

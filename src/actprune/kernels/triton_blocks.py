@@ -33,10 +33,19 @@ def _tile(n: int) -> int:
 
 @triton.jit
 def _block_scores_kernel(
-    x_ptr, out_ptr, M, K, stride_xm, stride_xk, n_bc,
-    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    n_bc,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr,
     CRITERION: tl.constexpr,
-):  # fmt: skip
+):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     i = tl.arange(0, TILE_M)
@@ -66,9 +75,19 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
     n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
     out = torch.empty(n_br, n_bc, device=x.device, dtype=torch.float32)
     _block_scores_kernel[(n_br, n_bc)](
-        x, out, m, k, x.stride(0), x.stride(1), n_bc,
-        BM=bm, BK=bk, TILE_M=_tile(bm), TILE_K=_tile(bk), CRITERION=_CRITERION_CODE[criterion],
-    )  # fmt: skip
+        x,
+        out,
+        m,
+        k,
+        x.stride(0),
+        x.stride(1),
+        n_bc,
+        BM=bm,
+        BK=bk,
+        TILE_M=_tile(bm),
+        TILE_K=_tile(bk),
+        CRITERION=_CRITERION_CODE[criterion],
+    )
     return out
 
 
@@ -77,9 +96,19 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
 
 @triton.jit
 def _pack_blocks_kernel(
-    x_ptr, rows_ptr, cols_ptr, out_ptr, M, K, stride_xm, stride_xk,
-    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    rows_ptr,
+    cols_ptr,
+    out_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     r = tl.load(rows_ptr + b).to(tl.int64)
     c = tl.load(cols_ptr + b).to(tl.int64)
@@ -89,8 +118,9 @@ def _pack_blocks_kernel(
     offs_k = c * BK + j
     in_block = (i[:, None] < BM) & (j[None, :] < BK)
     in_x = in_block & (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_x,
-                other=0.0)  # fmt: skip
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_x, other=0.0
+    )
     tl.store(out_ptr + b * (BM * BK) + i[:, None] * BK + j[None, :], x, mask=in_block)
 
 
@@ -103,9 +133,19 @@ def pack_blocks(
     out = torch.empty(nnz, bm, bk, device=x.device, dtype=x.dtype)
     if nnz:
         _pack_blocks_kernel[(nnz,)](
-            x, rows, cols, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-            BM=bm, BK=bk, TILE_M=_tile(bm), TILE_K=_tile(bk),
-        )  # fmt: skip
+            x,
+            rows,
+            cols,
+            out,
+            x.shape[0],
+            x.shape[1],
+            x.stride(0),
+            x.stride(1),
+            BM=bm,
+            BK=bk,
+            TILE_M=_tile(bm),
+            TILE_K=_tile(bk),
+        )
     return out
 
 
@@ -114,11 +154,25 @@ def pack_blocks(
 
 @triton.jit
 def _weight_grad_kernel(
-    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, dw_ptr, M, N, K,
-    stride_dym, stride_dyn, stride_dwn, stride_dwk,
-    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    vals_ptr,
+    rows_ptr,
+    ccol_ptr,
+    dw_ptr,
+    M,
+    N,
+    K,
+    stride_dym,
+    stride_dyn,
+    stride_dwn,
+    stride_dwk,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     # One program owns dW[n-tile, block-column c] and walks that column's kept blocks (BSC order).
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
@@ -134,15 +188,21 @@ def _weight_grad_kernel(
         r = tl.load(rows_ptr + b).to(tl.int64)
         offs_m = r * BM + i
         dy_mask = (i[None, :] < BM) & (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        dy_t = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-                       mask=dy_mask, other=0.0)  # fmt: skip  # [BLOCK_N, TILE_M] = dy-blockᵀ
+        dy_t = tl.load(
+            dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+            mask=dy_mask,
+            other=0.0,
+        )  # [BLOCK_N, TILE_M] = dy-blockᵀ
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         acc += tl.dot(dy_t, v, input_precision=INPUT_PRECISION)
         v_ptrs += BM * BK
     offs_k = c * BK + j
     out_mask = (offs_n[:, None] < N) & (j[None, :] < BK) & (offs_k[None, :] < K)
-    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-             acc.to(dw_ptr.dtype.element_ty), mask=out_mask)  # fmt: skip
+    tl.store(
+        dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
 
 
 def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
@@ -159,9 +219,23 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     precision = "tf32" if tf32 else "ieee"
     grid = (triton.cdiv(n, block_n), x.grid_shape[1])
     _weight_grad_kernel[grid](
-        dy, x.values, x.row_indices, x.ccol_indices, dw, m, n, k,
-        dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1),
-        BM=bm, BK=bk, TILE_M=_tile(bm), TILE_K=_tile(bk), BLOCK_N=block_n,
+        dy,
+        x.values,
+        x.row_indices,
+        x.ccol_indices,
+        dw,
+        m,
+        n,
+        k,
+        dy.stride(0),
+        dy.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        BM=bm,
+        BK=bk,
+        TILE_M=_tile(bm),
+        TILE_K=_tile(bk),
+        BLOCK_N=block_n,
         INPUT_PRECISION=precision,
-    )  # fmt: skip
+    )
     return dw

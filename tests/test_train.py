@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+
+from actprune import data
+from actprune.train import TrainConfig, UserError, train
+
+
+def tiny_dataset():
+    return data.synthetic((1, 28, 28), num_classes=10, train_size=96, test_size=48, seed=1)
+
+
+def config(tmp_path, name, **kw):
+    base = dict(
+        model="resmlp_tiny",
+        dataset="synthetic",
+        out=str(tmp_path / name),
+        epochs=3,
+        batch_size=32,
+        sparsity=0.5,
+        block_size=16,
+        progress=False,
+        model_overrides={"width": 32, "depth": 2},
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    ds = tiny_dataset()
+    full = train(config(tmp_path, "full"), dataset=ds)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, record):
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config(tmp_path, "cut"), dataset=ds, on_epoch_end=stop_after_first)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    resumed = train(config(tmp_path, "cut", resume=True), dataset=ds)
+    assert resumed["history"] == full["history"]  # every epoch's loss and accuracy, exactly
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_summary_fields_and_files(tmp_path):
+    s = train(config(tmp_path, "run", epochs=1, optimizer="lamb"), dataset=tiny_dataset())
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["test_acc"] == s["test_acc"]
+    for key in ("peak_step_bytes", "saved_activation_bytes", "median_step_s", "images_per_s"):
+        assert s[key] > 0
+    assert s["peak_step_bytes"] > s["resident_bytes"]
+
+
+def test_same_seed_same_initial_weights_dense_and_pruned(tmp_path):
+    from actprune.train import build_model, resolve_device
+
+    ds = tiny_dataset()
+    dense = build_model(config(tmp_path, "a", sparsity=0.0), ds, resolve_device("cpu"))
+    pruned = build_model(config(tmp_path, "b", sparsity=0.9), ds, resolve_device("cpu"))
+    for (_, p), (_, q) in zip(dense.state_dict().items(), pruned.state_dict().items()):
+        assert torch.equal(p, q)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    s = train(config(tmp_path, "bf16", epochs=1, amp="bf16"), dataset=tiny_dataset())
+    assert 0 <= s["test_acc"] <= 100
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"batch_size": 0}, "--batch-size must be positive"),
+        ({"sparsity": 1.5}, "--sparsity"),
+        ({"model": "vgg"}, "unknown model"),
+        ({"dataset": "imagenet"}, "unknown dataset"),
+        ({"amp": "fp16"}, "needs a CUDA"),
+        ({"resume": True}, "no checkpoint"),
+    ],
+)
+def test_user_errors(tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        train(config(tmp_path, "err", **kw), dataset=tiny_dataset())
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite"):
+        train(config(tmp_path, "busy"), dataset=tiny_dataset())
+    train(config(tmp_path, "busy", epochs=1, overwrite=True), dataset=tiny_dataset())
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_head_stays_dense_unless_exclude_is_cleared(tmp_path):
+    from torch import nn
+
+    from actprune import PrunedLinear
+    from actprune.train import build_model, resolve_device
+
+    ds, cpu = tiny_dataset(), resolve_device("cpu")
+    model = build_model(config(tmp_path, "a", sparsity=0.9), ds, cpu)
+    assert type(model.head) is nn.Linear and isinstance(model.blocks[0].fc1, PrunedLinear)
+    model = build_model(config(tmp_path, "b", sparsity=0.9, exclude="head,*.tok"), ds, cpu)
+    assert type(model.blocks[1].tok) is nn.Linear and isinstance(model.blocks[1].fc2, PrunedLinear)
+    model = build_model(config(tmp_path, "c", sparsity=0.9, exclude=""), ds, cpu)
+    assert isinstance(model.head, PrunedLinear)
