@@ -26,6 +26,7 @@ def test_defaults_and_normalised_block():
         ({"sparsity": 0.5, "block_size": (8, 0)}, "block_size", "(8, 0)"),
         ({"sparsity": 0.5, "block_size": 2.5}, "block_size", "2.5"),
         ({"sparsity": 0.5, "criterion": "l3"}, "criterion", "'l3'"),
+        ({"sparsity": 0.5, "row_order": "random"}, "row_order", "'random'"),
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(kwargs, field, shown):
@@ -33,7 +34,13 @@ def test_invalid_values_name_field_value_and_allowed(kwargs, field, shown):
         PruneConfig(**kwargs)
     msg = str(err.value)
     assert f"PruneConfig.{field}" in msg and shown in msg
-    assert {"sparsity": "[0, 1)", "block_size": "positive int", "criterion": "'l2'"}[field] in msg
+    allowed = {
+        "sparsity": "[0, 1)",
+        "block_size": "positive int",
+        "criterion": "'l2'",
+        "row_order": "'token-major'",
+    }
+    assert allowed[field] in msg
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from helpers import naive_mask
 from torch import nn
 
 from actprune import PruneConfig, PrunedLinear, saved_activation_bytes
+from actprune.blocksparse import as_rows
 
 
 def _pair(in_f, out_f, config, bias=True, dtype=torch.float32):
@@ -43,10 +44,11 @@ def test_sparsity_zero_matches_nn_linear(lead, in_f, out_f, block, bias):
             torch.testing.assert_close(b, a, rtol=1.3e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("row_order", ["token-major", "batch-major"])
 @pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
 @pytest.mark.parametrize("sparsity, block", [(0.5, 16), (0.9, 8), (0.75, (8, 16))])
-def test_pruned_weight_grad_is_masked_and_rest_exact(sparsity, block, criterion):
-    config = PruneConfig(sparsity, block, criterion)
+def test_pruned_weight_grad_is_masked_and_rest_exact(sparsity, block, criterion, row_order):
+    config = PruneConfig(sparsity, block, criterion, row_order)
     dense, pruned = _pair(48, 24, config)
     x, dy = torch.randn(4, 30, 48), torch.randn(4, 30, 24)
     out_d, dx_d, _, db_d = _grads(dense, x, dy)
@@ -54,9 +56,9 @@ def test_pruned_weight_grad_is_masked_and_rest_exact(sparsity, block, criterion)
     assert torch.equal(out_p, out_d)  # forward bit-identical
     torch.testing.assert_close(dx_p, dx_d, rtol=1.3e-6, atol=1e-5)
     torch.testing.assert_close(db_p, db_d, rtol=1.3e-6, atol=1e-5)
-    bs = config.block_shape
-    _, mask = naive_mask(x.reshape(-1, 48), sparsity, bs, criterion)
-    want = dy.reshape(-1, 24).t() @ (x.reshape(-1, 48) * mask)
+    x2d, dy2d = as_rows(x, row_order), as_rows(dy, row_order)
+    _, mask = naive_mask(x2d, sparsity, config.block_shape, criterion)
+    want = dy2d.t() @ (x2d * mask)
     torch.testing.assert_close(dw_p, want, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(dw_p, dense.weight.grad)
 
@@ -157,3 +159,10 @@ def test_one_dim_input():
     x, dy = torch.randn(16), torch.randn(8)
     for a, b in zip(_grads(dense, x, dy), _grads(pruned, x, dy)):
         torch.testing.assert_close(b, a)
+
+
+def test_row_orders():
+    x = torch.arange(2 * 3 * 4).reshape(2, 3, 4)  # (batch, tokens, features)
+    assert as_rows(x, "batch-major")[:, 0].tolist() == [0, 4, 8, 12, 16, 20]
+    assert as_rows(x, "token-major")[:, 0].tolist() == [0, 12, 4, 16, 8, 20]  # token t, sample b
+    assert torch.equal(as_rows(x[0], "token-major"), x[0])  # 2-D: unchanged

@@ -131,6 +131,17 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return (kept % n_br).int(), cols.int(), ccol
 
 
+def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
+    """The 2-D (rows, features) matrix of an activation (..., features) that blocks are cut from.
+
+    "batch-major": plain flatten. "token-major": dim 0 (the batch) becomes the fastest-varying
+    row index, so row = token_index · batch + sample (a copy for inputs with 3+ dims).
+    """
+    if t.dim() >= 3 and row_order == "token-major":
+        t = t.movedim(0, -2)
+    return t.reshape(-1, t.shape[-1])
+
+
 def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
     """Keep the k = ceil((1 - sparsity) · n_blocks) highest-scoring blocks of a 2-D tensor.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 
 from .train import TrainConfig, UserError
 
@@ -45,6 +46,7 @@ def _add_training_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--criterion", choices=["l2", "l1", "max"], default=d.criterion)
+    p.add_argument("--row-order", choices=["token-major", "batch-major"], default=d.row_order)
     p.add_argument(
         "--exclude",
         default=d.exclude,
@@ -81,6 +83,7 @@ def _config(args: argparse.Namespace, sparsity: float) -> TrainConfig:
         sparsity=sparsity,
         block_size=args.block_size,
         criterion=args.criterion,
+        row_order=args.row_order,
         exclude=args.exclude,
         image_size=args.image_size,
         train_subset=args.train_subset,
@@ -123,23 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser(
-        "train",
-        help="train one model",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_training_args(p, "runs/train")
+
+    def training_command(name: str, help: str, func: Callable[[argparse.Namespace], int]):
+        p = sub.add_parser(name, help=help, epilog=EPILOG, formatter_class=parser.formatter_class)
+        _add_training_args(p, f"runs/{name}")
+        p.set_defaults(func=func)
+        return p
+
+    p = training_command("train", "train one model", cmd_train)
     p.add_argument("--sparsity", type=float, default=0.0, help="0 = dense (default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser(
-        "compare",
-        help="dense vs pruned with identical seeds and data order",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_training_args(p, "runs/compare")
+    p = training_command("compare", "dense vs pruned, same seeds and data order", cmd_compare)
     p.add_argument(
         "--sparsity",
         type=float,
@@ -147,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.9],
         help="pruned runs to compare with dense (default 0.9)",
     )
-    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .blocksparse import BlockSparse, compress
+from .blocksparse import BlockSparse, as_rows, compress
 from .config import PruneConfig
 
 
@@ -27,8 +27,8 @@ class _PrunedLinearFunction(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         if ctx.needs_input_grad[1]:
             # Compress in the dtype the matmul ran in (the autocast dtype under autocast).
-            packed = compress(x.detach().reshape(-1, x.shape[-1]).to(out.dtype), config)
-            ctx.packed_shape = packed.shape
+            packed = compress(as_rows(x.detach(), config.row_order).to(out.dtype), config)
+            ctx.packed_shape, ctx.row_order = packed.shape, config.row_order
             ctx.save_for_backward(weight, *packed.tensors)
         else:
             ctx.save_for_backward(weight)
@@ -43,7 +43,7 @@ class _PrunedLinearFunction(torch.autograd.Function):
             dx = dy2d.mm(weight.to(dy.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             packed = BlockSparse(*packed_tensors, shape=ctx.packed_shape)
-            dw = kernels.weight_grad(dy2d, packed).to(weight.dtype)
+            dw = kernels.weight_grad(as_rows(dy, ctx.row_order), packed).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             db = dy2d.sum(0).to(weight.dtype)
         return dx, dw, db, None

@@ -58,6 +58,7 @@ class TrainConfig:
     sparsity: float = 0.0  # 0: dense nn.Linear, no conversion
     block_size: int = 32
     criterion: str = "l2"
+    row_order: str = "token-major"
     # Layers (shell-style patterns on qualified names, comma-separated) kept dense. The classifier
     # head's saved input is tiny (batch × width) while its gradient steers everything else.
     exclude: str = "head"
@@ -93,7 +94,7 @@ class TrainConfig:
         if not self.sparsity:
             return None
         try:
-            return PruneConfig(self.sparsity, self.block_size, self.criterion)
+            return PruneConfig(self.sparsity, self.block_size, self.criterion, self.row_order)
         except ValueError as err:
             raise UserError(str(err).replace("PruneConfig.", "--").replace("_", "-")) from err
 
