@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from actprune.bench import measure_kernels, write_results
+from actprune.bench.kernels import measure_kernels, write_results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,13 @@ from .blocksparse import BlockSparse, compress, select_blocks
 from .config import PruneConfig
 from .convert import prune_activations_, restore_dense_
 from .layers import PrunedLinear
-from .memory import SavedTensorLog, peak_memory, saved_activation_bytes
+from .memory import (
+    SavedTensorLog,
+    StepMemory,
+    measure_training_step,
+    peak_memory,
+    saved_activation_bytes,
+)
 
 __version__ = "0.1.0"
 
@@ -20,7 +26,9 @@ __all__ = [
     "PruneConfig",
     "PrunedLinear",
     "SavedTensorLog",
+    "StepMemory",
     "compress",
+    "measure_training_step",
     "peak_memory",
     "prune_activations_",
     "restore_dense_",

@@ -125,9 +125,10 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     flat = scores.t().reshape(-1)  # column-major block ids: id = col * n_br + row
     order = torch.sort(flat, descending=True, stable=True).indices
     kept = torch.sort(order[:k]).values
-    cols = kept // n_br
-    counts = torch.bincount(cols, minlength=n_bc)
-    ccol = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+    cols = kept // n_br  # non-decreasing
+    # Offsets by binary search rather than bincount: static shapes, so this also runs on "meta".
+    bounds = torch.arange(n_bc + 1, device=scores.device, dtype=cols.dtype)
+    ccol = torch.searchsorted(cols, bounds, out_int32=True)
     return (kept % n_br).int(), cols.int(), ccol
 
 

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .train import TrainConfig, UserError
 
@@ -118,6 +119,101 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from .bench.memory import default_configs, run_memory_bench, write_memory_results
+
+    device = _device(args.device)
+    rows = run_memory_bench(
+        args.model,
+        args.image_size,
+        args.batch,
+        default_configs(args.sparsity, args.block),
+        device=device,
+        timing_steps=args.timing_steps,
+        progress=_progress,
+    )
+    setup = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "device": device,
+    }
+    stem = (
+        args.stem or f"memory_{args.model}_{args.image_size}px_b{args.batch}_{device.split(':')[0]}"
+    )
+    command = "actprune " + shlex.join(args.argv)
+    print(write_memory_results(rows, Path(args.out), stem, command, setup))
+    return 0
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.kernels import linear_shapes, measure_kernels, write_results
+
+    device = _device(args.device)
+    shapes = linear_shapes(args.model, args.batch, args.image_size)
+    rows = measure_kernels(
+        shapes,
+        args.block,
+        args.sparsity,
+        device=device,
+        dtype=getattr(torch, args.dtype),
+        repeats=args.repeats,
+        progress=_progress,
+    )
+    stem = args.stem or f"kernels_{args.model}_b{args.batch}_{device.split(':')[0]}_{args.dtype}"
+    print(write_results(rows, device, Path(args.out), stem, "actprune " + shlex.join(args.argv)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .bench.memory import MemoryConfig
+    from .plan import largest_batch, parse_bytes, predict_step
+
+    try:
+        budget = parse_bytes(args.memory)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    configs = [MemoryConfig("dense", "dense"), MemoryConfig("checkpoint", "checkpoint")]
+    block = args.block_size
+    configs += [
+        MemoryConfig(f"actprune_s{s:g}_b{block}", "actprune", s, block) for s in args.sparsity
+    ]
+    foreach = args.device != "cpu"  # AdamW's default implementation on each device
+    print(
+        f"{args.model}, {args.image_size} px, AdamW; budget {args.memory} = {budget / 2**30:.2f} "
+        "GiB; predicted on the meta device (nothing is allocated)\n"
+    )
+    print(f"| config | peak at batch {args.batch} | fits | largest batch that fits |")
+    print("|---|---|---|---|")
+    for config in configs:
+
+        def peak(batch: int, config: MemoryConfig = config) -> int:
+            plan = predict_step(args.model, batch, config, foreach, img_size=args.image_size)
+            return plan.peak_step_bytes
+
+        _progress(f"{config.name}: predicting ...")
+        at_batch = peak(args.batch)
+        best = largest_batch(peak, budget, probe=max(1, args.batch // 2), limit=args.max_batch)
+        fits = "yes" if at_batch <= budget else "no"
+        shown = best if best < args.max_batch else f">= {best}"
+        print(f"| {config.name} | {at_batch / 2**30:.2f} GiB | {fits} | {shown} |")
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is visible")
+    return name
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="actprune",
@@ -144,6 +240,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.9],
         help="pruned runs to compare with dense (default 0.9)",
     )
+
+    bench = sub.add_parser("bench", help="memory and kernel benchmarks").add_subparsers(
+        dest="bench", required=True, parser_class=_Parser
+    )
+    for name, func, default_batch in (
+        ("memory", cmd_bench_memory, 8),
+        ("kernels", cmd_bench_kernels, 8),
+    ):
+        p = bench.add_parser(name, help=f"{name} benchmark (writes JSON, markdown, PNG)")
+        p.add_argument("--model", default="resmlp_s24")
+        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--batch", type=int, default=default_batch)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--out", default="docs/results")
+        p.add_argument("--stem", default=None, help="output file name stem")
+        p.set_defaults(func=func)
+    p = bench.choices["memory"]
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
+    p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--timing-steps", type=int, default=3)
+    p = bench.choices["kernels"]
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    p.add_argument("--block", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=10)
+
+    p = sub.add_parser("plan", help="predict peak memory and the largest batch that fits")
+    p.add_argument("--model", default="resmlp_b24")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--memory", default="80GB", help="budget: 80GB (10^9), 80GiB (2^30), 512MiB")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="the device the step would run on (AdamW's implementation differs)",
+    )
+    p.add_argument("--max-batch", type=int, default=1 << 16)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import statistics
+import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -30,16 +33,31 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SavedTensorLog", "peak_memory", "saved_activation_bytes"]
+__all__ = [
+    "SavedTensorLog",
+    "StepMemory",
+    "layer_kind",
+    "measure_training_step",
+    "peak_memory",
+    "saved_activation_bytes",
+]
 
 
 class _Saved:
     """What the graph holds in place of a saved tensor: dies exactly when the graph drops it."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("tensor", "kind", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, kind: str) -> None:
         self.tensor = tensor
+        self.kind = kind
+
+
+def layer_kind(module: nn.Module | None) -> str:
+    """Short name of the kind of layer that saved a tensor ("linear" for Linear and subclasses)."""
+    if module is None:
+        return "other"
+    return "linear" if isinstance(module, nn.Linear) else type(module).__name__.lower()
 
 
 class SavedTensorLog:
@@ -47,41 +65,65 @@ class SavedTensorLog:
 
     ``live_bytes()`` sums, once per storage, those a graph still holds. Tensors alive only because
     the caller keeps a reference (an input batch after backward, say) are not counted.
+    ``bytes_by_kind()`` splits the same total by the kind of the innermost module whose forward
+    saved each tensor (``layer_kind``); a storage saved by several kinds counts for the first.
     """
 
     def __init__(self) -> None:
         self._saved: list[weakref.ref[_Saved]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._modules: list[nn.Module] = []
+        self._handles: list[Any] = []
 
     def _pack(self, t: torch.Tensor) -> _Saved | torch.Tensor:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return t
-        holder = _Saved(t)
+        holder = _Saved(t, layer_kind(self._modules[-1] if self._modules else None))
         self._saved.append(weakref.ref(holder))
         return holder
 
     def __enter__(self) -> SavedTensorLog:
         self._hooks.__enter__()
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(
+                lambda m, args: self._modules.append(m)
+            ),
+            nn.modules.module.register_module_forward_hook(lambda m, args, out: self._pop(m)),
+        ]
         return self
 
+    def _pop(self, module: nn.Module) -> None:
+        if self._modules and self._modules[-1] is module:
+            self._modules.pop()
+
     def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
         self._hooks.__exit__(*exc)
 
-    def live_tensors(self) -> Iterator[torch.Tensor]:
-        """Saved tensors that are still alive, one per storage."""
+    def _live(self) -> Iterator[_Saved]:
         seen: set[int] = set()
         for ref in self._saved:
             holder = ref()
             if holder is None:
                 continue
-            t = holder.tensor
-            key = t.untyped_storage()._cdata  # the StorageImpl: shared by all views of a buffer
+            key = holder.tensor.untyped_storage()._cdata  # the StorageImpl: shared by all views
             if key not in seen:
                 seen.add(key)
-                yield t
+                yield holder
+
+    def live_tensors(self) -> Iterator[torch.Tensor]:
+        """Saved tensors that are still alive, one per storage."""
+        return (holder.tensor for holder in self._live())
 
     def live_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.live_tensors())
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for holder in self._live():
+            out[holder.kind] = out.get(holder.kind, 0) + holder.tensor.untyped_storage().nbytes()
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _unpack(saved: _Saved | torch.Tensor) -> torch.Tensor:
@@ -186,3 +228,60 @@ def peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
         start = mode.peak
         fn(*args, **kwargs)
     return max(0, mode.peak - start)
+
+
+@dataclass
+class StepMemory:
+    """Memory (and optionally time) of one full training step: forward, backward, optimizer."""
+
+    peak_step_bytes: int  # resident_bytes + the step's own peak (peak_memory)
+    resident_bytes: int  # live before the step: parameters, optimizer state, the batch
+    saved_activation_bytes: int  # held for backward after the forward
+    saved_by_kind: dict[str, int]  # the same, by kind of layer that saved it
+    median_step_s: float | None = None
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def measure_training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[], torch.Tensor],
+    resident: Iterable[torch.Tensor] = (),
+    timing_steps: int = 0,
+) -> StepMemory:
+    """Run warm-up, measured and timed training steps of ``model`` (it is trained by them).
+
+    ``loss_fn()`` runs the forward pass and returns the loss; ``resident`` names tensors that live
+    across steps besides parameters and optimizer state (the batch).
+    """
+    anchor = next(model.parameters())
+
+    def step(_: torch.Tensor) -> None:  # the argument tells peak_memory the device
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(anchor)  # warm-up: optimizer state, thread pools, kernel caches
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    resident_bytes = _storage_bytes([*model.parameters(), *state, *resident])
+    peak = peak_memory(step, anchor)
+    with SavedTensorLog() as log:
+        loss = loss_fn()
+    saved, by_kind = log.live_bytes(), log.bytes_by_kind()
+    del loss
+    median = None
+    if timing_steps:
+        sync = torch.cuda.synchronize if anchor.is_cuda else (lambda: None)
+        times = []
+        for _ in range(timing_steps):
+            sync()
+            start = time.perf_counter()
+            step(anchor)
+            sync()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+    return StepMemory(resident_bytes + peak, resident_bytes, saved, by_kind, median)

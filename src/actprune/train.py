@@ -30,7 +30,7 @@ from . import data as data_lib
 from . import models
 from .config import PruneConfig
 from .convert import prune_activations_
-from .memory import peak_memory, saved_activation_bytes
+from .memory import measure_training_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -230,33 +230,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def measure_step(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Memory of one full training step (forward, backward, optimizer step) on copies of the model
-    and optimizer, so training itself is untouched.
-
-    peak_step_bytes = bytes live before the step (parameters, optimizer state, the batch) + the
-    step's own peak (``actprune.peak_memory``); saved_activation_bytes = what autograd holds for
-    backward after the forward (``actprune.saved_activation_bytes``).
-    """
+    """Memory of one full training step (``actprune.measure_training_step``) on copies of the
+    model and optimizer, so training itself is untouched."""
     model = copy.deepcopy(model)
-    opt = make_optimizer(cfg, model)
 
-    def loss_of() -> torch.Tensor:
+    def loss_fn() -> torch.Tensor:
         with _autocast(cfg, x.device):
             return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
-    def step(batch: torch.Tensor) -> None:  # batch: only so peak_memory sees the device
-        loss_of().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step(x)  # warm-up: creates optimizer state, thread pools, caches
-    resident = [*model.parameters(), x, y]
-    resident += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    live_before = sum(t.numel() * t.element_size() for t in resident)
+    m = measure_training_step(model, make_optimizer(cfg, model), loss_fn, resident=(x, y))
     return {
-        "peak_step_bytes": live_before + peak_memory(step, x),
-        "saved_activation_bytes": saved_activation_bytes(loss_of),
-        "resident_bytes": live_before,
+        "peak_step_bytes": m.peak_step_bytes,
+        "saved_activation_bytes": m.saved_activation_bytes,
+        "resident_bytes": m.resident_bytes,
+        "saved_by_kind": m.saved_by_kind,
     }
 
 

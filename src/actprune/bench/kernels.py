@@ -8,9 +8,6 @@ beat in bandwidth), the dense weight gradient dyᵀ·x (cuBLAS / MKL), and torch
 from __future__ import annotations
 
 import json
-import platform
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -18,27 +15,13 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
-from .blocksparse import compress
-from .config import PruneConfig
+from .. import kernels
+from ..blocksparse import compress
+from ..config import PruneConfig
+from . import device_name, time_ms
 
-# ResMLP-S24 Linear shapes with M = 8·196 token rows: (K, N) of fc1, fc2 and the token mixer.
-RESMLP_S24_SHAPES = ((384, 1536), (1536, 384), (196, 196))
-
-
-def time_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of fn in milliseconds (CUDA synchronised around each call)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+# ResMLP-S24-like Linear shapes, (M, K, N) with M = 8·196 token rows: fc1, fc2, token mixer.
+RESMLP_S24_SHAPES = ((1568, 384, 1536), (1568, 1536, 384), (1568, 196, 196))
 
 
 @dataclass
@@ -90,8 +73,7 @@ def _bsr_dw(dy: torch.Tensor, x_masked_t_bsr: torch.Tensor) -> Callable[[], torc
 
 
 def measure_kernels(
-    shapes: Iterable[tuple[int, int]] = RESMLP_S24_SHAPES,
-    m: int = 8 * 196,
+    shapes: Iterable[tuple[int, int, int]] = RESMLP_S24_SHAPES,
     blocks: Iterable[int] = (16, 32),
     sparsities: Iterable[float] = (0.5, 0.8, 0.9),
     device: str = "cpu",
@@ -103,7 +85,7 @@ def measure_kernels(
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
-    for k, n in shapes:
+    for m, k, n in shapes:
         x = torch.randn(m, k, generator=gen).to(device, dtype)
         dy = torch.randn(m, n, generator=gen).to(device, dtype)
         baselines = {
@@ -174,12 +156,6 @@ def kernel_table(rows: list[KernelRow]) -> str:
     return "\n".join(lines)
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
-
 def write_results(
     rows: list[KernelRow], device: str, out_dir: Path, stem: str, command: str
 ) -> str:
@@ -203,3 +179,25 @@ def write_results(
     payload = {**meta, "rows": [asdict(r) for r in rows]}
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     return md
+
+
+def linear_shapes(model_name: str, batch: int, image_size: int) -> list[tuple[int, int, int]]:
+    """Distinct (M, K, N) of the Linear layers of a registered model (meta-device forward)."""
+    from .. import models
+
+    model = models.create(model_name, img_size=image_size, device="meta")
+    shapes: list[tuple[int, int, int]] = []
+
+    def record(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x = args[0]
+        shape = (x.numel() // x.shape[-1], module.in_features, module.out_features)
+        if shape not in shapes:
+            shapes.append(shape)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(record)
+    c = model.config.in_chans
+    with torch.no_grad():
+        model(torch.empty(batch, c, image_size, image_size, device="meta"))
+    return shapes

@@ -1,0 +1,257 @@
+"""Whole-training-step memory and speed: dense vs the alternatives users would pick.
+
+Configurations, all measured in one run on the same model, batch and device:
+- ``dense``: plain training;
+- ``checkpoint``: every block under ``torch.utils.checkpoint`` (non-reentrant): only block inputs
+  are held, the block's forward runs twice;
+- ``unstructured_s{s}``: the same saved tensors as actprune (Linear inputs) kept as the top-k
+  *elements* by magnitude, stored as values + int32 indices — the DropIT approach, i.e. actprune
+  with 1×1 blocks;
+- ``actprune_s{s}_b{b}``: block-sparse pruning of the Linear inputs.
+The classifier head stays dense in every pruned configuration (as in ``actprune train``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import models
+from ..config import PruneConfig
+from ..convert import prune_activations_
+from ..memory import measure_training_step
+from . import device_name
+
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BLOCKS = (8, 16, 32, 64)
+
+
+class Checkpointed(nn.Module):
+    """Runs ``block`` under non-reentrant activation checkpointing: only the block's input is held
+    for backward (saved through saved-tensor hooks, so it is counted, as kind "checkpointed")."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    name: str
+    method: str  # "dense", "checkpoint", "unstructured", "actprune"
+    sparsity: float = 0.0
+    block: int = 0
+
+
+def default_configs(
+    sparsities: Iterable[float] = SPARSITIES, blocks: Iterable[int] = BLOCKS
+) -> list[MemoryConfig]:
+    configs = [MemoryConfig("dense", "dense"), MemoryConfig("checkpoint", "checkpoint")]
+    sparsities = list(sparsities)
+    configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
+    configs += [
+        MemoryConfig(f"actprune_s{s:g}_b{b}", "actprune", s, b) for s in sparsities for b in blocks
+    ]
+    return configs
+
+
+def _not_head(name: str, module: nn.Module) -> bool:
+    return name != "head"
+
+
+def apply_config(model: nn.Module, config: MemoryConfig) -> nn.Module:
+    """Convert ``model`` in place for a configuration; returns it."""
+    if config.method == "checkpoint":
+        model.blocks = nn.Sequential(*[Checkpointed(b) for b in model.blocks])
+    elif config.method in ("unstructured", "actprune"):
+        prune_activations_(model, PruneConfig(config.sparsity, config.block), filter=_not_head)
+    return model
+
+
+@dataclass
+class MemoryRow:
+    config: MemoryConfig
+    saved_bytes: int
+    saved_by_kind: dict[str, int]
+    peak_step_bytes: int
+    resident_bytes: int
+    median_step_s: float
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def run_memory_bench(
+    model_name: str = "resmlp_s24",
+    image_size: int = 224,
+    batch: int = 8,
+    configs: Iterable[MemoryConfig] | None = None,
+    device: str = "cpu",
+    timing_steps: int = 3,
+    num_classes: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> list[MemoryRow]:
+    """Measure every configuration; ratios are to the dense row of this same run."""
+    configs = list(configs or default_configs())
+    if configs[0].method != "dense":
+        raise ValueError("the first configuration must be dense: it is every ratio's baseline")
+    torch.manual_seed(0)
+    base = models.create(model_name, img_size=image_size, num_classes=num_classes)
+    gen = torch.Generator().manual_seed(0)
+    c = base.config.in_chans
+    x = torch.randn(batch, c, image_size, image_size, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    rows = []
+    for i, config in enumerate(configs):
+        model = apply_config(copy.deepcopy(base), config).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        m = measure_training_step(
+            model,
+            optimizer,
+            lambda: F.cross_entropy(model(x), y),  # noqa: B023 - used within this iteration
+            resident=(x, y),
+            timing_steps=timing_steps,
+        )
+        rows.append(
+            MemoryRow(
+                config,
+                m.saved_activation_bytes,
+                m.saved_by_kind,
+                m.peak_step_bytes,
+                m.resident_bytes,
+                m.median_step_s,
+            )
+        )
+        if progress:
+            progress(
+                f"[{i + 1}/{len(configs)}] {config.name}: peak {m.peak_step_bytes / 2**20:.0f}"
+                f" MiB, saved {m.saved_activation_bytes / 2**20:.0f} MiB"
+            )
+    dense = rows[0]
+    for r in rows:
+        r.ratios = {
+            "saved": r.saved_bytes / dense.saved_bytes,
+            "peak": r.peak_step_bytes / dense.peak_step_bytes,
+            "step_time": r.median_step_s / dense.median_step_s,
+        }
+    return rows
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    """Markdown: every measured figure with its ratio to dense."""
+    kinds = sorted(
+        {k for r in rows for k in r.saved_by_kind}, key=lambda k: -rows[0].saved_by_kind.get(k, 0)
+    )
+    head = [
+        "config",
+        "saved MiB",
+        "× dense",
+        *[f"{k} MiB" for k in kinds],
+        "peak step MiB",
+        "× dense",
+        "peak saved %",
+        "step s",
+        "× dense",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.config.name,
+            f"{r.saved_bytes / 2**20:.1f}",
+            f"{r.ratios['saved']:.3f}",
+            *[f"{r.saved_by_kind.get(k, 0) / 2**20:.1f}" for k in kinds],
+            f"{r.peak_step_bytes / 2**20:.1f}",
+            f"{r.ratios['peak']:.3f}",
+            f"{100 * (1 - r.ratios['peak']):.1f}",
+            f"{r.median_step_s:.3f}",
+            f"{r.ratios['step_time']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_memory(rows: list[MemoryRow], path: Path) -> None:
+    """Peak and saved bytes (× dense) vs sparsity, one line per block size, with the ideal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    pruned = [r for r in rows if r.config.method == "actprune"]
+    sparsities = sorted({r.config.sparsity for r in pruned})
+    for ax, key, title in (
+        (axes[0], "peak", "peak step memory"),
+        (axes[1], "saved", "saved for backward"),
+    ):
+        for block in sorted({r.config.block for r in pruned}):
+            pts = sorted(
+                (r.config.sparsity, r.ratios[key]) for r in pruned if r.config.block == block
+            )
+            ax.plot(*zip(*pts), marker="o", label=f"block {block}")
+        unstructured = sorted(
+            (r.config.sparsity, r.ratios[key]) for r in rows if r.config.method == "unstructured"
+        )
+        if unstructured:
+            ax.plot(*zip(*unstructured), marker="x", ls="--", color="gray", label="unstructured")
+        for r in rows:
+            if r.config.method == "checkpoint":
+                ax.axhline(r.ratios[key], color="tab:red", ls=":", label="checkpointing")
+        if key == "saved" and sparsities:
+            # Ideal: only the pruned tensors shrink, to (1 - s) of their dense bytes.
+            dense = rows[0]
+            linear = dense.saved_by_kind.get("linear", 0) / dense.saved_bytes
+            ax.plot(
+                sparsities,
+                [1 - linear * s for s in sparsities],
+                color="black",
+                lw=1,
+                label="ideal (Linear inputs × (1 − s))",
+            )
+        ax.set_title(title)
+        ax.set_xlabel("sparsity")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("× dense")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_memory_results(
+    rows: list[MemoryRow], out_dir: Path, stem: str, command: str, setup: dict
+) -> str:
+    """``stem``.json, ``stem``.md and ``stem``.png under out_dir; returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = memory_table(rows)
+    dev = device_name(setup["device"])
+    md = (
+        f"# Training-step memory: {setup['model']} at {setup['image_size']} px, batch "
+        f"{setup['batch']}, on {dev}\n\n"
+        f"torch {torch.__version__}. Command: `{command}`\n\n"
+        "saved = bytes autograd holds for backward after the forward (by kind of layer that saved "
+        "them); peak step = parameters + AdamW state + batch + the peak of one forward, backward "
+        "and optimizer step; step s = median wall time of a step. Every × is to the dense row of "
+        "this run.\n\n"
+        f"{table}\n"
+    )
+    (out_dir / f"{stem}.md").write_text(md)
+    payload = {
+        **setup,
+        "device_name": dev,
+        "torch": torch.__version__,
+        "command": command,
+        "rows": [asdict(r) for r in rows],
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot_memory(rows, out_dir / f"{stem}.png")
+    return md

@@ -1,0 +1,130 @@
+import json
+
+import torch
+from torch import nn
+
+from actprune import SavedTensorLog
+from actprune.bench.kernels import linear_shapes, measure_kernels, write_results
+from actprune.bench.memory import (
+    MemoryConfig,
+    default_configs,
+    run_memory_bench,
+    write_memory_results,
+)
+from actprune.cli import main
+
+
+def test_bytes_by_kind_attributes_to_innermost_module():
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(10, 8, requires_grad=True)
+    with SavedTensorLog() as log:
+        out = model(x)
+    kinds = log.bytes_by_kind()
+    # linear: fc1's input x and fc2's input (the GELU output); gelu: its own input (fc1's output)
+    assert kinds == {"linear": 10 * 8 * 4 + 10 * 16 * 4, "gelu": 10 * 16 * 4}
+    assert sum(kinds.values()) == log.live_bytes()
+    del out
+
+
+def test_default_configs_cover_the_issue_grid():
+    names = [c.name for c in default_configs()]
+    assert names[:2] == ["dense", "checkpoint"]
+    assert len([n for n in names if n.startswith("actprune_")]) == 16
+    assert "unstructured_s0.9" in names and "actprune_s0.95_b64" in names
+
+
+def test_memory_bench_small(tmp_path):
+    configs = [
+        MemoryConfig("dense", "dense"),
+        MemoryConfig("checkpoint", "checkpoint"),
+        MemoryConfig("unstructured_s0.9", "unstructured", 0.9, 1),
+        MemoryConfig("actprune_s0.9_b16", "actprune", 0.9, 16),
+    ]
+    rows = run_memory_bench("resmlp_tiny", 28, 32, configs, num_classes=10, timing_steps=1)
+    by = {r.config.name: r for r in rows}
+    assert by["dense"].ratios == {"saved": 1.0, "peak": 1.0, "step_time": 1.0}
+    assert by["checkpoint"].saved_bytes < by["dense"].saved_bytes
+    pruned = by["actprune_s0.9_b16"]
+    assert pruned.saved_by_kind["linear"] < 0.2 * by["dense"].saved_by_kind["linear"]
+    assert pruned.saved_by_kind["gelu"] == by["dense"].saved_by_kind["gelu"]  # untouched
+    for r in rows:
+        assert sum(r.saved_by_kind.values()) == r.saved_bytes
+    setup = {"model": "resmlp_tiny", "image_size": 28, "batch": 32, "device": "cpu"}
+    md = write_memory_results(rows, tmp_path, "mem", "test", setup)
+    assert "| actprune_s0.9_b16 |" in md and (tmp_path / "mem.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "mem.json").read_text())["rows"]) == 4
+
+
+def test_linear_shapes_of_resmlp_s24():
+    assert linear_shapes("resmlp_s24", 8, 224) == [
+        (8 * 384, 196, 196),
+        (8 * 196, 384, 1536),
+        (8 * 196, 1536, 384),
+        (8, 384, 1000),
+    ]
+
+
+def test_kernel_bench_small(tmp_path):
+    rows = measure_kernels([(64, 64, 32), (40, 30, 20)], blocks=(16,), sparsities=(0.5,), repeats=1)
+    assert len(rows) == 2 and rows[0].bsr_dw_ms is not None and rows[1].bsr_dw_ms is None
+    md = write_results(rows, "cpu", tmp_path, "k", "test")
+    assert "64×64×32" in md and (tmp_path / "k.json").is_file()
+
+
+def test_cli_bench_and_plan(tmp_path, capsys):
+    common = [
+        "--model",
+        "resmlp_tiny",
+        "--image-size",
+        "28",
+        "--batch",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
+    assert (
+        main(
+            [
+                "bench",
+                "memory",
+                *common,
+                "--sparsity",
+                "0.9",
+                "--block",
+                "16",
+                "--timing-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "memory_resmlp_tiny_28px_b16_cpu.md").is_file()
+    assert (
+        main(["bench", "kernels", *common, "--sparsity", "0.9", "--block", "16", "--repeats", "1"])
+        == 0
+    )
+    assert (tmp_path / "kernels_resmlp_tiny_b16_cpu_float32.json").is_file()
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "resmlp_tiny",
+                "--image-size",
+                "28",
+                "--batch",
+                "64",
+                "--memory",
+                "100MiB",
+                "--device",
+                "cpu",
+                "--max-batch",
+                "4096",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| dense |" in out and "| actprune_s0.9_b32 |" in out
+    assert main(["plan", "--memory", "lots"]) == 2
+    assert "memory size" in capsys.readouterr().err
