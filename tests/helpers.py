@@ -26,13 +26,13 @@ def naive_scores(x: torch.Tensor, block: tuple[int, int], criterion: str) -> tor
 
 
 def naive_mask(x: torch.Tensor, sparsity: float, block: tuple[int, int], criterion: str):
-    """Element mask of the top-k blocks; ties go to the earlier block in column-major order."""
+    """Element mask of the top-k blocks; ties go to the earlier block in row-major order."""
     scores = naive_scores(x, block, criterion)
     n_br, n_bc = scores.shape
     k = math.ceil(round((1 - sparsity) * n_br * n_bc, 9))
-    ids = sorted(range(n_br * n_bc), key=lambda b: (-scores[b % n_br, b // n_br].item(), b))
+    ids = sorted(range(n_br * n_bc), key=lambda b: (-scores[b // n_bc, b % n_bc].item(), b))
     block_mask = torch.zeros(n_br, n_bc, dtype=torch.bool)
     for b in ids[:k]:
-        block_mask[b % n_br, b // n_br] = True
+        block_mask[b // n_bc, b % n_bc] = True
     elem = block_mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return block_mask, elem[: x.shape[0], : x.shape[1]]

@@ -61,11 +61,11 @@ def test_nbytes_counts_every_tensor_including_edge_padding():
     assert p.density == 1.0
 
 
-def test_ties_are_broken_by_column_major_position():
+def test_ties_are_broken_by_row_major_position():
     x = torch.ones(32, 32)  # 16 equal blocks of 8×8
     p = compress(x, PruneConfig(0.75, 8))
-    # first four in column-major order: the whole first block-column
-    assert p.block_mask()[:, 0].all() and p.block_mask().sum() == 4
+    # first four in row-major order: the whole first block-row
+    assert p.block_mask()[0, :].all() and p.block_mask().sum() == 4
     again = compress(x, PruneConfig(0.75, 8))
     assert torch.equal(p.row_indices, again.row_indices)
 
@@ -84,10 +84,13 @@ def test_non_finite_blocks_rank_first_and_are_kept(bad):
 
 def test_select_blocks_is_stable_and_sorted():
     scores = torch.tensor([[1.0, 3.0, 3.0], [2.0, 3.0, 0.5]])
-    rows, cols, ccol = select_blocks(scores, 3)
-    # column-major ids: (0,1)=2, (1,1)=3, (0,2)=4 all score 3
-    assert rows.tolist() == [0, 1, 0] and cols.tolist() == [1, 1, 2]
-    assert ccol.tolist() == [0, 0, 2, 3]
+    rows, cols, ccol = select_blocks(scores, 2)
+    # three blocks score 3; row-major ids (0,1)=1, (0,2)=2, (1,1)=4: the first two win
+    assert rows.tolist() == [0, 0] and cols.tolist() == [1, 2]
+    assert ccol.tolist() == [0, 0, 1, 2]
+    rows, cols, ccol = select_blocks(scores, 4)  # all three 3s, then the 2 at (1,0)
+    assert rows.tolist() == [1, 0, 1, 0] and cols.tolist() == [0, 1, 1, 2]
+    assert ccol.tolist() == [0, 1, 3, 4]
 
 
 def test_to_sparse_bsr_round_trip_and_error():

@@ -119,17 +119,27 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """The k blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
 
     scores is [n_br, n_bc]. Ties are broken deterministically: among equal scores, the block that
-    comes first in column-major order (block-column, then block-row) is kept first.
+    comes first in row-major order (block-row, then block-column) is kept first.
     """
     n_br, n_bc = scores.shape
-    flat = scores.t().reshape(-1)  # column-major block ids: id = col * n_br + row
-    order = torch.sort(flat, descending=True, stable=True).indices
-    kept = torch.sort(order[:k]).values
-    cols = kept // n_br  # non-decreasing
+    flat = scores.reshape(-1)  # row-major block ids: id = row * n_bc + col (a view, no copy)
+    n = flat.numel()
+    # Every block above the k-th largest score is kept; ties at it go to the lowest ids. topk and
+    # fixed-size nonzero keep the transient memory well below a full sort (0.3× vs 3× the scores
+    # for 1×1 blocks) and every shape static, so this also runs on the meta device.
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    above = torch.nonzero_static(flat > threshold, size=k, fill_value=n).squeeze(1)
+    tied = torch.nonzero_static(flat == threshold, size=k, fill_value=n).squeeze(1)
+    n_above = (above < n).sum()
+    tied = torch.where(torch.arange(k, device=flat.device) < k - n_above, tied, n)
+    kept = torch.cat([above, tied]).sort().values[:k]  # the k valid ids sort before the fill
+    rows, cols = kept // n_bc, kept % n_bc
+    order = torch.sort(cols * n_br + rows).indices  # BSC: by block-column, then block-row
+    rows, cols = rows[order], cols[order]
     # Offsets by binary search rather than bincount: static shapes, so this also runs on "meta".
     bounds = torch.arange(n_bc + 1, device=scores.device, dtype=cols.dtype)
     ccol = torch.searchsorted(cols, bounds, out_int32=True)
-    return (kept % n_br).int(), cols.int(), ccol
+    return rows.int(), cols.int(), ccol
 
 
 def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
