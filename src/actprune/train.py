@@ -239,12 +239,7 @@ def measure_step(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.T
             return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
     m = measure_training_step(model, make_optimizer(cfg, model), loss_fn, resident=(x, y))
-    return {
-        "peak_step_bytes": m.peak_step_bytes,
-        "saved_activation_bytes": m.saved_activation_bytes,
-        "resident_bytes": m.resident_bytes,
-        "saved_by_kind": m.saved_by_kind,
-    }
+    return {k: v for k, v in asdict(m).items() if k != "median_step_s"}
 
 
 def _atomic_save(obj: object, path: Path) -> None:
