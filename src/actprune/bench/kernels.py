@@ -44,8 +44,16 @@ class KernelRow:
     backend: str
 
     @property
+    def copy_gbps(self) -> float:
+        """x.clone(): reads and writes M·K elements."""
+        return 2 * self.m * self.k * _itemsize(self.dtype) / (self.copy_ms * 1e6)
+
+    @property
     def compress_gbps(self) -> float:
-        return 2 * self.m * self.k * _itemsize(self.dtype) / (self.compress_ms * 1e6)
+        """Useful traffic of compression: read x once, write the kept (1 - s) of it."""
+        return (
+            (2 - self.sparsity) * self.m * self.k * _itemsize(self.dtype) / (self.compress_ms * 1e6)
+        )
 
     @property
     def dw_tflops(self) -> float:
@@ -140,16 +148,17 @@ def _fmt(v: float | None) -> str:
 def kernel_table(rows: list[KernelRow]) -> str:
     """Markdown table; ratios > 1 mean actprune is faster than the baseline."""
     head = (
-        "| M×K×N | block | sparsity | copy ms | compress ms | compress GB/s | BSR compress ms "
-        "| dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms | dW speed-up vs dense "
-        "| vs BSR |\n|" + "---|" * 13
+        "| M×K×N | block | sparsity | copy ms | copy GB/s | compress ms | compress GB/s "
+        "| BSR compress ms | dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms "
+        "| dW speed-up vs dense | vs BSR |\n|" + "---|" * 14
     )
     lines = [head]
     for r in rows:
         vs_bsr = None if r.bsr_dw_ms is None else r.bsr_dw_ms / r.dw_ms
         lines.append(
             f"| {r.m}×{r.k}×{r.n} | {r.block} | {r.sparsity} | {_fmt(r.copy_ms)} "
-            f"| {_fmt(r.compress_ms)} | {r.compress_gbps:.2f} | {_fmt(r.bsr_compress_ms)} "
+            f"| {r.copy_gbps:.2f} | {_fmt(r.compress_ms)} | {r.compress_gbps:.2f} "
+            f"| {_fmt(r.bsr_compress_ms)} "
             f"| {_fmt(r.dense_dw_ms)} | {_fmt(r.dw_ms)} | {r.dw_tflops:.3f} | {_fmt(r.bsr_dw_ms)} "
             f"| {r.dense_dw_ms / r.dw_ms:.2f}× | {'n/a' if vs_bsr is None else f'{vs_bsr:.2f}×'} |"
         )
