@@ -28,6 +28,12 @@ def _tile(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _block_args(block_shape: tuple[int, int]) -> dict[str, int]:
+    """The compile-time block arguments every kernel here takes."""
+    bm, bk = block_shape
+    return {"BM": bm, "BK": bk, "TILE_M": _tile(bm), "TILE_K": _tile(bk)}
+
+
 # --- block scores: read M·K, write n_blocks floats ---------------------------------------------
 
 
@@ -70,9 +76,8 @@ def _block_scores_kernel(
 
 def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) -> torch.Tensor:
     """Triton version of ``reference.block_scores``: float32 [n_br, n_bc]."""
-    bm, bk = block_shape
     m, k = x.shape
-    n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    n_br, n_bc = triton.cdiv(m, block_shape[0]), triton.cdiv(k, block_shape[1])
     out = torch.empty(n_br, n_bc, device=x.device, dtype=torch.float32)
     _block_scores_kernel[(n_br, n_bc)](
         x,
@@ -82,10 +87,7 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
         x.stride(0),
         x.stride(1),
         n_bc,
-        BM=bm,
-        BK=bk,
-        TILE_M=_tile(bm),
-        TILE_K=_tile(bk),
+        **_block_args(block_shape),
         CRITERION=_CRITERION_CODE[criterion],
     )
     return out
@@ -128,9 +130,8 @@ def pack_blocks(
     x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
     """Triton version of ``reference.pack_blocks``: values [nnz, bm, bk] in x.dtype."""
-    bm, bk = block_shape
     nnz = rows.numel()
-    out = torch.empty(nnz, bm, bk, device=x.device, dtype=x.dtype)
+    out = torch.empty(nnz, *block_shape, device=x.device, dtype=x.dtype)
     if nnz:
         _pack_blocks_kernel[(nnz,)](
             x,
@@ -141,10 +142,7 @@ def pack_blocks(
             x.shape[1],
             x.stride(0),
             x.stride(1),
-            BM=bm,
-            BK=bk,
-            TILE_M=_tile(bm),
-            TILE_K=_tile(bk),
+            **_block_args(block_shape),
         )
     return out
 
@@ -211,7 +209,6 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
         raise ValueError(f"weight_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}")
     m, k = x.shape
     n = dy.shape[1]
-    bm, bk = x.block_shape
     dw = torch.empty(n, k, device=dy.device, dtype=dy.dtype)
     block_n = min(64, _tile(n))
     # fp32 follows torch's matmul setting (exact by default); 16-bit operands ignore it.
@@ -231,10 +228,7 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
         dy.stride(1),
         dw.stride(0),
         dw.stride(1),
-        BM=bm,
-        BK=bk,
-        TILE_M=_tile(bm),
-        TILE_K=_tile(bk),
+        **_block_args(x.block_shape),
         BLOCK_N=block_n,
         INPUT_PRECISION=precision,
     )
