@@ -1,6 +1,6 @@
 """Compression and block-sparse dW against the dense matmul and torch.sparse BSR.
 
-python benchmarks/kernels.py                      # CPU, fp32 -> docs/results/kernels_cpu.{md,json}
+python benchmarks/kernels.py             # CPU, fp32 -> docs/results/kernels_cpu_float32.{md,json}
 python benchmarks/kernels.py --device cuda --dtype float16   # Triton vs cuBLAS vs torch.sparse
 """
 
