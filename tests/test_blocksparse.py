@@ -138,3 +138,17 @@ def test_non_contiguous_input():
     p = compress(x, PruneConfig(0.5, 16))
     _, elem = naive_mask(x, 0.5, (16, 16), "l2")
     assert torch.equal(p.to_dense(), x * elem)
+
+
+def test_selection_without_nonzero_static(monkeypatch):
+    """CUDA before torch 2.6 lacks nonzero_static; the fallback must select the same blocks."""
+    x = torch.randn(70, 90)
+    want = compress(x, PruneConfig(0.7, 16))
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("aten::nonzero_static: no kernel for this backend")
+
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    got = compress(x, PruneConfig(0.7, 16))
+    assert torch.equal(got.row_indices, want.row_indices)
+    assert torch.equal(got.ccol_indices, want.ccol_indices)

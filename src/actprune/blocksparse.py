@@ -115,6 +115,15 @@ def _expand_offsets(offsets: torch.Tensor, total: int) -> torch.Tensor:
     return ids.repeat_interleave(offsets[1:] - offsets[:-1], output_size=total)
 
 
+def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """int64 [size]: the first `size` indices where the 1-D mask is true, padded with `fill`."""
+    try:
+        return torch.nonzero_static(mask, size=size, fill_value=fill).squeeze(1)
+    except NotImplementedError:  # CUDA before torch 2.6 has only the data-dependent nonzero
+        found = torch.nonzero(mask).squeeze(1)[:size]
+        return torch.nn.functional.pad(found, (0, size - found.numel()), value=fill)
+
+
 def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
 
@@ -128,8 +137,8 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     # fixed-size nonzero keep the transient memory well below a full sort (0.3× vs 3× the scores
     # for 1×1 blocks) and every shape static, so this also runs on the meta device.
     threshold = torch.topk(flat, k, sorted=False).values.min()
-    above = torch.nonzero_static(flat > threshold, size=k, fill_value=n).squeeze(1)
-    tied = torch.nonzero_static(flat == threshold, size=k, fill_value=n).squeeze(1)
+    above = _first_true(flat > threshold, k, fill=n)
+    tied = _first_true(flat == threshold, k, fill=n)
     n_above = (above < n).sum()
     tied = torch.where(torch.arange(k, device=flat.device) < k - n_above, tied, n)
     kept = torch.cat([above, tied]).sort().values[:k]  # the k valid ids sort before the fill
