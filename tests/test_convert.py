@@ -111,3 +111,17 @@ def test_hooks_survive_conversion():
 def test_bad_config_type():
     with pytest.raises(TypeError, match="PruneConfig"):
         prune_activations_(Net(), {"sparsity": 0.5})
+
+
+def test_include_and_exclude_patterns():
+    model = Net()
+    prune_activations_(model, PruneConfig(0.5, 8), include="blocks.*", exclude=["*.fc2"])
+    assert isinstance(model.blocks[0].fc1, PrunedLinear) and isinstance(
+        model.blocks[1].fc1, PrunedLinear
+    )
+    assert type(model.blocks[0].fc2) is nn.Linear and type(model.head) is nn.Linear
+    assert type(model.mixers["a"][0]) is nn.Linear
+    model = Net()
+    prune_activations_(model, PruneConfig(0.5, 8), exclude="head", filter=lambda n, m: "1" not in n)
+    assert isinstance(model.blocks[0].fc2, PrunedLinear) and type(model.blocks[1].fc2) is nn.Linear
+    assert type(model.head) is nn.Linear and isinstance(model.mixers["a"][0], PrunedLinear)

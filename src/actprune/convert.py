@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -42,21 +43,40 @@ def _swap_(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None])
     return model if root is None else root
 
 
+def _patterns(value: str | Iterable[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def prune_activations_(
-    model: nn.Module, config: PruneConfig, filter: LinearFilter | None = None
+    model: nn.Module,
+    config: PruneConfig,
+    filter: LinearFilter | None = None,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Make the Linear layers of ``model`` save block-sparse inputs for backward, in place.
 
-    Every nn.Linear (or those for which ``filter(qualified_name, module)`` is true) becomes a
-    PrunedLinear that holds the same Parameter objects, so state_dict keys and optimizer references
-    stay valid. Layers that are already PrunedLinear get the new config. Returns ``model`` (or the
-    new module when ``model`` itself is a Linear).
+    Every nn.Linear becomes a PrunedLinear that holds the same Parameter objects, so state_dict
+    keys and optimizer references stay valid. Narrow the choice by qualified name with shell-style
+    patterns (``include="blocks.*.fc*"``, ``exclude="head"``; a layer must match an include pattern
+    if any are given, and no exclude pattern) and/or ``filter(qualified_name, module)``. Layers that
+    are already PrunedLinear get the new config. Returns ``model`` (or the new module when
+    ``model`` itself is a Linear).
     """
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be an actprune.PruneConfig, got {type(config).__name__}")
+    includes, excludes = _patterns(include), _patterns(exclude)
+
+    def selected(name: str, module: nn.Module) -> bool:
+        if includes and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in excludes):
+            return False
+        return filter is None or filter(name, module)
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
-        if filter is not None and not filter(name, module):
+        if not selected(name, module):
             return None
         if isinstance(module, PrunedLinear):
             module.config = config

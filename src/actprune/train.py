@@ -10,7 +10,6 @@ initial weights only on seed, so dense and pruned runs with one seed see identic
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import math
 import os
@@ -133,12 +132,7 @@ def build_model(cfg: TrainConfig, dataset: data_lib.Dataset, device: torch.devic
     prune = cfg.prune_config()
     if not prune:
         return model
-    patterns = [p for p in cfg.exclude.split(",") if p]
-
-    def keep_dense(name: str, module: nn.Module) -> bool:
-        return not any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    return prune_activations_(model, prune, filter=keep_dense)
+    return prune_activations_(model, prune, exclude=[p for p in cfg.exclude.split(",") if p])
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -66,16 +66,12 @@ def default_configs(
     return configs
 
 
-def _not_head(name: str, module: nn.Module) -> bool:
-    return name != "head"
-
-
 def apply_config(model: nn.Module, config: MemoryConfig) -> nn.Module:
     """Convert ``model`` in place for a configuration; returns it."""
     if config.method == "checkpoint":
         model.blocks = nn.Sequential(*[Checkpointed(b) for b in model.blocks])
     elif config.method in ("unstructured", "actprune"):
-        prune_activations_(model, PruneConfig(config.sparsity, config.block), filter=_not_head)
+        prune_activations_(model, PruneConfig(config.sparsity, config.block), exclude="head")
     return model
 
 
