@@ -107,12 +107,47 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA,
+    one GPU per local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch.distributed.get_rank(), world), device
+
+
+def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """Never clobber earlier results: an existing non-empty folder needs --overwrite or --resume."""
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UserError(
             f"output folder {out} exists and is not empty; pass --overwrite (or --resume)"
         )
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """check_out_dir, then clear our own files (only those) when overwriting, and create it."""
+    check_out_dir(out, overwrite, resume)
     if overwrite and not resume and out.exists():
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
@@ -247,24 +282,38 @@ def train(
     dataset: data_lib.Dataset | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train per ``cfg``; returns the summary dict (also written to out/summary.json)."""
+    """Train per ``cfg``; returns the summary dict (also written to out/summary.json).
+
+    Under torchrun (WORLD_SIZE > 1) each of the W processes takes every W-th sample of each global
+    batch of ``cfg.batch_size`` and DistributedDataParallel averages the gradients; the loss is
+    scaled so that the step equals one over the whole global batch. Rank 0 writes all files.
+    """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    dist, device = init_distributed(resolve_device(cfg.device))
     if cfg.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+    if cfg.batch_size % dist.world:
+        raise UserError(f"--batch-size {cfg.batch_size} must divide among {dist.world} processes")
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if cfg.resume and not ckpt_path.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    prepare_out_dir(out, cfg.overwrite, cfg.resume)
+    check_out_dir(out, cfg.overwrite, cfg.resume)
+    dist.barrier()  # every rank has checked before rank 0 writes
+    if dist.main:
+        prepare_out_dir(out, cfg.overwrite, cfg.resume)
     if dataset is None:
         try:
             dataset = data_lib.load(cfg.dataset, cfg.data_dir, cfg.image_size)
         except data_lib.DataError as err:
             raise UserError(str(err)) from err
 
-    model = build_model(cfg, dataset, device)
-    opt = make_optimizer(cfg, model)
+    core = build_model(cfg, dataset, device)  # the model itself; `model` may wrap it in DDP
+    model = core
+    if dist.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+    opt = make_optimizer(cfg, core)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     n_train = (
         len(dataset.train)
@@ -277,7 +326,7 @@ def train(
     start_epoch, history, step_times = 0, [], []
     if cfg.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        core.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history, step_times = ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"]
@@ -290,12 +339,13 @@ def train(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="step",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and dist.main),
             file=sys.stderr,
             leave=False,
         )
         for i in bar:
-            x, y = dataset.train.batch(order[i * cfg.batch_size : (i + 1) * cfg.batch_size])
+            batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x, y = dataset.train.batch(batch[dist.rank :: dist.world])  # this rank's share
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
@@ -304,8 +354,11 @@ def train(
             t0 = time.perf_counter()
             with _autocast(cfg, device):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            scaler.scale(loss).backward()
+                ce = F.cross_entropy(
+                    logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
+                )
+            # DDP averages over ranks: scaled so, the gradient is that of the global-batch mean.
+            scaler.scale(ce * (dist.world / batch.numel())).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -314,7 +367,7 @@ def train(
             step_times.append(time.perf_counter() - t0)
             step += 1
             seen += y.numel()
-            loss_sum += loss.item() * y.numel()
+            loss_sum += ce.item()
             correct += (logits.argmax(1) == y).sum().item()
             bar.set_postfix(
                 loss=f"{loss_sum / seen:.3f}",
@@ -322,7 +375,11 @@ def train(
                 img_s=f"{y.numel() / step_times[-1]:.0f}",
             )
         bar.close()
-        test_acc, test_loss = evaluate(model, dataset.test, cfg, device)
+        if dist.world > 1:  # epoch totals over all ranks
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0].item(), totals[1].item(), totals[2].item()
+        test_acc, test_loss = evaluate(core, dataset.test, cfg, device)
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
@@ -332,10 +389,11 @@ def train(
             "lr": opt.param_groups[0]["lr"],
         }
         history.append(record)
-        with (out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if dist.main:
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
         ckpt = {
-            "model": model.state_dict(),
+            "model": core.state_dict(),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": epoch,
@@ -343,8 +401,10 @@ def train(
             "step_times": step_times,
             "config": asdict(cfg),
         }
-        _atomic_save(ckpt, ckpt_path)
-        if cfg.progress:
+        if dist.main:
+            _atomic_save(ckpt, ckpt_path)
+        dist.barrier()
+        if cfg.progress and dist.main:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
                 f"acc {record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%",
@@ -353,14 +413,15 @@ def train(
         if on_epoch_end:
             on_epoch_end(epoch, record)
 
-    x, y = dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[: cfg.batch_size])
-    memory = measure_step(model, cfg, x.to(device), y.to(device))
+    x, y = dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[: cfg.batch_size // dist.world])
+    memory = measure_step(core, cfg, x.to(device), y.to(device))  # one process's step
     median_step = statistics.median(step_times[1:] or step_times)  # first step: warm-up
     summary = {
         "model": cfg.model,
         "dataset": dataset.name,
         "data_source": dataset.source,
         "device": str(device),
+        "processes": dist.world,
         "sparsity": cfg.sparsity,
         "block_size": cfg.block_size,
         "criterion": cfg.criterion,
@@ -375,5 +436,6 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": asdict(cfg),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
