@@ -17,7 +17,7 @@ from actprune.cli import main
 def test_bytes_by_kind_attributes_to_innermost_module():
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     x = torch.randn(10, 8, requires_grad=True)
-    with SavedTensorLog() as log:
+    with SavedTensorLog(by_kind=True) as log:
         out = model(x)
     kinds = log.bytes_by_kind()
     # linear: fc1's input x and fc2's input (the GELU output); gelu: its own input (fc1's output)

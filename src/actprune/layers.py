@@ -3,7 +3,9 @@
 For y = x·Wᵀ + b, backward needs x only for dW = dyᵀ·x; dx = dy·W and db = Σ dy never read it. So
 x is compressed (``actprune.compress``) when the forward runs: the output, dx and db stay exact and
 only dW sees the pruned input, dW = dyᵀ·(x ⊙ M), M the mask of the kept blocks
-(Barley & Fröning 2023, arXiv 2311.16883).
+(Barley & Fröning 2023, arXiv 2311.16883). The computation is the registered operator
+``actprune::pruned_linear`` (``ops.py``), so torch.compile keeps it whole and saves only the
+compressed tensors.
 """
 
 from __future__ import annotations
@@ -12,41 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .blocksparse import BlockSparse, as_rows, compress
+from . import ops
 from .config import PruneConfig
-
-
-class _PrunedLinearFunction(torch.autograd.Function):
-    """F.linear forward; backward from the block-sparse input. Saves the weight (a Parameter, no
-    extra memory) and, only when dW is needed, the compressed input's tensors."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, config: PruneConfig):  # noqa: ANN001 - autograd signature
-        out = F.linear(x, weight, bias)  # autocast applies here exactly as in nn.Linear
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        if ctx.needs_input_grad[1]:
-            # Compress in the dtype the matmul ran in (the autocast dtype under autocast).
-            packed = compress(as_rows(x.detach(), config.row_order).to(out.dtype), config)
-            ctx.packed_shape, ctx.row_order = packed.shape, config.row_order
-            ctx.save_for_backward(weight, *packed.tensors)
-        else:
-            ctx.save_for_backward(weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001 - autograd signature
-        weight, *packed_tensors = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2d.mm(weight.to(dy.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            packed = BlockSparse(*packed_tensors, shape=ctx.packed_shape)
-            dw = kernels.weight_grad(as_rows(dy, ctx.row_order), packed).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            db = dy2d.sum(0).to(weight.dtype)
-        return dx, dw, db, None
 
 
 class PrunedLinear(nn.Linear):
@@ -92,7 +61,20 @@ class PrunedLinear(nn.Linear):
         )
         if not needs_graph or x.numel() == 0:
             return F.linear(x, self.weight, self.bias)
-        return _PrunedLinearFunction.apply(x, self.weight, self.bias, self.config)
+        weight, bias = self.weight, self.bias
+        kind = x.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            # Cast as autocast casts linear's arguments, so the op computes, and the compressed
+            # input is kept, in the autocast dtype (the op itself is opaque to autocast).
+            dtype = torch.get_autocast_dtype(kind)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        c = self.config
+        out, *_ = ops.pruned_linear(
+            x, weight, bias, self.weight.requires_grad, c.sparsity, *c.block_shape, c.criterion,
+            c.row_order,
+        )  # fmt: skip
+        return out
 
     def extra_repr(self) -> str:
         bm, bk = self.config.block_shape

@@ -65,11 +65,14 @@ class SavedTensorLog:
 
     ``live_bytes()`` sums, once per storage, those a graph still holds. Tensors alive only because
     the caller keeps a reference (an input batch after backward, say) are not counted.
-    ``bytes_by_kind()`` splits the same total by the kind of the innermost module whose forward
-    saved each tensor (``layer_kind``); a storage saved by several kinds counts for the first.
+    With ``by_kind=True``, ``bytes_by_kind()`` splits the same total by the kind of the innermost
+    module whose forward saved each tensor (``layer_kind``; a storage saved by several kinds counts
+    for the first). That needs global module hooks, which torch.compile cannot trace through, so it
+    is off by default.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, by_kind: bool = False) -> None:
+        self.by_kind = by_kind
         self._saved: list[weakref.ref[_Saved]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._modules: list[nn.Module] = []
@@ -84,6 +87,8 @@ class SavedTensorLog:
 
     def __enter__(self) -> SavedTensorLog:
         self._hooks.__enter__()
+        if not self.by_kind:
+            return self
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(
                 lambda m, args: self._modules.append(m)
@@ -120,6 +125,8 @@ class SavedTensorLog:
         return sum(t.untyped_storage().nbytes() for t in self.live_tensors())
 
     def bytes_by_kind(self) -> dict[str, int]:
+        if not self.by_kind:
+            raise RuntimeError("bytes_by_kind needs SavedTensorLog(by_kind=True)")
         out: dict[str, int] = {}
         for holder in self._live():
             out[holder.kind] = out.get(holder.kind, 0) + holder.tensor.untyped_storage().nbytes()
@@ -269,7 +276,7 @@ def measure_training_step(
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     resident_bytes = _storage_bytes([*model.parameters(), *state, *resident])
     peak = peak_memory(step, anchor)
-    with SavedTensorLog() as log:
+    with SavedTensorLog(by_kind=True) as log:
         loss = loss_fn()
     saved, by_kind = log.live_bytes(), log.bytes_by_kind()
     del loss
