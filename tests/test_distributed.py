@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,19 +29,34 @@ def global_batch():
     )
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, wrapper):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    model = make_model()
+    if wrapper == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:  # FSDP2: every block sharded, then the root
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
     x, y = global_batch()
-    loss = F.cross_entropy(model(x[rank::WORLD]), y[rank::WORLD], reduction="sum")
+    loss = F.cross_entropy(wrapped(x[rank::WORLD]), y[rank::WORLD], reduction="sum")
     (loss * WORLD / GLOBAL_BATCH).backward()
-    grads = {n: p.grad for n, p in model.module.named_parameters()}
+    grads = {
+        n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        for n, p in model.named_parameters()
+    }
     torch.save(grads, os.path.join(out_dir, f"grads_{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_two_process_gradients_match_each_other_and_one_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_process_gradients_match_each_other_and_one_process(tmp_path, wrapper):
+    args = (str(tmp_path / "init"), str(tmp_path), wrapper)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     g0 = torch.load(tmp_path / "grads_0.pt")
     g1 = torch.load(tmp_path / "grads_1.pt")
     assert all(torch.equal(g0[n], g1[n]) for n in g0)  # every rank holds the same gradient
