@@ -25,14 +25,27 @@ def naive_scores(x: torch.Tensor, block: tuple[int, int], criterion: str) -> tor
     return out
 
 
-def naive_mask(x: torch.Tensor, sparsity: float, block: tuple[int, int], criterion: str):
-    """Element mask of the top-k blocks; ties go to the earlier block in row-major order."""
+def naive_mask(
+    x: torch.Tensor,
+    sparsity: float,
+    block: tuple[int, int],
+    criterion: str,
+    selection: str = "column",
+):
+    """Element mask of the top-k blocks of each block-column ("column") or of the whole grid
+    ("global"); ties go to the earlier block in row-major order."""
     scores = naive_scores(x, block, criterion)
     n_br, n_bc = scores.shape
-    k = math.ceil(round((1 - sparsity) * n_br * n_bc, 9))
-    ids = sorted(range(n_br * n_bc), key=lambda b: (-scores[b // n_bc, b % n_bc].item(), b))
+    groups = (
+        [[(r, c) for r in range(n_br)] for c in range(n_bc)]
+        if selection == "column"
+        else [[(r, c) for r in range(n_br) for c in range(n_bc)]]
+    )
     block_mask = torch.zeros(n_br, n_bc, dtype=torch.bool)
-    for b in ids[:k]:
-        block_mask[b // n_bc, b % n_bc] = True
+    for group in groups:
+        k = math.ceil(round((1 - sparsity) * len(group), 9))
+        ranked = sorted(group, key=lambda rc: (-scores[rc].item(), rc))
+        for rc in ranked[:k]:
+            block_mask[rc] = True
     elem = block_mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return block_mask, elem[: x.shape[0], : x.shape[1]]

@@ -8,6 +8,7 @@ from actprune import BlockSparse, PruneConfig, compress, select_blocks
 from actprune.kernels import reference
 
 
+@pytest.mark.parametrize("selection", ["column", "global"])
 @pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
 @pytest.mark.parametrize(
     "shape, block, sparsity",
@@ -20,12 +21,17 @@ from actprune.kernels import reference
         ((33, 65), (32, 32), 0.7),
     ],
 )
-def test_keeps_exactly_the_top_k_blocks(shape, block, sparsity, criterion):
+def test_keeps_exactly_the_top_k_blocks(shape, block, sparsity, criterion, selection):
     x = torch.randn(*shape)
-    packed = compress(x, PruneConfig(sparsity, block, criterion))
-    block_mask, elem_mask = naive_mask(x, sparsity, block, criterion)
-    n_blocks = block_mask.numel()
-    assert packed.nnz_blocks == math.ceil(round((1 - sparsity) * n_blocks, 9))
+    packed = compress(x, PruneConfig(sparsity, block, criterion, selection=selection))
+    block_mask, elem_mask = naive_mask(x, sparsity, block, criterion, selection)
+    n_br, n_bc = block_mask.shape
+    if selection == "column":
+        assert packed.nnz_blocks == n_bc * math.ceil(round((1 - sparsity) * n_br, 9))
+        per_column = packed.ccol_indices[1:] - packed.ccol_indices[:-1]
+        assert torch.all(per_column == per_column[0])
+    else:
+        assert packed.nnz_blocks == math.ceil(round((1 - sparsity) * n_br * n_bc, 9))
     assert torch.equal(packed.block_mask(), block_mask)
     dense = packed.to_dense()
     assert dense.shape == x.shape and dense.dtype == x.dtype
@@ -91,6 +97,26 @@ def test_select_blocks_is_stable_and_sorted():
     rows, cols, ccol = select_blocks(scores, 4)  # all three 3s, then the 2 at (1,0)
     assert rows.tolist() == [1, 0, 1, 0] and cols.tolist() == [0, 1, 1, 2]
     assert ccol.tolist() == [0, 1, 3, 4]
+    rows, cols, ccol = select_blocks(scores, 1, per_column=True)  # the tie in column 1: row 0
+    assert rows.tolist() == [1, 0, 0] and cols.tolist() == [0, 1, 2]
+    assert ccol.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_blocks_round_within_half_a_step(dtype):
+    x = (torch.randn(96, 80) * torch.logspace(-3, 2, 80)).to(
+        dtype
+    )  # columns of very different size
+    exact = compress(x, PruneConfig(0.5, 16))
+    q = compress(x, PruneConfig(0.5, 16, int8=True))
+    assert q.values.dtype == torch.int8 and q.scales.dtype == torch.float32
+    assert torch.equal(q.block_mask(), exact.block_mask())  # selection is unchanged
+    step = q.scales.view(-1, 1, 1)
+    err = (q.dequantized(torch.float32).values - exact.values.float()).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5))
+    nnz, bm, bk = q.values.shape
+    assert q.nbytes == nnz * bm * bk + 4 * nnz + 4 * nnz + 4 * (q.grid_shape[1] + 1)
+    assert q.to_dense().dtype == torch.float32
 
 
 def test_to_sparse_bsr_round_trip_and_error():

@@ -44,8 +44,35 @@ def test_registered_ops_pass_opcheck():
     x = torch.randn(3, 20, 24, requires_grad=True)
     w = torch.randn(10, 24, requires_grad=True)
     b = torch.randn(10, requires_grad=True)
-    torch.library.opcheck(ops.pruned_linear, (x, w, b, True, 0.5, 8, 8, "l2", "token-major"))
-    frozen = w.detach()  # compress_input=False: the weight gets no gradient
-    torch.library.opcheck(
-        ops.pruned_linear, (x, frozen, None, False, 0.5, 8, 8, "max", "batch-major")
-    )
+    scale, shift = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    for config in (
+        PruneConfig(0.5, 8),
+        PruneConfig(0.5, 8, "max", "batch-major", "global", int8=True),
+    ):
+        args = ops.config_args(config)
+        torch.library.opcheck(ops.compress_rows, (x.detach(), *args))
+        packed = ops.compress_rows(x.detach(), *args)
+        torch.library.opcheck(ops.pruned_linear, (x, w, b, *packed, config.row_order))
+        torch.library.opcheck(
+            ops.pruned_channel_scale, (x, scale, shift, *packed, config.row_order)
+        )
+        torch.library.opcheck(ops.pruned_channel_scale, (x, scale, None, *packed, config.row_order))
+    empty = (x.new_empty(0), x.new_empty(0).int(), x.new_empty(0).int(), x.new_empty(0))
+    torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, "token-major"))
+    for bits in (2, 4):
+        codes = ops.gelu_code(x.detach(), bits, "none")
+        torch.library.opcheck(ops.gelu_code, (x.detach(), bits, "tanh"))
+        torch.library.opcheck(ops.coded_gelu, (x, codes, bits, "none"))
+
+
+def test_scope_all_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    model = models.create("resmlp_tiny", width=32, depth=2)
+    prune_activations_(model, PruneConfig(0.5, 16, scope="all"), exclude="head")
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    eager = copy.deepcopy(model)
+    F.cross_entropy(eager(x), y).backward()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    F.cross_entropy(compiled(x), y).backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)

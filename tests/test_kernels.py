@@ -57,6 +57,22 @@ def test_weight_grad(m, k, n, block, sparsity, dtype):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("selection", ["column", "global"])
+@pytest.mark.parametrize("m, k, n, block", CASES)
+def test_channel_grad(m, k, n, block, selection, dtype):
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    dy = torch.randn(m, k, device=DEVICE).to(dtype)
+    packed = compress(x, PruneConfig(0.6, block, selection=selection))
+    got = triton_blocks.channel_grad(dy, packed)
+    ref = reference.channel_grad(dy, packed)
+    want = (dy.double() * packed.to_dense().double()).sum(0)
+    assert got.dtype == dtype and got.shape == (k,)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
+
+
 @pytest.mark.parametrize("block, sparsity", [((32, 32), 0.95), ((16, 16), 0.5), ((8, 24), 0.9)])
 def test_reference_weight_grad_both_paths(block, sparsity):
     x = torch.randn(300, 200)

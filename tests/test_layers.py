@@ -5,7 +5,7 @@ import torch
 from helpers import naive_mask
 from torch import nn
 
-from actprune import PruneConfig, PrunedLinear, saved_activation_bytes
+from actprune import PruneConfig, PrunedLinear, compress, saved_activation_bytes
 from actprune.blocksparse import as_rows
 
 
@@ -123,15 +123,32 @@ def test_no_grad_and_eval_run_plain_linear():
     assert torch.equal(pruned(torch.randn(0, 32)), torch.empty(0, 16))
 
 
-def test_saved_bytes_at_sparsity_09_within_budget():
+@pytest.mark.parametrize(
+    "selection, kept",
+    [("global", 410), ("column", 32 * 13)],  # ceil(0.1 · 128 · 32); 32 columns × ceil(0.1 · 128)
+)
+def test_saved_bytes_at_sparsity_09_within_budget(selection, kept):
     x = torch.randn(4096, 1024, requires_grad=True)
-    dense, pruned = _pair(1024, 256, PruneConfig(0.9, 32))
+    dense, pruned = _pair(1024, 256, PruneConfig(0.9, 32, selection=selection))
     dense_bytes = saved_activation_bytes(dense, x)
     pruned_bytes = saved_activation_bytes(pruned, x)
     assert dense_bytes == 4096 * 1024 * 4
-    kept = 410  # ceil(0.1 * 128 * 32) blocks of 32×32 fp32, plus int32 indices
+    # kept blocks of 32×32 fp32, an int32 block-row each, 33 int32 column offsets
     assert pruned_bytes == kept * 32 * 32 * 4 + kept * 4 + 33 * 4
     assert pruned_bytes <= 0.11 * dense_bytes
+
+
+def test_int8_saved_bytes_and_gradient():
+    x = torch.randn(4096, 1024, requires_grad=True)
+    dense, pruned = _pair(1024, 256, PruneConfig(0.9, 32, int8=True))
+    kept = 32 * 13
+    assert saved_activation_bytes(pruned, x) == kept * 32 * 32 + kept * 4 + 33 * 4 + kept * 4
+    dy = torch.randn(4096, 256)
+    pruned(x).backward(dy)
+    packed = compress(x.detach(), PruneConfig(0.9, 32))
+    want = dy.t() @ packed.to_dense()  # the fp32-kept gradient; int8 rounds each value by <= s/2
+    err = (pruned.weight.grad - want).norm() / want.norm()
+    assert err < 0.01
 
 
 def test_bad_inputs_and_config():
@@ -142,7 +159,7 @@ def test_bad_inputs_and_config():
         layer(torch.randn(3, 7))
     with pytest.raises(ValueError, match="got \\(\\)"):
         layer(torch.tensor(1.0))
-    with pytest.raises(TypeError, match="nn.Linear"):
+    with pytest.raises(TypeError, match="torch.nn.modules.linear.Linear"):
         PrunedLinear.from_linear(nn.Conv1d(2, 2, 1), PruneConfig(0.5))
 
 

@@ -45,7 +45,7 @@ def test_pruned_model_saves_less():
     relu_out = 512 * 256 * 4  # ReLU saves its output; dense fc2 saves the same storage
     assert sab(model, x) == 512 * 256 * 4 + relu_out
     prune_activations_(model, PruneConfig(0.9, 32))
-    kept = 13  # ceil(0.1 · 16 · 8) blocks of 32×32, + int32 row indices and 9 column offsets
+    kept = 16  # 8 block-columns × ceil(0.1 · 16) blocks of 32×32, int32 rows, 9 column offsets
     assert sab(model, x) == relu_out + 2 * (kept * 32 * 32 * 4 + kept * 4 + 9 * 4)
 
 

@@ -7,10 +7,18 @@ Seed method: Barley & Fröning 2023, "Compressing the Backward Pass of Large-Sca
 Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 """
 
+from . import models
 from .blocksparse import BlockSparse, compress, select_blocks
 from .config import PruneConfig
-from .convert import prune_activations_, restore_dense_
-from .layers import PrunedLinear
+from .convert import describe_compression, prune_activations_, restore_dense_
+from .derivative_code import DerivativeCode, gelu_derivative_code
+from .layers import (
+    CodedGELU,
+    PrunedAffine,
+    PrunedLayerScale,
+    PrunedLinear,
+    exact_gradients,
+)
 from .memory import (
     SavedTensorLog,
     StepMemory,
@@ -23,12 +31,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparse",
+    "CodedGELU",
+    "DerivativeCode",
     "PruneConfig",
+    "PrunedAffine",
+    "PrunedLayerScale",
     "PrunedLinear",
     "SavedTensorLog",
     "StepMemory",
     "compress",
+    "describe_compression",
+    "exact_gradients",
+    "gelu_derivative_code",
     "measure_training_step",
+    "models",
     "peak_memory",
     "prune_activations_",
     "restore_dense_",

@@ -26,10 +26,11 @@ class BlockSparse:
     ``to_dense`` and is counted in ``nbytes`` (it is memory that is really held).
     """
 
-    values: torch.Tensor  # [nnz, bm, bk], dtype of the compressed tensor
+    values: torch.Tensor  # [nnz, bm, bk], dtype of the compressed tensor (int8 with scales)
     row_indices: torch.Tensor  # int32 [nnz], block-row of each kept block
     ccol_indices: torch.Tensor  # int32 [n_bc + 1], offsets of each block-column's blocks
     shape: tuple[int, int]  # (M, K) of the dense tensor
+    scales: torch.Tensor | None = None  # float32 [nnz]: block b is values[b] · scales[b] (int8)
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -43,6 +44,7 @@ class BlockSparse:
 
     @property
     def dtype(self) -> torch.dtype:
+        """dtype of the stored values (int8 when quantised)."""
         return self.values.dtype
 
     @property
@@ -60,9 +62,20 @@ class BlockSparse:
         return self.nnz_blocks / max(1, n_br * n_bc)
 
     @property
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors held, in constructor order (what autograd saves for backward)."""
-        return (self.values, self.row_indices, self.ccol_indices)
+        extra = () if self.scales is None else (self.scales,)
+        return (self.values, self.row_indices, self.ccol_indices, *extra)
+
+    def dequantized(self, dtype: torch.dtype) -> BlockSparse:
+        """The same blocks with ``dtype`` values: self when they already are, else a transient
+        copy (dequantised when int8)."""
+        if self.scales is None and self.values.dtype == dtype:
+            return self
+        values = self.values
+        if self.scales is not None:
+            values = values.float() * self.scales.view(-1, 1, 1)
+        return BlockSparse(values.to(dtype), self.row_indices, self.ccol_indices, self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +93,9 @@ class BlockSparse:
         return mask
 
     def to_dense(self) -> torch.Tensor:
-        """The [M, K] tensor with dropped blocks as zeros."""
+        """The [M, K] tensor with dropped blocks as zeros (float32 when int8)."""
+        if self.scales is not None:
+            return self.dequantized(torch.float32).to_dense()
         (m, k), (bm, bk) = self.shape, self.block_shape
         n_br, n_bc = self.grid_shape
         dense = self.values.new_zeros(n_br, bm, n_bc, bk)
@@ -96,6 +111,8 @@ class BlockSparse:
                 f"to_sparse_bsr needs a shape divisible by the block: shape {self.shape}, "
                 f"block {self.block_shape}"
             )
+        if self.scales is not None:
+            return self.dequantized(torch.float32).to_sparse_bsr()
         rows, cols = self.row_indices.long(), self.col_indices().long()
         order = torch.argsort(rows * self.grid_shape[1] + cols)
         counts = torch.bincount(rows, minlength=self.grid_shape[0])
@@ -124,12 +141,17 @@ def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
         return torch.nn.functional.pad(found, (0, size - found.numel()), value=fill)
 
 
-def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
 
-    scores is [n_br, n_bc]. Ties are broken deterministically: among equal scores, the block that
+    scores is [n_br, n_bc]. Keeps the k best of the whole grid, or with ``per_column`` the k best
+    of every block-column. Ties are broken deterministically: among equal scores, the block that
     comes first in row-major order (block-row, then block-column) is kept first.
     """
+    if per_column:
+        return _select_per_column(scores, k)
     n_br, n_bc = scores.shape
     flat = scores.reshape(-1)  # row-major block ids: id = row * n_bc + col (a view, no copy)
     n = flat.numel()
@@ -151,6 +173,23 @@ def select_blocks(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return rows.int(), cols.int(), ccol
 
 
+def _select_per_column(
+    scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_blocks with ``per_column``: the same threshold-and-ties rule within each column."""
+    n_br, n_bc = scores.shape
+    threshold = torch.topk(scores, k, dim=0, sorted=False).values.amin(0)  # [n_bc]
+    above = scores > threshold
+    tied = scores == threshold
+    room = k - above.sum(0)  # ties each column still takes, lowest block-rows first
+    keep = above | (tied & (tied.cumsum(0) <= room))
+    # Column-major ids (col * n_br + row) come out of nonzero already in BSC order.
+    ids = _first_true(keep.t().reshape(-1), n_bc * k, fill=0)
+    rows, cols = ids % n_br, ids // n_br
+    ccol = torch.arange(0, n_bc * k + 1, k, device=scores.device, dtype=torch.int32)
+    return rows.int(), cols.int(), ccol
+
+
 def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
     """The 2-D (rows, features) matrix of an activation (..., features) that blocks are cut from.
 
@@ -163,7 +202,8 @@ def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
 
 
 def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
-    """Keep the k = ceil((1 - sparsity) · n_blocks) highest-scoring blocks of a 2-D tensor.
+    """Keep the highest-scoring ceil((1 - sparsity) · n) blocks of a 2-D tensor, n the blocks of
+    each block-column or of the whole tensor (``config.selection``).
 
     Scoring and packing run as Triton kernels on CUDA and as PyTorch ops elsewhere
     (``actprune.kernels``). Blocks holding NaN/Inf always rank first (see ``block_scores``).
@@ -179,6 +219,20 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
     block_shape = config.block_shape
     x = x.detach()
     scores = kernels.block_scores(x, block_shape, config.criterion)
-    rows, cols, ccol = select_blocks(scores, config.kept_blocks(scores.numel()))
+    per_column = config.selection == "column"
+    k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
+    rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
     values = kernels.pack_blocks(x, rows, cols, block_shape)
-    return BlockSparse(values, rows, ccol, shape=tuple(x.shape))
+    if not config.int8:
+        return BlockSparse(values, rows, ccol, shape=tuple(x.shape))
+    values, scales = quantize_int8(values)
+    return BlockSparse(values, rows, ccol, tuple(x.shape), scales)
+
+
+def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-block int8: (int8 [nnz, bm, bk], float32 [nnz] scale = max|block| / 127).
+
+    Error per element <= scale / 2. Non-finite values do not survive (int8 has no NaN/Inf)."""
+    scales = values.abs().amax(dim=(1, 2)).float().div_(127).clamp_min_(1e-30)
+    quantized = (values.float() / scales.view(-1, 1, 1)).round_().clamp_(-127, 127)
+    return quantized.to(torch.int8), scales

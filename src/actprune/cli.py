@@ -13,10 +13,18 @@ from .train import TrainConfig, UserError
 EPILOG = """examples:
   actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs s=0.9
   actprune compare --epochs 10 --out runs/long --sparsity 0.9 0.8
+  actprune compare --scope linear all                # also compress Affine, LayerScale, GELU
   actprune train --model resmlp_s12 --dataset cifar10 --data-dir ~/data --image-size 32 \\
                  --patch-size 4 --sparsity 0.9 --epochs 30 --out runs/s12
   actprune train --out runs/s12 --resume             # continue an interrupted run
 """
+
+
+SCOPES = ["linear", "all"]
+SCOPE_HELP = (
+    "tensors compressed: linear = Linear inputs (the seed paper); all = also Affine and "
+    "LayerScale inputs, and GELU inputs as a --gelu-bits derivative code (default %(default)s)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +57,16 @@ def _add_training_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--criterion", choices=["l2", "l1", "max"], default=d.criterion)
     p.add_argument("--row-order", choices=["token-major", "batch-major"], default=d.row_order)
     p.add_argument(
+        "--selection",
+        choices=["column", "global"],
+        default=d.selection,
+        help="top-k per block-column or over the whole tensor (default %(default)s)",
+    )
+    p.add_argument(
+        "--gelu-bits", type=int, choices=[2, 4], default=d.gelu_bits, help="with --scope all"
+    )
+    p.add_argument("--int8", action="store_true", help="keep the kept blocks in int8")
+    p.add_argument(
         "--exclude",
         default=d.exclude,
         help="Linear layers kept dense: comma-separated name patterns (default %(default)s)",
@@ -62,7 +80,7 @@ def _add_training_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _config(args: argparse.Namespace, sparsity: float) -> TrainConfig:
+def _config(args: argparse.Namespace, sparsity: float, scope: str = "linear") -> TrainConfig:
     overrides = {
         k: v for k in ("patch_size", "width", "depth") if (v := getattr(args, k)) is not None
     }
@@ -85,6 +103,10 @@ def _config(args: argparse.Namespace, sparsity: float) -> TrainConfig:
         block_size=args.block_size,
         criterion=args.criterion,
         row_order=args.row_order,
+        selection=args.selection,
+        scope=scope,
+        gelu_bits=args.gelu_bits,
+        int8=args.int8,
         exclude=args.exclude,
         image_size=args.image_size,
         train_subset=args.train_subset,
@@ -99,7 +121,7 @@ def _config(args: argparse.Namespace, sparsity: float) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    summary = train(_config(args, args.sparsity))
+    summary = train(_config(args, args.sparsity, args.scope))
     print(
         f"test accuracy {summary['test_acc']:.2f}%, peak step memory "
         f"{summary['peak_step_bytes'] / 2**20:.1f} MiB, saved activations "
@@ -113,7 +135,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, report_table
 
     command = "actprune " + shlex.join(args.argv)
-    runs = compare(_config(args, 0.0), args.sparsity, command=command.strip())
+    runs = compare(_config(args, 0.0), args.sparsity, args.scope, command=command.strip())
     print(report_table(runs))
     print(f"\nreport: {args.out}/report.md, plots: {args.out}/*.png")
     return 0
@@ -123,11 +145,14 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     from .bench.memory import default_configs, run_memory_bench, write_memory_results
 
     device = _device(args.device)
+    configs = default_configs(
+        args.sparsity, args.block, args.scope, args.int8, baselines=not args.no_baselines
+    )
     rows = run_memory_bench(
         args.model,
         args.image_size,
         args.batch,
-        default_configs(args.sparsity, args.block),
+        configs,
         device=device,
         timing_steps=args.timing_steps,
         progress=_progress,
@@ -231,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = training_command("train", "train one model", cmd_train)
     p.add_argument("--sparsity", type=float, default=0.0, help="0 = dense (default)")
+    p.add_argument("--scope", choices=SCOPES, default="linear", help=SCOPE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p = training_command("compare", "dense vs pruned, same seeds and data order", cmd_compare)
     p.add_argument(
@@ -240,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.9],
         help="pruned runs to compare with dense (default 0.9)",
     )
+    p.add_argument("--scope", choices=SCOPES, nargs="+", default=["linear"], help=SCOPE_HELP)
 
     bench = sub.add_parser("bench", help="memory and kernel benchmarks").add_subparsers(
         dest="bench", required=True, parser_class=_Parser
@@ -260,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])
     p.add_argument("--block", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--timing-steps", type=int, default=3)
+    p.add_argument("--scope", choices=SCOPES, nargs="+", default=["linear"], help=SCOPE_HELP)
+    p.add_argument("--int8", action="store_true", help="add the int8 variant of each config")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="skip checkpointing and unstructured top-k"
+    )
     p = bench.choices["kernels"]
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     p.add_argument("--block", type=int, nargs="+", default=[16, 32])

@@ -2,38 +2,50 @@
 
 Writes OUT/<run>/ (each run's metrics, checkpoint, summary), OUT/summary.json (one entry per run),
 OUT/report.md (accuracy, peak memory, activation memory and step time, each with its ratio to
-dense) and OUT/accuracy.png, OUT/loss.png, OUT/memory.png.
+dense; what each run compressed and how; gradient cosine to exact per layer) and OUT/accuracy.png,
+OUT/loss.png, OUT/memory.png, OUT/grad_cosine.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from . import data as data_lib
 from .train import TrainConfig, UserError, prepare_out_dir, train
 
 
-def run_name(sparsity: float) -> str:
-    return "dense" if not sparsity else f"pruned_s{sparsity:g}"
+def run_name(sparsity: float, scope: str = "linear") -> str:
+    if not sparsity:
+        return "dense"
+    return f"pruned_s{sparsity:g}" if scope == "linear" else f"pruned_{scope}_s{sparsity:g}"
 
 
-def compare(base: TrainConfig, sparsities: list[float], command: str = "") -> list[dict]:
-    """Train a dense run and one per sparsity (> 0) from ``base``; write the report; return runs."""
+def compare(
+    base: TrainConfig,
+    sparsities: list[float],
+    scopes: list[str] = ("linear",),
+    command: str = "",
+) -> list[dict]:
+    """Train a dense run and one per scope × sparsity (> 0) from ``base``; write the report;
+    return the runs."""
     out = Path(base.out)
+    settings = [(0.0, "linear")] + [(s, scope) for scope in scopes for s in sparsities if s]
+    for s, scope in settings:
+        dataclasses.replace(base, sparsity=s, scope=scope).validate()
     prepare_out_dir(out, base.overwrite, base.resume)
-    for s in [0.0, *sparsities]:
-        dataclasses.replace(base, sparsity=s).validate()
     try:
         dataset = data_lib.load(base.dataset, base.data_dir, base.image_size)
     except data_lib.DataError as err:
         raise UserError(str(err)) from err
     runs = []
-    for s in [0.0, *[s for s in sparsities if s]]:
-        cfg = dataclasses.replace(base, sparsity=s, out=str(out / run_name(s)))
+    for s, scope in settings:
+        name = run_name(s, scope)
+        cfg = dataclasses.replace(base, sparsity=s, scope=scope, out=str(out / name))
         summary = train(cfg, dataset=dataset)
-        runs.append({"run": run_name(s), **summary})
+        runs.append({"run": name, **summary})
     (out / "summary.json").write_text(json.dumps(runs, indent=2) + "\n")
     table = report_table(runs)
     (out / "report.md").write_text(_report(runs, table, command))
@@ -66,6 +78,46 @@ def report_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cosine_by_layer(grad_cosine: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Per-parameter cosines grouped over blocks ("blocks.3.fc1.weight" -> "blocks.*.fc1.weight"):
+    {group: (mean, min)}."""
+    groups: dict[str, list[float]] = {}
+    for name, cos in grad_cosine.items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(cos)
+    return {g: (sum(v) / len(v), min(v)) for g, v in groups.items()}
+
+
+def _compression_section(runs: list[dict]) -> str:
+    parts = []
+    for r in runs[1:]:
+        lines = [f"**{r['run']}** (scope {r['scope']}):", "", "| layer | count | saved | kept as |"]
+        lines.append("|---|---|---|---|")
+        lines += [
+            f"| {c['layer']} | {c['count']} | {c['saved']} | {c['kept_as']} |"
+            for c in r["compressed"]
+        ]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _cosine_section(runs: list[dict]) -> str:
+    pruned = [r for r in runs[1:] if "grad_cosine" in r["history"][-1]]
+    if not pruned:
+        return ""
+    tables = [cosine_by_layer(r["history"][-1]["grad_cosine"]) for r in pruned]
+    head = "| parameter | " + " | ".join(f"{r['run']} mean / min" for r in pruned) + " |"
+    lines = [head, "|---|" + "---|" * len(pruned)]
+    for group in tables[0]:
+        cells = [f"{t[group][0]:.3f} / {t[group][1]:.3f}" for t in tables]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return (
+        "## Gradient cosine to the exact gradient (last epoch)\n\n"
+        "On a fixed batch of 256 training images after each epoch: each parameter's gradient from "
+        "the compressed model against the same model computing exactly (per-epoch values in each "
+        "run's metrics.jsonl, plot grad_cosine.png). 1.0 = exact.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def _report(runs: list[dict], table: str, command: str) -> str:
     d = runs[0]
     return (
@@ -75,7 +127,10 @@ def _report(runs: list[dict], table: str, command: str) -> str:
         f"{table}\n\n"
         "Peak step memory: parameters + optimizer state + batch + the peak of one full training "
         "step (forward, backward, optimizer step). Saved activations: bytes autograd holds for "
-        "backward after the forward. Both from `actprune.memory` (method: docs/design.md).\n"
+        "backward after the forward. Both from `actprune.memory` (method: docs/design.md).\n\n"
+        "## What was compressed\n\n"
+        f"{_compression_section(runs)}\n\n"
+        f"{_cosine_section(runs)}"
     )
 
 
@@ -123,4 +178,21 @@ def plot(runs: list[dict], out: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
+    plt.close(fig)
+    pruned = [r for r in runs[1:] if "grad_cosine" in r["history"][-1]]
+    if not pruned:
+        return
+    fig, axes = plt.subplots(1, len(pruned), figsize=(6.5 * len(pruned), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], pruned):
+        per_epoch = [cosine_by_layer(h["grad_cosine"]) for h in r["history"]]
+        epochs = [h["epoch"] for h in r["history"]]
+        for group in per_epoch[0]:
+            ax.plot(epochs, [c[group][0] for c in per_epoch], marker=".", label=group)
+        ax.set_title(f"{r['run']}: gradient cosine to exact (mean over blocks)")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(top=1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "grad_cosine.png", dpi=120)
     plt.close(fig)

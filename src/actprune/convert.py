@@ -1,4 +1,8 @@
-"""In-place model conversion: swap nn.Linear layers for PrunedLinear and back."""
+"""In-place model conversion: swap layers for their compressing versions (``layers``) and back.
+
+``config.scope`` says which: "linear" converts nn.Linear (the seed paper); "all" also ResMLP's
+Affine and LayerScale and every nn.GELU.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,28 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from .config import PruneConfig
-from .layers import PrunedLinear, rebuild_as
+from .layers import CodedGELU, PrunedAffine, PrunedLayerScale, PrunedLinear, rebuild_as
 
 LinearFilter = Callable[[str, nn.Module], bool]
 
+# The compressing layer of each dense layer, per scope.
+CONVERSIONS: dict[str, tuple[type[nn.Module], ...]] = {
+    "linear": (PrunedLinear,),
+    "all": (PrunedLinear, PrunedAffine, PrunedLayerScale, CodedGELU),
+}
+_COMPRESSING = CONVERSIONS["all"]
 
-def _is_plain_linear(module: nn.Module) -> bool:
-    """nn.Linear or a subclass that keeps nn.Linear's forward (so pruning cannot change outputs)."""
-    return (
-        isinstance(module, nn.Linear)
-        and not isinstance(module, PrunedLinear)
-        and type(module).forward is nn.Linear.forward
-    )
+
+def _conversion(module: nn.Module, scope: str) -> type[nn.Module] | None:
+    """The compressing class for a dense module: one whose class is the dense class or a subclass
+    that keeps its forward (so conversion cannot change outputs)."""
+    if isinstance(module, _COMPRESSING):
+        return None
+    for pruned in CONVERSIONS[scope]:
+        dense = pruned.dense_class
+        if isinstance(module, dense) and type(module).forward is dense.forward:
+            return pruned
+    return None
 
 
 def _swap_(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
@@ -55,14 +69,16 @@ def prune_activations_(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> nn.Module:
-    """Make the Linear layers of ``model`` save block-sparse inputs for backward, in place.
+    """Make the layers of ``model`` save compressed activations for backward, in place.
 
-    Every nn.Linear becomes a PrunedLinear that holds the same Parameter objects, so state_dict
-    keys and optimizer references stay valid. Narrow the choice by qualified name with shell-style
-    patterns (``include="blocks.*.fc*"``, ``exclude="head"``; a layer must match an include pattern
-    if any are given, and no exclude pattern) and/or ``filter(qualified_name, module)``. Layers that
-    are already PrunedLinear get the new config. Returns ``model`` (or the new module when
-    ``model`` itself is a Linear).
+    With ``config.scope == "linear"`` every nn.Linear becomes a PrunedLinear; with "all", ResMLP
+    Affine / LayerScale also become PrunedAffine / PrunedLayerScale and nn.GELU a CodedGELU. Each
+    holds the same Parameter objects, so state_dict keys and optimizer references stay valid.
+    Narrow the choice by qualified name with shell-style patterns (``include="blocks.*.fc*"``,
+    ``exclude="head"``; a layer must match an include pattern if any are given, and no exclude
+    pattern) and/or ``filter(qualified_name, module)``. Layers converted before get the new config
+    (or go back to dense when the new scope leaves them out). Returns ``model`` (or the new module
+    when ``model`` itself is converted).
     """
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be an actprune.PruneConfig, got {type(config).__name__}")
@@ -78,26 +94,52 @@ def prune_activations_(
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if not selected(name, module):
             return None
-        if isinstance(module, PrunedLinear):
-            module.config = config
+        if isinstance(module, _COMPRESSING):
+            if isinstance(module, CONVERSIONS[config.scope]):
+                module.config = config
+                return None
+            return _dense(module)
+        pruned = _conversion(module, config.scope)
+        if pruned is None:
             return None
-        if _is_plain_linear(module):
-            pruned = PrunedLinear.from_linear(module, config)
-            pruned._actprune_dense_class = type(module)
-            return pruned
-        return None
+        new = pruned.from_module(module, config)
+        new._actprune_dense_class = type(module)
+        return new
 
     return _swap_(model, make)
+
+
+def _dense(module: nn.Module) -> nn.Module:
+    dense_class = module.__dict__.get("_actprune_dense_class", module.dense_class)
+    return rebuild_as(dense_class, module, drop=("config", "_actprune_dense_class"))
 
 
 def restore_dense_(model: nn.Module) -> nn.Module:
-    """Undo ``prune_activations_``: every PrunedLinear becomes its original Linear class again,
-    holding the same Parameters. Returns ``model`` (or the new root when it was a PrunedLinear)."""
+    """Undo ``prune_activations_``: every converted layer becomes its original class again,
+    holding the same Parameters. Returns ``model`` (or the new root when it was converted)."""
+    return _swap_(model, lambda name, m: _dense(m) if isinstance(m, _COMPRESSING) else None)
 
-    def make(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, PrunedLinear):
-            return None
-        dense_class = module.__dict__.get("_actprune_dense_class", nn.Linear)
-        return rebuild_as(dense_class, module, drop=("config", "_actprune_dense_class"))
 
-    return _swap_(model, make)
+def describe_compression(model: nn.Module) -> list[dict]:
+    """One row per kind of converted layer: what its saved tensor is and how it is kept."""
+    rows: dict[str, dict] = {}
+    for module in model.modules():
+        if not isinstance(module, _COMPRESSING):
+            continue
+        c = module.config
+        if isinstance(module, CodedGELU):
+            how = f"{c.gelu_bits}-bit code of gelu'"
+            saved = "input (for dx)"
+        else:
+            bm, bk = c.block_shape
+            values = "int8 + per-block scale" if c.int8 else "native dtype"
+            how = f"sparsity {c.sparsity:g}, {bm}x{bk} blocks, {c.selection} top-k, {values}"
+            saved = (
+                "input (for the weight gradient)"
+                if isinstance(module, PrunedLinear)
+                else ("input (for the scale gradient)")
+            )
+        name = module.dense_class.__name__
+        row = rows.setdefault(name, {"layer": name, "count": 0, "saved": saved, "kept_as": how})
+        row["count"] += 1
+    return list(rows.values())

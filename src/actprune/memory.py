@@ -54,10 +54,13 @@ class _Saved:
 
 
 def layer_kind(module: nn.Module | None) -> str:
-    """Short name of the kind of layer that saved a tensor ("linear" for Linear and subclasses)."""
+    """Short name of the kind of layer that saved a tensor: "linear" for Linear and subclasses,
+    an actprune layer's dense kind ("affine" for PrunedAffine), else the class name lowered."""
     if module is None:
         return "other"
-    return "linear" if isinstance(module, nn.Linear) else type(module).__name__.lower()
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return getattr(module, "dense_class", type(module)).__name__.lower()
 
 
 class SavedTensorLog:
@@ -123,6 +126,21 @@ class SavedTensorLog:
 
     def live_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.live_tensors())
+
+    def shared_bytes(self) -> int:
+        """Bytes that several ops saved but that are held once: Σ (saves − 1) · storage bytes.
+
+        What storing each op's saved tensors separately would add to ``live_bytes``. PyTorch
+        shares a tensor saved by several ops; actprune shares one compressed copy of an input
+        read by several layers (``actprune.layers``)."""
+        counts: dict[int, list[int]] = {}
+        for ref in self._saved:
+            holder = ref()
+            if holder is not None:
+                storage = holder.tensor.untyped_storage()
+                entry = counts.setdefault(storage._cdata, [0, storage.nbytes()])
+                entry[0] += 1
+        return sum((n - 1) * size for n, size in counts.values())
 
     def bytes_by_kind(self) -> dict[str, int]:
         if not self.by_kind:
@@ -245,6 +263,7 @@ class StepMemory:
     resident_bytes: int  # live before the step: parameters, optimizer state, the batch
     saved_activation_bytes: int  # held for backward after the forward
     saved_by_kind: dict[str, int]  # the same, by kind of layer that saved it
+    shared_bytes: int = 0  # saved by several ops, held once (SavedTensorLog.shared_bytes)
     median_step_s: float | None = None
 
 
@@ -278,7 +297,7 @@ def measure_training_step(
     peak = peak_memory(step, anchor)
     with SavedTensorLog(by_kind=True) as log:
         loss = loss_fn()
-    saved, by_kind = log.live_bytes(), log.bytes_by_kind()
+    saved, by_kind, shared = log.live_bytes(), log.bytes_by_kind(), log.shared_bytes()
     del loss
     median = None
     if timing_steps:
@@ -291,4 +310,4 @@ def measure_training_step(
             sync()
             times.append(time.perf_counter() - start)
         median = statistics.median(times)
-    return StepMemory(resident_bytes + peak, resident_bytes, saved, by_kind, median)
+    return StepMemory(resident_bytes + peak, resident_bytes, saved, by_kind, shared, median)

@@ -1,11 +1,19 @@
-"""The pruned linear as registered PyTorch operators (torch.library), so torch.compile and the meta
-device see it as two opaque ops with known output shapes instead of tracing into the selection.
+"""actprune's layers as registered PyTorch operators (torch.library), so torch.compile and the meta
+device see opaque ops with known output shapes instead of tracing into the block selection.
 
-- ``actprune::pruned_linear`` — forward: F.linear and, when ``compress_input``, the block-sparse
-  copy of the input (values, row indices, column offsets); shapes are static (k depends only on
-  the input shape and the sparsity).
-- ``actprune::block_sparse_weight_grad`` — dW = dyᵀ·X̃ from those tensors (``kernels.weight_grad``).
-The autograd formula (``_backward``) uses the second op for dW and plain ops for dx and db.
+Compression is an op of its own, and each layer op takes the compressed tensors as inputs and
+keeps them for its backward. So one compressed copy of a tensor can serve several layers that read
+it (``layers`` deduplicates in eager mode), and autograd saves exactly those tensors.
+
+- ``actprune::compress_rows`` — (values, row_indices, ccol_indices, scales) of a tensor's 2-D
+  row view (``blocksparse.as_rows``); shapes depend only on the input shape and the config.
+- ``actprune::pruned_linear`` — F.linear; backward dx = dy·W and db exact, dW = dyᵀ·X̃.
+- ``actprune::pruned_channel_scale`` — x ⊙ scale (+ shift) per channel (Affine, LayerScale);
+  backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
+- ``actprune::gelu_code`` / ``actprune::coded_gelu`` — the packed derivative code of a GELU input
+  (``derivative_code``) and GELU itself, whose backward is dy ⊙ q(x).
+- ``actprune::block_sparse_weight_grad`` / ``actprune::block_sparse_channel_grad`` — the two
+  parameter gradients from compressed tensors (``kernels``).
 """
 
 import math
@@ -17,90 +25,223 @@ import torch.nn.functional as F
 from . import kernels
 from .blocksparse import BlockSparse, as_rows, compress
 from .config import PruneConfig
+from .derivative_code import gelu_derivative_code
+
+Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _grid(m: int, k: int, bm: int, bk: int) -> tuple[int, int]:
-    return math.ceil(m / bm), math.ceil(k / bk)
+def config_args(config: PruneConfig) -> tuple:
+    """The PruneConfig fields compress_rows takes, in its argument order."""
+    c = config
+    return (c.sparsity, *c.block_shape, c.criterion, c.row_order, c.selection, c.int8)
+
+
+def _config(sparsity, block_rows, block_cols, criterion, row_order, selection, int8):  # noqa: ANN001, ANN202
+    return PruneConfig(
+        sparsity, (block_rows, block_cols), criterion, row_order, selection, int8=int8
+    )
+
+
+@torch.library.custom_op("actprune::compress_rows", mutates_args=())
+def compress_rows(
+    x: torch.Tensor, sparsity: float, block_rows: int, block_cols: int, criterion: str,
+    row_order: str, selection: str, int8: bool,
+) -> Tensors4:  # fmt: skip
+    """(values, row_indices, ccol_indices, scales) of ``compress(as_rows(x))``; scales is empty
+    unless int8."""
+    config = _config(sparsity, block_rows, block_cols, criterion, row_order, selection, int8)
+    packed = compress(as_rows(x.detach(), row_order), config)
+    scales = packed.scales if packed.scales is not None else x.new_empty(0, dtype=torch.float32)
+    return packed.values, packed.row_indices, packed.ccol_indices, scales
+
+
+@compress_rows.register_fake
+def _(x, sparsity, block_rows, block_cols, criterion, row_order, selection, int8):  # noqa: ANN001
+    config = _config(sparsity, block_rows, block_cols, criterion, row_order, selection, int8)
+    k = x.shape[-1]
+    n_br, n_bc = math.ceil(x.numel() // k / block_rows), math.ceil(k / block_cols)
+    nnz = config.kept_grid_blocks(n_br, n_bc)
+    values = x.new_empty(nnz, block_rows, block_cols, dtype=torch.int8 if int8 else x.dtype)
+    rows = x.new_empty(nnz, dtype=torch.int32)
+    scales = x.new_empty(nnz if int8 else 0, dtype=torch.float32)
+    return values, rows, x.new_empty(n_bc + 1, dtype=torch.int32), scales
+
+
+def _unpack(values, row_indices, ccol_indices, scales, shape) -> BlockSparse:  # noqa: ANN001
+    return BlockSparse(
+        values, row_indices, ccol_indices, tuple(shape), scales if scales.numel() else None
+    )
+
+
+def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    return as_rows(dy, ctx.row_order).contiguous()
+
+
+def _require_saved(ctx, op: str) -> None:  # noqa: ANN001
+    if not ctx.compressed:
+        raise RuntimeError(
+            f"actprune::{op} got no compressed input (empty values), so it kept nothing to "
+            "compute the parameter gradient from; pass compress_rows' outputs when the "
+            "parameter needs grad"
+        )
+
+
+def _save_compressed(ctx, x, values, row_indices, ccol_indices, scales, row_order, *params):  # noqa: ANN001
+    ctx.x_shape, ctx.row_order = x.shape, row_order
+    ctx.compressed = values.numel() > 0
+    ctx.save_for_backward(*params, values, row_indices, ccol_indices, scales)
+
+
+# --- Linear ---------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("actprune::pruned_linear", mutates_args=())
 def pruned_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],  # noqa: UP045 - torch.library reads this annotation
-    compress_input: bool,
-    sparsity: float,
-    block_rows: int,
-    block_cols: int,
-    criterion: str,
-    row_order: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, values, row_indices, ccol_indices); the last three are empty without compress_input."""
-    out = F.linear(x, weight, bias)
-    if not compress_input:
-        empty = x.new_empty(0)
-        return out, empty, empty.int(), empty.int()
-    config = PruneConfig(sparsity, (block_rows, block_cols), criterion, row_order)
-    packed = compress(as_rows(x, row_order), config)
-    return out, *packed.tensors
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+    values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
+    scales: torch.Tensor, row_order: str,
+) -> torch.Tensor:  # fmt: skip
+    """F.linear(x, weight, bias); backward reads x only as the compressed tensors given."""
+    return F.linear(x, weight, bias)
 
 
 @pruned_linear.register_fake
-def _(x, weight, bias, compress_input, sparsity, block_rows, block_cols, criterion, row_order):  # noqa: ANN001
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    if not compress_input:
-        empty = x.new_empty(0)
-        return out, empty, empty.int(), empty.int()
-    k = x.shape[-1]
-    n_br, n_bc = _grid(x.numel() // k, k, block_rows, block_cols)
-    nnz = PruneConfig(sparsity, (block_rows, block_cols)).kept_blocks(n_br * n_bc)
-    values = x.new_empty(nnz, block_rows, block_cols)
-    rows = x.new_empty(nnz, dtype=torch.int32)
-    return out, values, rows, x.new_empty(n_bc + 1, dtype=torch.int32)
+def _(x, weight, bias, values, row_indices, ccol_indices, scales, row_order):  # noqa: ANN001
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("actprune::block_sparse_weight_grad", mutates_args=())
-def block_sparse_weight_grad(
-    dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    rows: int, cols: int,
-) -> torch.Tensor:  # fmt: skip
-    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], X̃ = BlockSparse(values, row_indices, ccol_indices)."""
-    return kernels.weight_grad(dy, BlockSparse(values, row_indices, ccol_indices, (rows, cols)))
+def _linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, *packed, row_order = inputs
+    ctx.has_bias = bias is not None
+    _save_compressed(ctx, x, *packed, row_order, weight)
 
 
-@block_sparse_weight_grad.register_fake
-def _(dy, values, row_indices, ccol_indices, rows, cols):  # noqa: ANN001
-    return dy.new_empty(dy.shape[1], cols)
-
-
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, weight, bias, compress_input, *_, row_order = inputs
-    _, values, row_indices, ccol_indices = output
-    ctx.x_shape, ctx.row_order, ctx.has_bias = x.shape, row_order, bias is not None
-    ctx.compressed = compress_input
-    ctx.save_for_backward(weight, values, row_indices, ccol_indices)
-
-
-def _backward(ctx, dy, *_unused):  # noqa: ANN001
-    weight, values, row_indices, ccol_indices = ctx.saved_tensors
+def _linear_backward(ctx, dy):  # noqa: ANN001
+    weight, *packed = ctx.saved_tensors
     dy2d = dy.reshape(-1, dy.shape[-1])
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = dy2d.mm(weight).view(ctx.x_shape)
     if ctx.needs_input_grad[1]:
-        if not ctx.compressed:
-            raise RuntimeError(
-                "actprune::pruned_linear ran with compress_input=False, so it kept nothing to "
-                "compute the weight gradient from; pass compress_input=True when weight needs grad"
-            )
-        rows = dy2d.shape[0]
-        dw = block_sparse_weight_grad(
-            as_rows(dy, ctx.row_order).contiguous(), values, row_indices, ccol_indices, rows,
-            ctx.x_shape[-1],
-        )  # fmt: skip
+        _require_saved(ctx, "pruned_linear")
+        dw = block_sparse_weight_grad(_dy_rows(ctx, dy), *packed, dy2d.shape[0], ctx.x_shape[-1])
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy2d.sum(0)
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None
 
 
-pruned_linear.register_autograd(_backward, setup_context=_setup_context)
+pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("actprune::block_sparse_weight_grad", mutates_args=())
+def block_sparse_weight_grad(
+    dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
+    scales: torch.Tensor, rows: int, cols: int,
+) -> torch.Tensor:  # fmt: skip
+    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], X̃ = BlockSparse(values, row_indices, ccol_indices)."""
+    return kernels.weight_grad(dy, _unpack(values, row_indices, ccol_indices, scales, (rows, cols)))
+
+
+@block_sparse_weight_grad.register_fake
+def _(dy, values, row_indices, ccol_indices, scales, rows, cols):  # noqa: ANN001
+    return dy.new_empty(dy.shape[1], cols)
+
+
+# --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
+
+
+@torch.library.custom_op("actprune::pruned_channel_scale", mutates_args=())
+def pruned_channel_scale(
+    x: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],  # noqa: UP045
+    values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
+    scales: torch.Tensor, row_order: str,
+) -> torch.Tensor:  # fmt: skip
+    """x ⊙ scale (+ shift), scale and shift holding one value per channel (last dim of x)."""
+    return x * scale if shift is None else torch.addcmul(shift, scale, x)
+
+
+@pruned_channel_scale.register_fake
+def _(x, scale, shift, values, row_indices, ccol_indices, scales, row_order):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+def _scale_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, scale, shift, *packed, row_order = inputs
+    ctx.shift_shape = None if shift is None else shift.shape
+    ctx.scale_shape = scale.shape
+    _save_compressed(ctx, x, *packed, row_order, scale)
+
+
+def _scale_backward(ctx, dy):  # noqa: ANN001
+    scale, *packed = ctx.saved_tensors
+    dx = dscale = dshift = None
+    channels = ctx.x_shape[-1]
+    if ctx.needs_input_grad[0]:
+        dx = dy * scale
+    if ctx.needs_input_grad[1]:
+        _require_saved(ctx, "pruned_channel_scale")
+        rows = dy.numel() // channels
+        dscale = block_sparse_channel_grad(_dy_rows(ctx, dy), *packed, rows, channels)
+        dscale = dscale.view(ctx.scale_shape)
+    if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
+        dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
+    return dx, dscale, dshift, None, None, None, None, None
+
+
+pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
+
+
+@torch.library.custom_op("actprune::block_sparse_channel_grad", mutates_args=())
+def block_sparse_channel_grad(
+    dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
+    scales: torch.Tensor, rows: int, cols: int,
+) -> torch.Tensor:  # fmt: skip
+    """[K] = Σ_m dy[m, k] · X̃[m, k], X̃ = BlockSparse(values, row_indices, ccol_indices)."""
+    packed = _unpack(values, row_indices, ccol_indices, scales, (rows, cols))
+    return kernels.channel_grad(dy, packed)
+
+
+@block_sparse_channel_grad.register_fake
+def _(dy, values, row_indices, ccol_indices, scales, rows, cols):  # noqa: ANN001
+    return dy.new_empty(cols)
+
+
+# --- GELU with a low-bit derivative code ---------------------------------------------------------
+
+
+@torch.library.custom_op("actprune::gelu_code", mutates_args=())
+def gelu_code(x: torch.Tensor, bits: int, approximate: str) -> torch.Tensor:
+    """uint8: the packed ``bits``-bit derivative code of every element of x."""
+    return gelu_derivative_code(bits, approximate).encode(x.detach())
+
+
+@gelu_code.register_fake
+def _(x, bits, approximate):  # noqa: ANN001
+    return x.new_empty(-(-x.numel() * bits // 8), dtype=torch.uint8)
+
+
+@torch.library.custom_op("actprune::coded_gelu", mutates_args=())
+def coded_gelu(x: torch.Tensor, codes: torch.Tensor, bits: int, approximate: str) -> torch.Tensor:
+    """F.gelu(x); backward reads only ``codes`` (dx = dy ⊙ q(x))."""
+    return F.gelu(x, approximate=approximate)
+
+
+@coded_gelu.register_fake
+def _(x, codes, bits, approximate):  # noqa: ANN001
+    return torch.empty_like(x)
+
+
+def _gelu_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, codes, bits, approximate = inputs
+    ctx.bits, ctx.approximate = bits, approximate
+    ctx.save_for_backward(codes)
+
+
+def _gelu_backward(ctx, dy):  # noqa: ANN001
+    (codes,) = ctx.saved_tensors
+    code = gelu_derivative_code(ctx.bits, ctx.approximate)
+    dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
+    return dx, None, None, None
+
+
+coded_gelu.register_autograd(_gelu_backward, setup_context=_gelu_setup)

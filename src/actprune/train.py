@@ -9,6 +9,7 @@ initial weights only on seed, so dense and pruned runs with one seed see identic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,7 +29,8 @@ from tqdm import tqdm
 from . import data as data_lib
 from . import models
 from .config import PruneConfig
-from .convert import prune_activations_
+from .convert import describe_compression, prune_activations_
+from .layers import exact_gradients
 from .memory import measure_training_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,6 +60,10 @@ class TrainConfig:
     block_size: int = 32
     criterion: str = "l2"
     row_order: str = "token-major"
+    selection: str = "column"
+    scope: str = "linear"  # "linear" (the seed paper) or "all" (also Affine, LayerScale, GELU)
+    gelu_bits: int = 2
+    int8: bool = False
     # Layers (shell-style patterns on qualified names, comma-separated) kept dense. The classifier
     # head's saved input is tiny (batch × width) while its gradient steers everything else.
     exclude: str = "head"
@@ -93,7 +99,16 @@ class TrainConfig:
         if not self.sparsity:
             return None
         try:
-            return PruneConfig(self.sparsity, self.block_size, self.criterion, self.row_order)
+            return PruneConfig(
+                self.sparsity,
+                self.block_size,
+                self.criterion,
+                self.row_order,
+                self.selection,
+                self.scope,
+                self.gelu_bits,
+                self.int8,
+            )
         except ValueError as err:
             raise UserError(str(err).replace("PruneConfig.", "--").replace("_", "-")) from err
 
@@ -271,6 +286,25 @@ def measure_step(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.T
     return {k: v for k, v in asdict(m).items() if k != "median_step_s"}
 
 
+def gradient_cosines(
+    model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, float]:
+    """Cosine similarity of each parameter's gradient on one batch to the exact gradient (the same
+    model with every actprune layer computing densely, ``exact_gradients``). Leaves .grad unset."""
+    grads = []
+    for exact in (False, True):
+        with exact_gradients() if exact else contextlib.nullcontext(), _autocast(cfg, x.device):
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
+    out = {}
+    for (name, _), approx, exact in zip(params, *grads):
+        if approx is not None and exact is not None:
+            cos = F.cosine_similarity(approx.flatten().double(), exact.flatten().double(), dim=0)
+            out[name] = round(cos.item(), 5)
+    return out
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -331,6 +365,7 @@ def train(
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history, step_times = ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"]
 
+    probe = [t.to(device) for t in dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[:256])]
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         order = epoch_order(n_train, cfg.seed, epoch)
@@ -388,6 +423,8 @@ def train(
             "test_acc": test_acc,
             "lr": opt.param_groups[0]["lr"],
         }
+        if cfg.sparsity:  # how far the compressed gradients are from exact, on a fixed batch
+            record["grad_cosine"] = gradient_cosines(core, cfg, *probe)
         history.append(record)
         if dist.main:
             with (out / "metrics.jsonl").open("a") as f:
@@ -425,6 +462,8 @@ def train(
         "sparsity": cfg.sparsity,
         "block_size": cfg.block_size,
         "criterion": cfg.criterion,
+        "scope": cfg.scope if cfg.sparsity else None,
+        "compressed": describe_compression(core),
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "test_acc": history[-1]["test_acc"],

@@ -7,7 +7,9 @@ Configurations, all measured in one run on the same model, batch and device:
 - ``unstructured_s{s}``: the same saved tensors as actprune (Linear inputs) kept as the top-k
   *elements* by magnitude, stored as values + int32 indices — the DropIT approach, i.e. actprune
   with 1×1 blocks;
-- ``actprune_s{s}_b{b}``: block-sparse pruning of the Linear inputs.
+- ``actprune_s{s}_b{b}``: block-sparse pruning of the Linear inputs (``--scope linear``);
+- ``actprune_all_s{s}_b{b}`` (``--scope all``): also the Affine and LayerScale inputs, and GELU
+  inputs as a 2-bit derivative code; ``actprune_all_int8_…`` keeps the kept blocks in int8.
 The classifier head stays dense in every pruned configuration (as in ``actprune train``).
 """
 
@@ -52,17 +54,43 @@ class MemoryConfig:
     method: str  # "dense", "checkpoint", "unstructured", "actprune"
     sparsity: float = 0.0
     block: int = 0
+    scope: str = "linear"  # PruneConfig.scope
+    int8: bool = False  # PruneConfig.int8
+
+    def prune_config(self) -> PruneConfig:
+        """What ``apply_config`` converts with (unstructured: 1×1 blocks, global top-k)."""
+        selection = "global" if self.method == "unstructured" else "column"
+        return PruneConfig(
+            self.sparsity, self.block, selection=selection, scope=self.scope, int8=self.int8
+        )
+
+
+def actprune_config(sparsity: float, block: int, scope: str = "linear", int8: bool = False):
+    """The MemoryConfig of one actprune setting, named as in the tables."""
+    tag = "" if scope == "linear" else f"{scope}_"
+    tag += "int8_" if int8 else ""
+    return MemoryConfig(
+        f"actprune_{tag}s{sparsity:g}_b{block}", "actprune", sparsity, block, scope, int8
+    )
 
 
 def default_configs(
-    sparsities: Iterable[float] = SPARSITIES, blocks: Iterable[int] = BLOCKS
+    sparsities: Iterable[float] = SPARSITIES,
+    blocks: Iterable[int] = BLOCKS,
+    scopes: Iterable[str] = ("linear",),
+    int8: bool = False,
+    baselines: bool = True,
 ) -> list[MemoryConfig]:
-    configs = [MemoryConfig("dense", "dense"), MemoryConfig("checkpoint", "checkpoint")]
+    """dense, then (with ``baselines``) checkpointing and unstructured top-k, then actprune for
+    every scope × sparsity × block (and the int8 variant of each when ``int8``)."""
+    configs = [MemoryConfig("dense", "dense")]
     sparsities = list(sparsities)
-    configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
-    configs += [
-        MemoryConfig(f"actprune_s{s:g}_b{b}", "actprune", s, b) for s in sparsities for b in blocks
-    ]
+    if baselines:
+        configs.append(MemoryConfig("checkpoint", "checkpoint"))
+        configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
+    for scope in scopes:
+        for q in (False, True) if int8 else (False,):
+            configs += [actprune_config(s, b, scope, q) for s in sparsities for b in blocks]
     return configs
 
 
@@ -71,7 +99,7 @@ def apply_config(model: nn.Module, config: MemoryConfig) -> nn.Module:
     if config.method == "checkpoint":
         model.blocks = nn.Sequential(*[Checkpointed(b) for b in model.blocks])
     elif config.method in ("unstructured", "actprune"):
-        prune_activations_(model, PruneConfig(config.sparsity, config.block), exclude="head")
+        prune_activations_(model, config.prune_config(), exclude="head")
     return model
 
 
@@ -83,6 +111,7 @@ class MemoryRow:
     peak_step_bytes: int
     resident_bytes: int
     median_step_s: float
+    shared_bytes: int = 0
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -125,6 +154,7 @@ def run_memory_bench(
                 m.peak_step_bytes,
                 m.resident_bytes,
                 m.median_step_s,
+                m.shared_bytes,
             )
         )
         if progress:
@@ -157,6 +187,7 @@ def memory_table(rows: list[MemoryRow]) -> str:
         "peak saved %",
         "step s",
         "× dense",
+        "shared MiB",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -170,6 +201,7 @@ def memory_table(rows: list[MemoryRow]) -> str:
             f"{100 * (1 - r.ratios['peak']):.1f}",
             f"{r.median_step_s:.3f}",
             f"{r.ratios['step_time']:.2f}",
+            f"{r.shared_bytes / 2**20:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -189,11 +221,15 @@ def plot_memory(rows: list[MemoryRow], path: Path) -> None:
         (axes[0], "peak", "peak step memory"),
         (axes[1], "saved", "saved for backward"),
     ):
-        for block in sorted({r.config.block for r in pruned}):
+        for variant in sorted({(r.config.scope, r.config.int8, r.config.block) for r in pruned}):
+            scope, int8, block = variant
             pts = sorted(
-                (r.config.sparsity, r.ratios[key]) for r in pruned if r.config.block == block
+                (r.config.sparsity, r.ratios[key])
+                for r in pruned
+                if (r.config.scope, r.config.int8, r.config.block) == variant
             )
-            ax.plot(*zip(*pts), marker="o", label=f"block {block}")
+            label = f"scope {scope}{' int8' if int8 else ''}, block {block}"
+            ax.plot(*zip(*pts), marker="o", label=label)
         unstructured = sorted(
             (r.config.sparsity, r.ratios[key]) for r in rows if r.config.method == "unstructured"
         )
@@ -236,8 +272,8 @@ def write_memory_results(
         f"torch {torch.__version__}. Command: `{command}`\n\n"
         "saved = bytes autograd holds for backward after the forward (by kind of layer that saved "
         "them); peak step = parameters + AdamW state + batch + the peak of one forward, backward "
-        "and optimizer step; step s = median wall time of a step. Every × is to the dense row of "
-        "this run.\n\n"
+        "and optimizer step; step s = median wall time of a step; shared = bytes several ops "
+        "saved but held once. Every × is to the dense row of this run.\n\n"
         f"{table}\n"
     )
     (out_dir / f"{stem}.md").write_text(md)

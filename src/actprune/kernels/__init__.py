@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "block_scores", "pack_blocks", "weight_grad", "backend_for"]
+__all__ = ["BACKENDS", "backend_for", "block_scores", "channel_grad", "pack_blocks", "weight_grad"]
 
 
 @cache
@@ -63,5 +63,12 @@ def pack_blocks(
 
 
 def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K] for block-sparse X̃, without a dense copy on Triton."""
-    return _impl(dy).weight_grad(dy, x)
+    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K] for block-sparse X̃, without a dense copy on Triton.
+
+    int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size)."""
+    return _impl(dy).weight_grad(dy, x.dequantized(dy.dtype))
+
+
+def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """[K] = Σ_m dy[m, k] · X̃[m, k]: the gradient of a per-channel scale whose input is X̃."""
+    return _impl(dy).channel_grad(dy, x.dequantized(dy.dtype))

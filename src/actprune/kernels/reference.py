@@ -1,6 +1,6 @@
 """PyTorch implementations of the block kernels: the contract every backend meets, and the CPU path.
 
-All three work on a 2-D tensor viewed as a grid of (bm × bk) blocks; edge blocks of shapes that are
+Each works on a 2-D tensor viewed as a grid of (bm × bk) blocks; edge blocks of shapes that are
 not multiples of the block are zero-padded internally and padding never reaches the caller.
 No Python loop runs over blocks: each op is a handful of whole-tensor PyTorch calls.
 """
@@ -96,3 +96,15 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     if use_block_matmul(x):
         return _weight_grad_by_blocks(dy, x)
     return dy.t().mm(x.to_dense())
+
+
+def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """[K] = Σ_m dy[m, k] · X̃[m, k] over kept blocks only; accumulated in float32, dy.dtype out."""
+    bk = x.block_shape[1]
+    n_bc = x.grid_shape[1]
+    cols = x.col_indices().long()
+    dy_blocks = blocked_view(dy, x.block_shape)[x.row_indices.long(), :, cols, :]  # [nnz, bm, bk]
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    partial = (dy_blocks.to(acc) * x.values.to(acc)).sum(1)  # [nnz, bk]
+    out = partial.new_zeros(n_bc, bk).index_add_(0, cols, partial)
+    return out.view(-1)[: x.shape[1]].to(dy.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernels for block scoring, block packing and the block-sparse weight gradient.
+"""Triton kernels for block scoring, block packing and the block-sparse parameter gradients.
 
 Each kernel sits beside its launcher; the PyTorch reference with the same contract is the function
 of the same name in ``reference.py``. This module imports triton, so it is only imported by the
@@ -233,3 +233,68 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
         INPUT_PRECISION=precision,
     )
     return dw
+
+
+# --- per-channel scale gradient Σ_m dy ⊙ X̃: reads dy only where blocks are kept ----------------
+
+
+@triton.jit
+def _channel_grad_kernel(
+    dy_ptr,
+    vals_ptr,
+    rows_ptr,
+    ccol_ptr,
+    out_ptr,
+    M,
+    K,
+    stride_dym,
+    stride_dyk,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr,
+):
+    # One program owns the bk channels of block-column c and walks that column's kept blocks.
+    c = tl.program_id(0)
+    i = tl.arange(0, TILE_M)
+    j = tl.arange(0, TILE_K)
+    offs_k = c.to(tl.int64) * BK + j
+    start = tl.load(ccol_ptr + c)
+    end = tl.load(ccol_ptr + c + 1)
+    acc = tl.zeros((TILE_K,), dtype=tl.float32)
+    v_ptrs = vals_ptr + start.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
+    v_mask = (i[:, None] < BM) & (j[None, :] < BK)
+    for b in range(start, end):
+        r = tl.load(rows_ptr + b).to(tl.int64)
+        offs_m = r * BM + i
+        dy_mask = v_mask & (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk,
+            mask=dy_mask,
+            other=0.0,
+        )
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        acc += tl.sum(dy.to(tl.float32) * v.to(tl.float32), axis=0)
+        v_ptrs += BM * BK
+    tl.store(out_ptr + offs_k, acc.to(out_ptr.dtype.element_ty), mask=(j < BK) & (offs_k < K))
+
+
+def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """Triton version of ``reference.channel_grad``: [K] in dy.dtype."""
+    if dy.dtype != x.dtype:
+        raise ValueError(f"channel_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}")
+    m, k = x.shape
+    out = torch.empty(k, device=dy.device, dtype=dy.dtype)
+    _channel_grad_kernel[(x.grid_shape[1],)](
+        dy,
+        x.values,
+        x.row_indices,
+        x.ccol_indices,
+        out,
+        m,
+        k,
+        dy.stride(0),
+        dy.stride(1),
+        **_block_args(x.block_shape),
+    )
+    return out

@@ -1,0 +1,247 @@
+"""--scope all: Affine / LayerScale inputs pruned, GELU inputs as a derivative code, int8 blocks,
+deduplication of one input read by several layers."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import naive_mask
+from torch import nn
+
+from actprune import (
+    CodedGELU,
+    PruneConfig,
+    PrunedAffine,
+    PrunedLayerScale,
+    PrunedLinear,
+    SavedTensorLog,
+    describe_compression,
+    exact_gradients,
+    models,
+    prune_activations_,
+    restore_dense_,
+    saved_activation_bytes,
+)
+from actprune.blocksparse import as_rows
+from actprune.derivative_code import (
+    gelu_derivative,
+    gelu_derivative_code,
+    pack_codes,
+    unpack_codes,
+)
+from actprune.models.resmlp import Affine, LayerScale
+
+
+def _scale_pair(kind: str, config: PruneConfig, dim: int = 48):
+    torch.manual_seed(0)
+    dense = Affine(dim) if kind == "affine" else LayerScale(dim, 0.5)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn_like(p))
+    pruned_cls = PrunedAffine if kind == "affine" else PrunedLayerScale
+    return dense, pruned_cls.from_module(copy.deepcopy(dense), config)
+
+
+@pytest.mark.parametrize("kind", ["affine", "layerscale"])
+@pytest.mark.parametrize("shape", [(4, 20, 48), (70, 48)])
+def test_channel_scale_at_sparsity_zero_matches_pytorch(kind, shape):
+    dense, pruned = _scale_pair(kind, PruneConfig(0.0, 16))
+    x = torch.randn(*shape, requires_grad=True)
+    dy = torch.randn(*shape)
+    x2 = x.detach().clone().requires_grad_()
+    out_d, out_p = dense(x), pruned(x2)
+    assert torch.equal(out_d, out_p)  # the forward is the same op
+    out_d.backward(dy)
+    out_p.backward(dy)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=0, atol=0)  # dx never reads the saved x
+    for (name, a), (_, b) in zip(dense.named_parameters(), pruned.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("selection", ["column", "global"])
+@pytest.mark.parametrize("kind", ["affine", "layerscale"])
+def test_channel_scale_gradient_uses_exactly_the_kept_blocks(kind, selection):
+    config = PruneConfig(0.6, (8, 16), selection=selection)
+    dense, pruned = _scale_pair(kind, config)
+    x = torch.randn(4, 20, 48)
+    dy = torch.randn(4, 20, 48)
+    pruned(x.requires_grad_()).backward(dy)
+    rows = as_rows(x.detach(), config.row_order)
+    _, mask = naive_mask(rows, 0.6, (8, 16), "l2", selection)
+    want = (as_rows(dy, config.row_order) * rows * mask).sum(0)
+    scale = pruned.alpha if kind == "affine" else pruned.scale
+    torch.testing.assert_close(scale.grad, want, rtol=1e-5, atol=1e-5)
+    if kind == "affine":  # dβ = Σ dy: exact
+        torch.testing.assert_close(pruned.beta.grad, dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, dy * scale.detach())
+
+
+def test_channel_scale_saved_bytes_are_exact():
+    _, pruned = _scale_pair("affine", PruneConfig(0.9, 32), dim=64)
+    x = torch.randn(8, 64, 64, requires_grad=True)  # rows 512 -> 16 block-rows, 2 block-columns
+    kept = 2 * 2  # 2 columns × ceil(0.1 · 16)
+    want = kept * 32 * 32 * 4 + kept * 4 + 3 * 4
+    assert saved_activation_bytes(pruned, x) == want  # α itself is a Parameter: not counted
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 1001])
+def test_pack_codes_round_trip(bits, n):
+    codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_codes(packed, bits, n), codes)
+
+
+# The bounds docs/results/gelu_code.md states (the fit's own figures, rounded up).
+DOCUMENTED = {2: {"max": 0.189, "rms": 0.090}, 4: {"max": 0.102, "rms": 0.025}}
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gelu_code_error_within_documented_bound(bits, approximate):
+    code = gelu_derivative_code(bits, approximate)
+    assert len(code.values) == 1 << bits and len(code.boundaries) == (1 << bits) - 1
+    assert list(code.boundaries) == sorted(code.boundaries)
+    assert code.max_error <= DOCUMENTED[bits]["max"]
+    assert code.rms_error <= DOCUMENTED[bits]["rms"]
+    x = torch.cat([torch.randn(100_000, dtype=torch.float64) * 3, torch.linspace(-20, 20, 4001)])
+    q = code.derivative(code.encode(x), x.numel(), torch.float64)
+    err = (q - gelu_derivative(x, approximate)).abs()
+    assert err.max() <= code.max_error + 1e-12
+    # gelu_derivative is the true derivative: compare with autograd
+    xs = torch.linspace(-5, 5, 201, dtype=torch.float64, requires_grad=True)
+    F.gelu(xs, approximate=approximate).sum().backward()
+    torch.testing.assert_close(gelu_derivative(xs.detach(), approximate), xs.grad)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coded_gelu_forward_exact_backward_is_the_code(bits, approximate, dtype):
+    config = PruneConfig(0.9, scope="all", gelu_bits=bits)
+    gelu = CodedGELU.from_module(nn.GELU(approximate=approximate), config)
+    x = (torch.randn(3, 7, 33) * 2).to(dtype).requires_grad_()
+    dy = torch.randn(3, 7, 33).to(dtype)
+    out = gelu(x)
+    assert torch.equal(out, F.gelu(x.detach(), approximate=approximate))
+    saved = saved_activation_bytes(gelu, x)
+    assert saved == math.ceil(x.numel() * bits / 8)  # 1/16 (2-bit) or 1/8 (4-bit) of fp32
+    out.backward(dy)
+    code = gelu_derivative_code(bits, approximate)
+    bounds = torch.tensor(code.boundaries, dtype=torch.float64)
+    piece = torch.bucketize(x.detach().double(), bounds)
+    want = dy.double() * torch.tensor(code.values, dtype=torch.float64)[piece]
+    torch.testing.assert_close(
+        x.grad.double(),
+        want,
+        rtol=1e-2 if dtype != torch.float32 else 1e-6,
+        atol=1e-2 if dtype != torch.float32 else 1e-6,
+    )
+    exact = dy.double() * gelu_derivative(x.detach().double(), approximate)
+    assert ((x.grad.double() - exact).abs() <= dy.double().abs() * code.max_error + 1e-2).all()
+
+
+def test_scope_all_converts_and_restores():
+    torch.manual_seed(0)
+    model = models.create("resmlp_tiny", width=32, depth=2)
+    original = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    prune_activations_(model, PruneConfig(0.9, 16, scope="all"), exclude="head")
+    kinds = {type(m) for m in model.modules()}
+    assert {PrunedLinear, PrunedAffine, PrunedLayerScale, CodedGELU} <= kinds
+    assert not isinstance(model.head, PrunedLinear)
+    assert all(p is params[n] for n, p in model.named_parameters())  # same Parameter objects
+    rows = {r["layer"]: r["count"] for r in describe_compression(model)}
+    assert rows == {"Affine": 5, "Linear": 6, "LayerScale": 4, "GELU": 2}  # per block 2, 3, 2, 1
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(model(x), original(x))  # forward unchanged
+    prune_activations_(model, PruneConfig(0.9, 16, scope="linear"), exclude="head")
+    assert {r["layer"] for r in describe_compression(model)} == {"Linear"}  # others back to dense
+    assert type(model.blocks[0].aff1) is Affine and type(model.blocks[0].gelu) is nn.GELU
+    restore_dense_(model)
+    assert describe_compression(model) == []
+    assert {type(m) for m in model.modules()} == {type(m) for m in original.modules()}
+
+
+def test_exact_gradients_context_matches_dense_model():
+    torch.manual_seed(0)
+    dense = models.create("resmlp_tiny", width=32, depth=2)
+    pruned = prune_activations_(copy.deepcopy(dense), PruneConfig(0.9, 16, scope="all"))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    F.cross_entropy(dense(x), y).backward()
+    with exact_gradients():
+        F.cross_entropy(pruned(x), y).backward()
+    for (name, a), (_, b) in zip(dense.named_parameters(), pruned.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_scope_all_saves_far_less_than_linear():
+    torch.manual_seed(0)
+    dense = models.create("resmlp_tiny")
+    x = torch.randn(32, 1, 28, 28)
+    sizes = {"dense": saved_activation_bytes(lambda: dense(x).sum())}
+    for scope in ("linear", "all"):
+        model = prune_activations_(copy.deepcopy(dense), PruneConfig(0.9, 32, scope=scope))
+        sizes[scope] = saved_activation_bytes(lambda m=model: m(x).sum())
+    assert sizes["linear"] < 0.75 * sizes["dense"]
+    assert sizes["all"] < 0.2 * sizes["dense"]
+
+
+class QKV(nn.Module):
+    """Three projections of one input, as in attention: the case deduplication is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x).sum() + self.k(x).sum() + self.v(x).sum()
+
+
+def test_one_input_read_by_three_layers_is_compressed_and_saved_once():
+    torch.manual_seed(0)
+    model = prune_activations_(QKV(), PruneConfig(0.75, 16))
+    x = torch.randn(4, 32, 64)
+    kept = 4 * 2  # 4 block-columns × ceil(0.25 · 8)
+    one_copy = kept * 16 * 16 * 4 + kept * 4 + 5 * 4
+    with SavedTensorLog() as log:
+        out = model(x)
+    assert log.live_bytes() == one_copy
+    assert log.shared_bytes() == 2 * one_copy  # saved by 3 ops, held once
+    out.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # each projection alone (no sharing) gives the same gradients
+    for name in ("q", "k", "v"):
+        layer = copy.deepcopy(getattr(model, name))
+        layer.zero_grad()
+        layer(x).sum().backward()
+        torch.testing.assert_close(layer.weight.grad, grads[f"{name}.weight"])
+    x.mul_(-2.0).add_(1.0)  # changed in place: the next forward must compress again, not reuse
+    model.zero_grad()
+    with SavedTensorLog() as log:
+        out = model(x)
+    assert log.live_bytes() == one_copy
+    out.backward()
+    alone = copy.deepcopy(model.q)
+    alone.zero_grad()
+    alone(x).sum().backward()
+    torch.testing.assert_close(model.q.weight.grad, alone.weight.grad)
+
+
+def test_int8_scope_all_trains_close_to_native():
+    torch.manual_seed(0)
+    dense = models.create("resmlp_tiny", width=32, depth=2)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    grads = {}
+    for int8 in (False, True):
+        model = prune_activations_(
+            copy.deepcopy(dense), PruneConfig(0.5, 16, scope="all", int8=int8)
+        )
+        F.cross_entropy(model(x), y).backward()
+        grads[int8] = {n: p.grad for n, p in model.named_parameters()}
+    for name, g in grads[False].items():
+        cos = F.cosine_similarity(g.flatten(), grads[True][name].flatten(), dim=0)
+        assert cos > 0.999, name
