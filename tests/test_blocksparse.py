@@ -178,3 +178,24 @@ def test_selection_without_nonzero_static(monkeypatch):
     got = compress(x, PruneConfig(0.7, 16))
     assert torch.equal(got.row_indices, want.row_indices)
     assert torch.equal(got.ccol_indices, want.ccol_indices)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_low_bit_remainder_is_unbiased_and_within_one_level(bits):
+    torch.manual_seed(0)
+    x = torch.randn(40, 56) * torch.linspace(0.1, 3, 56)
+    config = PruneConfig(0.75, 8, remainder_bits=bits)
+    p = compress(x, config)
+    dense = p.to_dense()
+    kept = p.block_mask().repeat_interleave(8, 0).repeat_interleave(8, 1)[:40, :56]
+    assert torch.equal(dense[kept], x[kept])  # kept blocks exact
+    scales = p.remainder.scales.repeat_interleave(8, 0).repeat_interleave(8, 1)[:40, :56]
+    spacing = 2 * scales / ((1 << bits) - 1)
+    assert torch.all((dense - x).abs()[~kept] <= spacing[~kept] * (1 + 1e-5))
+    mean = sum(compress(x, config).to_dense() for _ in range(400)) / 400
+    assert torch.all((mean - x).abs()[~kept] <= 0.25 * spacing[~kept])  # stochastic rounding
+    n_br, n_bc = p.grid_shape
+    code_bytes = math.ceil(n_br * 8 * n_bc * 8 * bits / 8)
+    assert p.nbytes == compress(x, PruneConfig(0.75, 8)).nbytes + code_bytes + 4 * n_br * n_bc
+    with pytest.raises(ValueError, match="not sparse"):
+        p.to_sparse_bsr()

@@ -52,13 +52,20 @@ def test_registered_ops_pass_opcheck():
         args = ops.config_args(config)
         torch.library.opcheck(ops.compress_rows, (x.detach(), *args))
         packed = ops.compress_rows(x.detach(), *args)
-        torch.library.opcheck(ops.pruned_linear, (x, w, b, *packed, config.row_order))
         torch.library.opcheck(
-            ops.pruned_channel_scale, (x, scale, shift, *packed, config.row_order)
+            ops.pruned_linear, (x, w, b, *packed, config.row_order, config.remainder_bits)
         )
-        torch.library.opcheck(ops.pruned_channel_scale, (x, scale, None, *packed, config.row_order))
-    empty = (x.new_empty(0), x.new_empty(0).int(), x.new_empty(0).int(), x.new_empty(0))
-    torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, "token-major"))
+        torch.library.opcheck(
+            ops.pruned_channel_scale,
+            (x, scale, shift, *packed, config.row_order, config.remainder_bits),
+        )
+        torch.library.opcheck(
+            ops.pruned_channel_scale,
+            (x, scale, None, *packed, config.row_order, config.remainder_bits),
+        )
+    e = x.new_empty(0)
+    empty = (e, e.int(), e.int(), e, e.to(torch.uint8), e)
+    torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, "token-major", 0))
     for bits in (2, 4):
         codes = ops.gelu_code(x.detach(), bits, "none")
         torch.library.opcheck(ops.gelu_code, (x.detach(), bits, "tanh"))

@@ -24,13 +24,9 @@ from actprune import (
     restore_dense_,
     saved_activation_bytes,
 )
+from actprune.bitpack import pack_codes, unpack_codes
 from actprune.blocksparse import as_rows
-from actprune.derivative_code import (
-    gelu_derivative,
-    gelu_derivative_code,
-    pack_codes,
-    unpack_codes,
-)
+from actprune.derivative_code import gelu_derivative, gelu_derivative_code
 from actprune.models.resmlp import Affine, LayerScale
 
 
@@ -96,7 +92,7 @@ def test_pack_codes_round_trip(bits, n):
 
 
 # The bounds docs/results/gelu_code.md states (the fit's own figures, rounded up).
-DOCUMENTED = {2: {"max": 0.189, "rms": 0.090}, 4: {"max": 0.102, "rms": 0.025}}
+DOCUMENTED = {2: {"max": 0.190, "rms": 0.090}, 4: {"max": 0.052, "rms": 0.025}}
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])

@@ -13,7 +13,41 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .bitpack import pack_codes, unpack_codes
 from .config import PruneConfig
+from .kernels.reference import blocked_view
+
+
+@dataclass(frozen=True)
+class LowBitBlocks:
+    """A whole (zero-padded) [M', K'] tensor at ``bits`` per element, one float32 scale per block.
+
+    Element x of block b is coded as one of 2^bits evenly spaced levels over [−s_b, s_b],
+    s_b = max |x| in the block, chosen by stochastic rounding between the two nearest levels, so
+    the decoded value is an unbiased estimate of x (error < one level spacing, 2·s_b / (2^bits−1)).
+    Codes are packed in the padded tensor's row-major order (``bitpack``).
+    """
+
+    codes: torch.Tensor  # uint8 [ceil(M'·K'·bits / 8)]
+    scales: torch.Tensor  # float32 [n_br, n_bc]
+    bits: int
+
+    @staticmethod
+    def quantize(blocks: torch.Tensor, bits: int) -> LowBitBlocks:
+        """Code a blocked view [n_br, bm, n_bc, bk] (``reference.blocked_view``)."""
+        levels = (1 << bits) - 1
+        scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
+        unit = (blocks.float() / scales.clamp_min(1e-30)[:, None, :, None]).add_(1).mul_(levels / 2)
+        codes = unit.add_(torch.rand_like(unit)).floor_().clamp_(0, levels).to(torch.uint8)
+        return LowBitBlocks(pack_codes(codes.view(-1), bits), scales, bits)
+
+    def decode(self, block_shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The blocked view [n_br, bm, n_bc, bk] of the decoded tensor, in ``dtype``."""
+        (n_br, n_bc), (bm, bk) = self.scales.shape, block_shape
+        levels = (1 << self.bits) - 1
+        codes = unpack_codes(self.codes, self.bits, n_br * bm * n_bc * bk)
+        unit = codes.view(n_br, bm, n_bc, bk).float().mul_(2 / levels).sub_(1)
+        return unit.mul_(self.scales[:, None, :, None]).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -31,6 +65,8 @@ class BlockSparse:
     ccol_indices: torch.Tensor  # int32 [n_bc + 1], offsets of each block-column's blocks
     shape: tuple[int, int]  # (M, K) of the dense tensor
     scales: torch.Tensor | None = None  # float32 [nnz]: block b is values[b] · scales[b] (int8)
+    # The dropped blocks at low precision (PruneConfig.remainder_bits); None: dropped = zero.
+    remainder: LowBitBlocks | None = None
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -65,17 +101,22 @@ class BlockSparse:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors held, in constructor order (what autograd saves for backward)."""
         extra = () if self.scales is None else (self.scales,)
+        if self.remainder is not None:
+            extra += (self.remainder.codes, self.remainder.scales)
         return (self.values, self.row_indices, self.ccol_indices, *extra)
 
     def dequantized(self, dtype: torch.dtype) -> BlockSparse:
         """The same blocks with ``dtype`` values: self when they already are, else a transient
-        copy (dequantised when int8)."""
+        copy (dequantised when int8). The remainder is kept as it is."""
         if self.scales is None and self.values.dtype == dtype:
             return self
         values = self.values
         if self.scales is not None:
             values = values.float() * self.scales.view(-1, 1, 1)
-        return BlockSparse(values.to(dtype), self.row_indices, self.ccol_indices, self.shape)
+        return BlockSparse(
+            values.to(dtype), self.row_indices, self.ccol_indices, self.shape,
+            remainder=self.remainder,
+        )  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -93,12 +134,16 @@ class BlockSparse:
         return mask
 
     def to_dense(self) -> torch.Tensor:
-        """The [M, K] tensor with dropped blocks as zeros (float32 when int8)."""
+        """The [M, K] tensor: kept blocks, and dropped blocks as zeros or, with a remainder, as
+        their low-bit decoding (float32 when int8)."""
         if self.scales is not None:
             return self.dequantized(torch.float32).to_dense()
         (m, k), (bm, bk) = self.shape, self.block_shape
         n_br, n_bc = self.grid_shape
-        dense = self.values.new_zeros(n_br, bm, n_bc, bk)
+        if self.remainder is None:
+            dense = self.values.new_zeros(n_br, bm, n_bc, bk)
+        else:
+            dense = self.remainder.decode(self.block_shape, self.values.dtype)
         dense[self.row_indices.long(), :, self.col_indices().long(), :] = self.values
         dense = dense.view(n_br * bm, n_bc * bk)
         return dense if dense.shape == (m, k) else dense[:m, :k].contiguous()
@@ -111,6 +156,8 @@ class BlockSparse:
                 f"to_sparse_bsr needs a shape divisible by the block: shape {self.shape}, "
                 f"block {self.block_shape}"
             )
+        if self.remainder is not None:
+            raise ValueError("to_sparse_bsr: a BlockSparse with a low-bit remainder is not sparse")
         if self.scales is not None:
             return self.dequantized(torch.float32).to_sparse_bsr()
         rows, cols = self.row_indices.long(), self.col_indices().long()
@@ -223,10 +270,12 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
     k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
     rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
     values = kernels.pack_blocks(x, rows, cols, block_shape)
-    if not config.int8:
-        return BlockSparse(values, rows, ccol, shape=tuple(x.shape))
-    values, scales = quantize_int8(values)
-    return BlockSparse(values, rows, ccol, tuple(x.shape), scales)
+    scales = remainder = None
+    if config.int8:
+        values, scales = quantize_int8(values)
+    if config.remainder_bits:
+        remainder = LowBitBlocks.quantize(blocked_view(x, block_shape), config.remainder_bits)
+    return BlockSparse(values, rows, ccol, tuple(x.shape), scales, remainder)
 
 
 def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,13 @@ def _add_training_args(p: argparse.ArgumentParser, default_out: str) -> None:
     )
     p.add_argument("--int8", action="store_true", help="keep the kept blocks in int8")
     p.add_argument(
+        "--remainder-bits",
+        type=int,
+        choices=[0, 1, 2, 4],
+        default=d.remainder_bits,
+        help="also keep the dropped blocks at this many bits (0: drop them; default %(default)s)",
+    )
+    p.add_argument(
         "--exclude",
         default=d.exclude,
         help="Linear layers kept dense: comma-separated name patterns (default %(default)s)",
@@ -107,6 +114,7 @@ def _config(args: argparse.Namespace, sparsity: float, scope: str = "linear") ->
         scope=scope,
         gelu_bits=args.gelu_bits,
         int8=args.int8,
+        remainder_bits=args.remainder_bits,
         exclude=args.exclude,
         image_size=args.image_size,
         train_subset=args.train_subset,
@@ -146,7 +154,12 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     configs = default_configs(
-        args.sparsity, args.block, args.scope, args.int8, baselines=not args.no_baselines
+        args.sparsity,
+        args.block,
+        args.scope,
+        args.int8,
+        baselines=not args.no_baselines,
+        remainder_bits=args.remainder_bits,
     )
     rows = run_memory_bench(
         args.model,
@@ -193,7 +206,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .bench.memory import MemoryConfig
+    from .bench.memory import MemoryConfig, actprune_config
     from .plan import largest_batch, parse_bytes, predict_step
 
     try:
@@ -202,9 +215,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     configs = [MemoryConfig("dense", "dense"), MemoryConfig("checkpoint", "checkpoint")]
     block = args.block_size
-    configs += [
-        MemoryConfig(f"actprune_s{s:g}_b{block}", "actprune", s, block) for s in args.sparsity
-    ]
+    configs += [actprune_config(s, block, scope) for scope in args.scope for s in args.sparsity]
     foreach = args.device != "cpu"  # AdamW's default implementation on each device
     print(
         f"{args.model}, {args.image_size} px, AdamW; budget {args.memory} = {budget / 2**30:.2f} "
@@ -290,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=SCOPES, nargs="+", default=["linear"], help=SCOPE_HELP)
     p.add_argument("--int8", action="store_true", help="add the int8 variant of each config")
     p.add_argument(
+        "--remainder-bits", type=int, nargs="+", choices=[0, 1, 2, 4], default=[0],
+        help="PruneConfig.remainder_bits values to measure (default 0)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-baselines", action="store_true", help="skip checkpointing and unstructured top-k"
     )
     p = bench.choices["kernels"]
@@ -305,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="80GB", help="budget: 80GB (10^9), 80GiB (2^30), 512MiB")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.9])
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--scope", choices=SCOPES, nargs="+", default=["linear"], help=SCOPE_HELP)
     p.add_argument(
         "--device",
         choices=["cuda", "cpu"],

@@ -134,6 +134,8 @@ def describe_compression(model: nn.Module) -> list[dict]:
             bm, bk = c.block_shape
             values = "int8 + per-block scale" if c.int8 else "native dtype"
             how = f"sparsity {c.sparsity:g}, {bm}x{bk} blocks, {c.selection} top-k, {values}"
+            if c.remainder_bits:
+                how += f"; dropped blocks at {c.remainder_bits} bits"
             saved = (
                 "input (for the weight gradient)"
                 if isinstance(module, PrunedLinear)

@@ -85,7 +85,7 @@ def compressed_rows(x: torch.Tensor, config: PruneConfig) -> tuple[torch.Tensor,
 def _nothing_saved(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """compress_rows' outputs when no parameter gradient needs the input: empty tensors."""
     empty = x.new_empty(0)
-    return empty, empty.int(), empty.int(), empty.float()
+    return empty, empty.int(), empty.int(), empty.float(), empty.to(torch.uint8), empty.float()
 
 
 def _needs_graph(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
@@ -163,7 +163,8 @@ class PrunedLinear(_Compressed, nn.Linear):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         saved = compressed_rows(x, self.config) if self.weight.requires_grad else _nothing_saved(x)
-        return ops.pruned_linear(x, weight, bias, *saved, self.config.row_order)
+        c = self.config
+        return ops.pruned_linear(x, weight, bias, *saved, c.row_order, c.remainder_bits)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.config)}"
@@ -185,7 +186,8 @@ class _PrunedChannelScale(_Compressed):
         if not _needs_graph(x, scale, shift):
             return x * scale if shift is None else torch.addcmul(shift, scale, x)
         saved = compressed_rows(x, self.config) if scale.requires_grad else _nothing_saved(x)
-        return ops.pruned_channel_scale(x, scale, shift, *saved, self.config.row_order)
+        c = self.config
+        return ops.pruned_channel_scale(x, scale, shift, *saved, c.row_order, c.remainder_bits)
 
     def extra_repr(self) -> str:
         return _describe(self.config)
@@ -231,7 +233,8 @@ def _describe(config: PruneConfig) -> str:
         f"sparsity={config.sparsity}, block_size=({bm}, {bk}), criterion={config.criterion!r}, "
         f"selection={config.selection!r}"
     )
-    return text + (", int8=True" if config.int8 else "")
+    text += ", int8=True" if config.int8 else ""
+    return text + (f", remainder_bits={config.remainder_bits}" if config.remainder_bits else "")
 
 
 def rebuild_as(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:

@@ -64,6 +64,7 @@ class TrainConfig:
     scope: str = "linear"  # "linear" (the seed paper) or "all" (also Affine, LayerScale, GELU)
     gelu_bits: int = 2
     int8: bool = False
+    remainder_bits: int = 0
     # Layers (shell-style patterns on qualified names, comma-separated) kept dense. The classifier
     # head's saved input is tiny (batch × width) while its gradient steers everything else.
     exclude: str = "head"
@@ -108,6 +109,7 @@ class TrainConfig:
                 self.scope,
                 self.gelu_bits,
                 self.int8,
+                self.remainder_bits,
             )
         except ValueError as err:
             raise UserError(str(err).replace("PruneConfig.", "--").replace("_", "-")) from err
@@ -364,6 +366,9 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history, step_times = ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])  # stochastic rounding (remainder_bits) draws
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
     probe = [t.to(device) for t in dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[:256])]
     step = start_epoch * steps_per_epoch
@@ -436,6 +441,10 @@ def train(
             "epoch": epoch,
             "history": history,
             "step_times": step_times,
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            },
             "config": asdict(cfg),
         }
         if dist.main:

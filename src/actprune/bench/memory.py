@@ -9,7 +9,8 @@ Configurations, all measured in one run on the same model, batch and device:
   with 1×1 blocks;
 - ``actprune_s{s}_b{b}``: block-sparse pruning of the Linear inputs (``--scope linear``);
 - ``actprune_all_s{s}_b{b}`` (``--scope all``): also the Affine and LayerScale inputs, and GELU
-  inputs as a 2-bit derivative code; ``actprune_all_int8_…`` keeps the kept blocks in int8.
+  inputs as a 2-bit derivative code; ``…_int8_…`` keeps the kept blocks in int8, ``…_r{b}_…``
+  also keeps the dropped blocks at b bits (``PruneConfig.remainder_bits``).
 The classifier head stays dense in every pruned configuration (as in ``actprune train``).
 """
 
@@ -56,22 +57,30 @@ class MemoryConfig:
     block: int = 0
     scope: str = "linear"  # PruneConfig.scope
     int8: bool = False  # PruneConfig.int8
+    remainder_bits: int = 0  # PruneConfig.remainder_bits
 
     def prune_config(self) -> PruneConfig:
         """What ``apply_config`` converts with (unstructured: 1×1 blocks, global top-k)."""
         selection = "global" if self.method == "unstructured" else "column"
         return PruneConfig(
-            self.sparsity, self.block, selection=selection, scope=self.scope, int8=self.int8
+            self.sparsity,
+            self.block,
+            selection=selection,
+            scope=self.scope,
+            int8=self.int8,
+            remainder_bits=self.remainder_bits,
         )
 
 
-def actprune_config(sparsity: float, block: int, scope: str = "linear", int8: bool = False):
+def actprune_config(
+    sparsity: float, block: int, scope: str = "linear", int8: bool = False, remainder_bits: int = 0
+) -> MemoryConfig:
     """The MemoryConfig of one actprune setting, named as in the tables."""
     tag = "" if scope == "linear" else f"{scope}_"
     tag += "int8_" if int8 else ""
-    return MemoryConfig(
-        f"actprune_{tag}s{sparsity:g}_b{block}", "actprune", sparsity, block, scope, int8
-    )
+    tag += f"r{remainder_bits}_" if remainder_bits else ""
+    name = f"actprune_{tag}s{sparsity:g}_b{block}"
+    return MemoryConfig(name, "actprune", sparsity, block, scope, int8, remainder_bits)
 
 
 def default_configs(
@@ -80,17 +89,19 @@ def default_configs(
     scopes: Iterable[str] = ("linear",),
     int8: bool = False,
     baselines: bool = True,
+    remainder_bits: Iterable[int] = (0,),
 ) -> list[MemoryConfig]:
     """dense, then (with ``baselines``) checkpointing and unstructured top-k, then actprune for
-    every scope × sparsity × block (and the int8 variant of each when ``int8``)."""
+    every scope × remainder bits × sparsity × block (and the int8 variant of each when ``int8``)."""
     configs = [MemoryConfig("dense", "dense")]
     sparsities = list(sparsities)
     if baselines:
         configs.append(MemoryConfig("checkpoint", "checkpoint"))
         configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
     for scope in scopes:
-        for q in (False, True) if int8 else (False,):
-            configs += [actprune_config(s, b, scope, q) for s in sparsities for b in blocks]
+        for r in remainder_bits:
+            for q in (False, True) if int8 else (False,):
+                configs += [actprune_config(s, b, scope, q, r) for s in sparsities for b in blocks]
     return configs
 
 
@@ -221,14 +232,16 @@ def plot_memory(rows: list[MemoryRow], path: Path) -> None:
         (axes[0], "peak", "peak step memory"),
         (axes[1], "saved", "saved for backward"),
     ):
-        for variant in sorted({(r.config.scope, r.config.int8, r.config.block) for r in pruned}):
-            scope, int8, block = variant
-            pts = sorted(
-                (r.config.sparsity, r.ratios[key])
-                for r in pruned
-                if (r.config.scope, r.config.int8, r.config.block) == variant
-            )
-            label = f"scope {scope}{' int8' if int8 else ''}, block {block}"
+
+        def variant(r: MemoryRow) -> tuple:
+            c = r.config
+            return (c.scope, c.int8, c.remainder_bits, c.block)
+
+        for v in sorted({variant(r) for r in pruned}):
+            scope, int8, bits, block = v
+            pts = sorted((r.config.sparsity, r.ratios[key]) for r in pruned if variant(r) == v)
+            label = f"scope {scope}{' int8' if int8 else ''}{f' r{bits}' if bits else ''}"
+            label += f", block {block}"
             ax.plot(*zip(*pts), marker="o", label=label)
         unstructured = sorted(
             (r.config.sparsity, r.ratios[key]) for r in rows if r.config.method == "unstructured"

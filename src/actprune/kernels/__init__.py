@@ -65,10 +65,17 @@ def pack_blocks(
 def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """dW [N, K] = dyᵀ [N, M] · X̃ [M, K] for block-sparse X̃, without a dense copy on Triton.
 
-    int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size)."""
+    int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size). With a
+    low-bit remainder X̃ is dense: it is decoded into a transient [M, K] for one matmul."""
+    if x.remainder is not None:
+        return dy.t().mm(x.dequantized(dy.dtype).to_dense())
     return _impl(dy).weight_grad(dy, x.dequantized(dy.dtype))
 
 
 def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k]: the gradient of a per-channel scale whose input is X̃."""
+    if x.remainder is not None:
+        acc = torch.promote_types(dy.dtype, torch.float32)
+        dense = x.dequantized(dy.dtype).to_dense()
+        return (dy.to(acc) * dense.to(acc)).sum(0).to(dy.dtype)
     return _impl(dy).channel_grad(dy, x.dequantized(dy.dtype))
