@@ -105,3 +105,24 @@ def test_train_then_resume(capsys, tmp_path):
     assert code == 0 and "test accuracy" in stdout
     lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_compare_scopes_reports_compression_and_gradient_cosines(capsys, tmp_path):
+    out = tmp_path / "scopes"
+    argv = ["compare", *TINY, "--epochs", "2", "--out", str(out), "--block-size", "16"]
+    code, stdout, _ = run(capsys, *argv, "--scope", "linear", "all", "--remainder-bits", "2")
+    assert code == 0
+    runs = json.loads((out / "summary.json").read_text())
+    assert [r["run"] for r in runs] == ["dense", "pruned_s0.9", "pruned_all_s0.9"]
+    assert runs[2]["saved_activation_bytes"] < runs[1]["saved_activation_bytes"]
+    assert {c["layer"] for c in runs[2]["compressed"]} == {"Linear", "Affine", "LayerScale", "GELU"}
+    assert "grad_cosine" not in runs[0]["history"][0]  # dense: nothing to compare
+    for r in runs[1:]:
+        for epoch in r["history"]:  # every parameter's cosine to the exact gradient, each epoch
+            cosines = epoch["grad_cosine"]
+            assert "blocks.0.fc1.weight" in cosines and all(-1 <= c <= 1 for c in cosines.values())
+    report = (out / "report.md").read_text()
+    assert "## What was compressed" in report and "2-bit code of gelu'" in report
+    assert "## Gradient cosine" in report and "blocks.*.fc1.weight" in report
+    assert "dropped blocks at 2 bits" in report
+    assert (out / "grad_cosine.png").stat().st_size > 0

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from actprune import PruneConfig, PrunedLinear, prune_activations_
+from actprune import PruneConfig, PrunedLinear, SavedTensorLog, prune_activations_
 
 
 def _check_like_original(model, inputs, loss_of, **select):
@@ -55,6 +55,16 @@ def test_hugging_face_llama_and_bert():
     n = _check_like_original(llama, (ids,), lambda out: out.logits.square().mean(),
                              include="model.layers.*.mlp.*")  # fmt: skip
     assert n == 2 * 3  # gate, up and down projections of both layers
+    # q, k, v read one tensor, gate and up another: each is compressed and held once
+    every = prune_activations_(copy.deepcopy(llama), PruneConfig(0.9, 16), exclude="lm_head")
+    with SavedTensorLog() as log:
+        out = every(ids).logits
+    blocks = [t for t in log.live_tensors() if t.dim() == 3 and t.shape[1:] == (16, 16)]
+    # per layer: one copy for q, k, v; o; one for gate, up; down (7 layers' inputs, 4 copies)
+    assert len(blocks) == 2 * 4
+    one = min(t.untyped_storage().nbytes() for t in blocks)  # the 32-feature inputs
+    assert log.shared_bytes() >= 2 * 3 * one  # RMSNorm's own shared saves come on top
+    del out
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from actprune import measure_training_step, models
-from actprune.bench.memory import MemoryConfig, apply_config
+from actprune.bench.memory import MemoryConfig, actprune_config, apply_config
 from actprune.plan import largest_batch, parse_bytes, predict_step
 
 CONFIGS = [
@@ -11,6 +11,8 @@ CONFIGS = [
     MemoryConfig("checkpoint", "checkpoint"),
     MemoryConfig("actprune", "actprune", 0.9, 32),
     MemoryConfig("u", "unstructured", 0.8, 1),
+    actprune_config(0.9, 32, "all"),
+    actprune_config(0.9, 32, "all", int8=True, remainder_bits=2),
 ]
 
 

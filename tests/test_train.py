@@ -26,9 +26,14 @@ def config(tmp_path, name, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"scope": "all", "remainder_bits": 2}],  # the second draws random numbers (rounding)
+    ids=["linear", "all_remainder"],
+)
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, kw):
     ds = tiny_dataset()
-    full = train(config(tmp_path, "full"), dataset=ds)
+    full = train(config(tmp_path, "full", **kw), dataset=ds)
 
     class Stop(Exception):
         pass
@@ -38,10 +43,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(config(tmp_path, "cut"), dataset=ds, on_epoch_end=stop_after_first)
+        train(config(tmp_path, "cut", **kw), dataset=ds, on_epoch_end=stop_after_first)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
-    resumed = train(config(tmp_path, "cut", resume=True), dataset=ds)
+    resumed = train(config(tmp_path, "cut", resume=True, **kw), dataset=ds)
     assert resumed["history"] == full["history"]  # every epoch's loss and accuracy, exactly
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
