@@ -3,7 +3,7 @@ import json
 import torch
 from torch import nn
 
-from actprune import SavedTensorLog
+from actprune import PruneConfig, SavedTensorLog
 from actprune.bench.kernels import linear_shapes, measure_kernels, write_results
 from actprune.bench.memory import (
     MemoryConfig,
@@ -31,6 +31,24 @@ def test_default_configs_cover_the_issue_grid():
     assert names[:2] == ["dense", "checkpoint"]
     assert len([n for n in names if n.startswith("actprune_")]) == 16
     assert "unstructured_s0.9" in names and "actprune_s0.95_b64" in names
+    scopes = default_configs(
+        [0.9], [32], ["linear", "all"], int8=True, baselines=["checkpoint"], remainder_bits=[0, 2]
+    )
+    assert [c.name for c in scopes] == [
+        "dense",
+        "checkpoint",
+        "actprune_s0.9_b32",
+        "actprune_int8_s0.9_b32",
+        "actprune_r2_s0.9_b32",
+        "actprune_int8_r2_s0.9_b32",
+        "actprune_all_s0.9_b32",
+        "actprune_all_int8_s0.9_b32",
+        "actprune_all_r2_s0.9_b32",
+        "actprune_all_int8_r2_s0.9_b32",
+    ]
+    assert scopes[-1].prune_config() == PruneConfig(
+        0.9, 32, scope="all", int8=True, remainder_bits=2
+    )
 
 
 def test_memory_bench_small(tmp_path):
@@ -39,6 +57,7 @@ def test_memory_bench_small(tmp_path):
         MemoryConfig("checkpoint", "checkpoint"),
         MemoryConfig("unstructured_s0.9", "unstructured", 0.9, 1),
         MemoryConfig("actprune_s0.9_b16", "actprune", 0.9, 16),
+        MemoryConfig("all", "actprune", 0.9, 16, scope="all"),
     ]
     rows = run_memory_bench("resmlp_tiny", 28, 32, configs, num_classes=10, timing_steps=1)
     by = {r.config.name: r for r in rows}
@@ -47,12 +66,15 @@ def test_memory_bench_small(tmp_path):
     pruned = by["actprune_s0.9_b16"]
     assert pruned.saved_by_kind["linear"] < 0.2 * by["dense"].saved_by_kind["linear"]
     assert pruned.saved_by_kind["gelu"] == by["dense"].saved_by_kind["gelu"]  # untouched
+    every = by["all"]  # GELU input: a 2-bit code, 1/16 of fp32; Affine / LayerScale pruned
+    assert every.saved_by_kind["gelu"] == by["dense"].saved_by_kind["gelu"] // 16
+    assert every.saved_bytes < 0.2 * by["dense"].saved_bytes
     for r in rows:
         assert sum(r.saved_by_kind.values()) == r.saved_bytes
     setup = {"model": "resmlp_tiny", "image_size": 28, "batch": 32, "device": "cpu"}
     md = write_memory_results(rows, tmp_path, "mem", "test", setup)
     assert "| actprune_s0.9_b16 |" in md and (tmp_path / "mem.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "mem.json").read_text())["rows"]) == 4
+    assert len(json.loads((tmp_path / "mem.json").read_text())["rows"]) == 5
 
 
 def test_linear_shapes_of_resmlp_s24():

@@ -158,7 +158,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         args.block,
         args.scope,
         args.int8,
-        baselines=not args.no_baselines,
+        baselines=args.baselines,
         remainder_bits=args.remainder_bits,
     )
     rows = run_memory_bench(
@@ -305,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="PruneConfig.remainder_bits values to measure (default 0)",
     )  # fmt: skip
     p.add_argument(
-        "--no-baselines", action="store_true", help="skip checkpointing and unstructured top-k"
-    )
+        "--baselines", nargs="*", choices=["checkpoint", "unstructured"],
+        default=["checkpoint", "unstructured"],
+        help="comparisons besides dense (default: both; none: --baselines with no value)",
+    )  # fmt: skip
     p = bench.choices["kernels"]
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     p.add_argument("--block", type=int, nargs="+", default=[16, 32])

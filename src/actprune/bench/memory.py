@@ -34,6 +34,7 @@ from ..memory import measure_training_step
 from . import device_name
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BASELINES = ("checkpoint", "unstructured")
 BLOCKS = (8, 16, 32, 64)
 
 
@@ -88,15 +89,16 @@ def default_configs(
     blocks: Iterable[int] = BLOCKS,
     scopes: Iterable[str] = ("linear",),
     int8: bool = False,
-    baselines: bool = True,
+    baselines: Iterable[str] = BASELINES,
     remainder_bits: Iterable[int] = (0,),
 ) -> list[MemoryConfig]:
-    """dense, then (with ``baselines``) checkpointing and unstructured top-k, then actprune for
-    every scope × remainder bits × sparsity × block (and the int8 variant of each when ``int8``)."""
+    """dense, then the ``baselines`` ("checkpoint", "unstructured"), then actprune for every
+    scope × remainder bits × sparsity × block (and the int8 variant of each when ``int8``)."""
     configs = [MemoryConfig("dense", "dense")]
     sparsities = list(sparsities)
-    if baselines:
+    if "checkpoint" in baselines:
         configs.append(MemoryConfig("checkpoint", "checkpoint"))
+    if "unstructured" in baselines:
         configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
     for scope in scopes:
         for r in remainder_bits:
