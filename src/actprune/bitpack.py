@@ -1,8 +1,27 @@
-"""Packing small unsigned codes (1, 2, 4 bits) into bytes: how low-bit codes are stored."""
+"""Packing small unsigned codes (1, 2, 4 bits) into bytes: how low-bit codes are stored.
+
+Both directions work on the codes viewed as wider integers, so each is a handful of contiguous
+shift/or passes instead of one strided pass per lane: 8 // bits consecutive uint8 codes viewed
+as one integer hold lane i at bit 8·i; shifting right by (8 − bits)·i moves it to bit bits·i, and
+the low byte of the OR of those shifts is the packed byte. Unpacking shifts left and masks.
+(Lane i's copy never lands in another lane's bits, and codes below 2^bits keep every integer
+positive. The byte order of the view is the machine's: little-endian is required.)
+"""
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships wheels for
+    raise ImportError("actprune.bitpack assumes a little-endian machine")
+
+_LANES = {
+    1: (torch.int64, 0x0101010101010101),
+    2: (torch.int32, 0x03030303),
+    4: (torch.int16, 0x0F0F),
+}
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -11,15 +30,18 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -codes.numel() % per
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
-    lanes = codes.view(-1, per)
-    packed = lanes[:, 0].clone()
+    lanes = codes.contiguous().view(_LANES[bits][0])
+    packed = lanes.clone()
     for i in range(1, per):
-        packed |= lanes[:, i] << (bits * i)
-    return packed
+        packed |= lanes >> ((8 - bits) * i)
+    return (packed & 0xFF).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The inverse of ``pack_codes``: uint8 [numel]."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.view(-1)[:numel]
+    dtype, mask = _LANES[bits]
+    wide = packed.to(dtype)
+    lanes = wide.clone()
+    for i in range(1, 8 // bits):
+        lanes |= wide << ((8 - bits) * i)
+    return (lanes & mask).view(torch.uint8)[:numel]
