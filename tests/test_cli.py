@@ -84,9 +84,9 @@ def test_compare_writes_report_plots_and_summary(capsys, tmp_path):
         "16",
     )
     assert code == 0
-    assert "| dense |" in stdout and "| pruned_s0.9 |" in stdout and "| pruned_s0.5 |" in stdout
+    assert "| dense |" in stdout and "| pruned_all_s0.9 |" in stdout  # default: scope all
     runs = json.loads((out / "summary.json").read_text())
-    assert [r["run"] for r in runs] == ["dense", "pruned_s0.9", "pruned_s0.5"]
+    assert [r["run"] for r in runs] == ["dense", "pruned_all_s0.9", "pruned_all_s0.5"]
     assert runs[1]["saved_activation_bytes"] < runs[0]["saved_activation_bytes"]
     # identical seeds, weights and data order: the first epochs' training batches match, so the
     # runs differ only through the pruned weight gradient

@@ -13,7 +13,8 @@ from .train import TrainConfig, UserError
 EPILOG = """examples:
   actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs s=0.9
   actprune compare --epochs 10 --out runs/long --sparsity 0.9 0.8
-  actprune compare --scope linear all                # also compress Affine, LayerScale, GELU
+  actprune compare --scope linear all                # Linear inputs only (the paper) vs everything
+  actprune compare --scope linear --remainder-bits 0 # exactly the seed paper's method
   actprune train --model resmlp_s12 --dataset cifar10 --data-dir ~/data --image-size 32 \\
                  --patch-size 4 --sparsity 0.9 --epochs 30 --out runs/s12
   actprune train --out runs/s12 --resume             # continue an interrupted run
@@ -87,7 +88,7 @@ def _add_training_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _config(args: argparse.Namespace, sparsity: float, scope: str = "linear") -> TrainConfig:
+def _config(args: argparse.Namespace, sparsity: float, scope: str) -> TrainConfig:
     overrides = {
         k: v for k in ("patch_size", "width", "depth") if (v := getattr(args, k)) is not None
     }
@@ -143,7 +144,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, report_table
 
     command = "actprune " + shlex.join(args.argv)
-    runs = compare(_config(args, 0.0), args.sparsity, args.scope, command=command.strip())
+    runs = compare(
+        _config(args, 0.0, TrainConfig.scope), args.sparsity, args.scope, command=command.strip()
+    )
     print(report_table(runs))
     print(f"\nreport: {args.out}/report.md, plots: {args.out}/*.png")
     return 0
@@ -267,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = training_command("train", "train one model", cmd_train)
     p.add_argument("--sparsity", type=float, default=0.0, help="0 = dense (default)")
-    p.add_argument("--scope", choices=SCOPES, default="linear", help=SCOPE_HELP)
+    p.add_argument("--scope", choices=SCOPES, default=TrainConfig.scope, help=SCOPE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p = training_command("compare", "dense vs pruned, same seeds and data order", cmd_compare)
     p.add_argument(
@@ -277,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.9],
         help="pruned runs to compare with dense (default 0.9)",
     )
-    p.add_argument("--scope", choices=SCOPES, nargs="+", default=["linear"], help=SCOPE_HELP)
+    p.add_argument(
+        "--scope", choices=SCOPES, nargs="+", default=[TrainConfig.scope], help=SCOPE_HELP
+    )
 
     bench = sub.add_parser("bench", help="memory and kernel benchmarks").add_subparsers(
         dest="bench", required=True, parser_class=_Parser

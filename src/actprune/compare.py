@@ -186,9 +186,12 @@ def plot(runs: list[dict], out: Path) -> None:
     for ax, r in zip(axes[0], pruned):
         per_epoch = [cosine_by_layer(h["grad_cosine"]) for h in r["history"]]
         epochs = [h["epoch"] for h in r["history"]]
-        for group in per_epoch[0]:
+        # parameters whose gradient stays exact (cosine > 0.995 every epoch) are left out
+        shown = [g for g in per_epoch[0] if min(c[g][0] for c in per_epoch) <= 0.995]
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+        for group in shown:
             ax.plot(epochs, [c[group][0] for c in per_epoch], marker=".", label=group)
-        ax.set_title(f"{r['run']}: gradient cosine to exact (mean over blocks)")
+        ax.set_title(f"{r['run']}: gradient cosine to exact (mean over blocks)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylim(top=1.02)
         ax.grid(alpha=0.3)
