@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{shlex.join(['python', 'benchmarks/gelu_code.py', *(argv or sys.argv[1:])])}`",
         "",
         "Pieces: least-squares fit of gelu' (erf form) with x weighted by an equal mixture of "
-        "N(0, 1), N(0, 2²), N(0, 4²); exact dynamic programming on a 0.01 grid. Piece i covers (t_i, t_{i+1}]; backward multiplies dy by "
-        "its value.",
+        "N(0, 1), N(0, 2²), N(0, 4²); exact dynamic programming on a 0.01 grid. Piece i covers "
+        "(t_i, t_{i+1}]; backward multiplies dy by its value.",
         "",
     ]
     for r in rows:
