@@ -13,8 +13,8 @@ it (``layers`` deduplicates in eager mode), and autograd saves exactly those ten
   backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
 - ``actprune::gelu_code`` / ``actprune::coded_gelu`` — the packed derivative code of a GELU input
   (``derivative_code``) and GELU itself, whose backward is dy ⊙ q(x).
-- ``actprune::block_sparse_weight_grad`` / ``actprune::block_sparse_channel_grad`` — the two
-  parameter gradients from compressed tensors (``kernels``).
+- ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
+  dyᵀ·X̃ for a weight, Σ_rows dy ⊙ X̃ for a per-channel scale.
 """
 
 import math
@@ -146,8 +146,8 @@ def _linear_backward(ctx, dy):  # noqa: ANN001
         dx = dy2d.mm(weight).view(ctx.x_shape)
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_linear")
-        dw = block_sparse_weight_grad(
-            _dy_rows(ctx, dy), *packed, ctx.bits, dy2d.shape[0], ctx.x_shape[-1]
+        dw = block_sparse_grad(
+            _dy_rows(ctx, dy), *packed, ctx.bits, dy2d.shape[0], ctx.x_shape[-1], "matmul"
         )
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy2d.sum(0)
@@ -155,25 +155,6 @@ def _linear_backward(ctx, dy):  # noqa: ANN001
 
 
 pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-@torch.library.custom_op("actprune::block_sparse_weight_grad", mutates_args=())
-def block_sparse_weight_grad(
-    dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, remainder_bits: int,
-    rows: int, cols: int,
-) -> torch.Tensor:  # fmt: skip
-    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], X̃ the BlockSparse of compress_rows' tensors."""
-    packed = _unpack(
-        values, row_indices, ccol_indices, scales, low_codes, low_scales, remainder_bits,
-        (rows, cols),
-    )  # fmt: skip
-    return kernels.weight_grad(dy, packed)
-
-
-@block_sparse_weight_grad.register_fake
-def _(dy, *packed_and_args):  # noqa: ANN001
-    return dy.new_empty(dy.shape[1], packed_and_args[-1])
 
 
 # --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
@@ -211,7 +192,7 @@ def _scale_backward(ctx, dy):  # noqa: ANN001
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_channel_scale")
         rows = dy.numel() // channels
-        dscale = block_sparse_channel_grad(_dy_rows(ctx, dy), *packed, ctx.bits, rows, channels)
+        dscale = block_sparse_grad(_dy_rows(ctx, dy), *packed, ctx.bits, rows, channels, "rows")
         dscale = dscale.view(ctx.scale_shape)
     if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
         dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
@@ -221,23 +202,32 @@ def _scale_backward(ctx, dy):  # noqa: ANN001
 pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
-@torch.library.custom_op("actprune::block_sparse_channel_grad", mutates_args=())
-def block_sparse_channel_grad(
+# --- the parameter gradient from a compressed tensor ----------------------------------------------
+
+
+_GRADIENTS = {"matmul": kernels.weight_grad, "rows": kernels.channel_grad}
+
+
+@torch.library.custom_op("actprune::block_sparse_grad", mutates_args=())
+def block_sparse_grad(
     dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
     scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, remainder_bits: int,
-    rows: int, cols: int,
+    rows: int, cols: int, reduce: str,
 ) -> torch.Tensor:  # fmt: skip
-    """[K] = Σ_m dy[m, k] · X̃[m, k], X̃ the BlockSparse of compress_rows' tensors."""
+    """The gradient of a parameter that multiplied X [rows, cols], given dy [rows, N] and X̃, the
+    BlockSparse of compress_rows' tensors: ``reduce="matmul"`` gives dW [N, cols] = dyᵀ·X̃ (Linear),
+    ``reduce="rows"`` gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (a per-channel scale; N = cols)."""
     packed = _unpack(
         values, row_indices, ccol_indices, scales, low_codes, low_scales, remainder_bits,
         (rows, cols),
     )  # fmt: skip
-    return kernels.channel_grad(dy, packed)
+    return _GRADIENTS[reduce](dy, packed)
 
 
-@block_sparse_channel_grad.register_fake
+@block_sparse_grad.register_fake
 def _(dy, *packed_and_args):  # noqa: ANN001
-    return dy.new_empty(packed_and_args[-1])
+    *_, cols, reduce = packed_and_args
+    return dy.new_empty((dy.shape[1], cols) if reduce == "matmul" else (cols,))
 
 
 # --- GELU with a low-bit derivative code ---------------------------------------------------------
