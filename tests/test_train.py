@@ -28,7 +28,7 @@ def config(tmp_path, name, **kw):
 
 @pytest.mark.parametrize(
     "kw",
-    # the default (scope all, 2-bit remainder) draws random numbers for its rounding
+    # the default (scope all, 4-bit remainder) draws random numbers for its rounding
     [{"scope": "linear", "remainder_bits": 0}, {}],
     ids=["paper", "default"],
 )

@@ -59,8 +59,9 @@ class PruneConfig:
     # Bits per element kept of the dropped blocks. 0: they are dropped (the seed paper). 1, 2, 4:
     # the whole tensor is also kept at that many bits (per-block scale, stochastic rounding, so
     # unbiased), and backward uses the kept blocks exactly and the rest at low precision. Costs
-    # bits/8 bytes per element: at sparsity 0.9, 2 bits take fp32 storage from 0.10× to 0.17×,
-    # and dW sees all of x instead of 10 % of its blocks (see docs/design.md, "Remainder").
+    # bits/8 bytes per element: at sparsity 0.9 fp32 storage goes from 0.10× to 0.17× (2 bits) or
+    # 0.23× (4 bits), and dW sees all of x instead of 10 % of its blocks. 4 bits (the CLI default)
+    # has 1/25 of 2 bits' rounding noise (see docs/design.md, "Remainder").
     remainder_bits: int = 0
 
     def __post_init__(self) -> None:

@@ -62,12 +62,12 @@ class TrainConfig:
     row_order: str = "token-major"
     selection: str = "column"
     # The training CLI's defaults are actprune's recommended setting: every saved tensor compressed
-    # (scope "all") and the dropped blocks kept at 2 bits. The seed paper's method is
-    # scope="linear", remainder_bits=0 (PruneConfig's defaults); docs/results/README.md compares.
+    # (scope "all") and the dropped blocks kept at 4 bits. The seed paper's method is
+    # scope="linear", remainder_bits=0, selection="global"; docs/results/README.md compares.
     scope: str = "all"
     gelu_bits: int = 2
     int8: bool = False
-    remainder_bits: int = 2
+    remainder_bits: int = 4
     # Layers (shell-style patterns on qualified names, comma-separated) kept dense. The classifier
     # head's saved input is tiny (batch × width) while its gradient steers everything else.
     exclude: str = "head"
