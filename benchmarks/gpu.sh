@@ -21,6 +21,6 @@ for model in resmlp_s12 resmlp_s24; do
   $PY -m actprune bench memory --device cuda --model "$model" --batch 64 --timing-steps 10 --out "$OUT"
 done
 $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch 32 --sparsity 0.9 --block 32 \
-  --scope linear all --remainder-bits 0 2 --int8 --timing-steps 10 --out "$OUT" \
+  --scope linear all --remainder-bits 0 2 4 --int8 --timing-steps 10 --out "$OUT" \
   --stem memory_scopes_resmlp_s24_224px_b32_cuda
 $PY -m actprune plan --model resmlp_b24 --batch 256 --memory 80GB | tee "$OUT/plan_resmlp_b24.md"
