@@ -1,12 +1,23 @@
-"""Test set-up: Triton kernels run through the interpreter on CPU when no GPU is present."""
+"""Test set-up: Triton kernels run through the interpreter on CPU when no GPU is present, and
+torch.compile caches in a fresh folder per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+# Inductor's on-disk cache was seen reusing a backward compiled from an older checkout (one that
+# called an op since renamed); a clean folder makes the compile tests see this checkout's ops,
+# as on CI.
+_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="actprune-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
