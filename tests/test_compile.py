@@ -53,17 +53,13 @@ def test_registered_ops_pass_opcheck():
         args = ops.config_args(config)
         # the remainder's stochastic rounding differs between calls: only schema and fake checks
         checks = ("test_schema", "test_faketensor")
-        checks += (
-            ()
-            if config.remainder_bits
-            else ("test_autograd_registration", "test_aot_dispatch_dynamic")
-        )
+        if not config.remainder_bits:
+            checks += ("test_autograd_registration", "test_aot_dispatch_dynamic")
         torch.library.opcheck(ops.compress_rows, (x.detach(), *args), test_utils=checks)
         packed = ops.compress_rows(x.detach(), *args)
-        dy = torch.randn(60, 10)
-        for reduce, d in (("matmul", dy), ("rows", torch.randn(60, 24))):
+        for reduce, dy in (("matmul", torch.randn(60, 10)), ("rows", torch.randn(60, 24))):
             torch.library.opcheck(
-                ops.block_sparse_grad, (d, *packed, config.remainder_bits, 60, 24, reduce)
+                ops.block_sparse_grad, (dy, *packed, config.remainder_bits, 60, 24, reduce)
             )
         torch.library.opcheck(
             ops.pruned_linear, (x, w, b, *packed, config.row_order, config.remainder_bits)
