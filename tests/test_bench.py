@@ -5,13 +5,9 @@ from torch import nn
 
 from actprune import PruneConfig, SavedTensorLog
 from actprune.bench.kernels import linear_shapes, measure_kernels, write_results
-from actprune.bench.memory import (
-    MemoryConfig,
-    default_configs,
-    run_memory_bench,
-    write_memory_results,
-)
+from actprune.bench.memory import run_memory_bench, write_memory_results
 from actprune.cli import main
+from actprune.methods import MemoryConfig, methods
 
 
 def test_bytes_by_kind_attributes_to_innermost_module():
@@ -26,38 +22,32 @@ def test_bytes_by_kind_attributes_to_innermost_module():
     del out
 
 
-def test_default_configs_cover_the_issue_grid():
-    names = [c.name for c in default_configs()]
-    assert names[:2] == ["dense", "checkpoint"]
-    assert len([n for n in names if n.startswith("actprune_")]) == 16
-    assert "unstructured_s0.9" in names and "actprune_s0.95_b64" in names
-    scopes = default_configs(
-        [0.9], [32], ["linear", "all"], int8=True, baselines=["checkpoint"], remainder_bits=[0, 2]
-    )
-    assert [c.name for c in scopes] == [
+def test_methods_list_dense_baselines_then_each_config():
+    prunes = [PruneConfig(s, 32, scope=scope) for scope in ("linear", "all") for s in (0.9, 0.5)]
+    names = [c.name for c in methods(prunes)]
+    assert names == [
         "dense",
         "checkpoint",
+        "unstructured_s0.9",
+        "unstructured_s0.5",
         "actprune_s0.9_b32",
-        "actprune_int8_s0.9_b32",
-        "actprune_r2_s0.9_b32",
-        "actprune_int8_r2_s0.9_b32",
+        "actprune_s0.5_b32",
         "actprune_all_s0.9_b32",
-        "actprune_all_int8_s0.9_b32",
-        "actprune_all_r2_s0.9_b32",
-        "actprune_all_int8_r2_s0.9_b32",
+        "actprune_all_s0.5_b32",
     ]
-    assert scopes[-1].prune_config() == PruneConfig(
-        0.9, 32, scope="all", int8=True, remainder_bits=2
-    )
+    only = methods([PruneConfig(0.9, 32, scope="all", int8=True, remainder_bits=2)], ["checkpoint"])
+    assert [c.name for c in only] == ["dense", "checkpoint", "actprune_all_int8_r2_s0.9_b32"]
+    assert only[-1].prune == PruneConfig(0.9, 32, scope="all", int8=True, remainder_bits=2)
+    assert methods([], []) == [MemoryConfig.dense()]
 
 
 def test_memory_bench_small(tmp_path):
     configs = [
-        MemoryConfig("dense", "dense"),
-        MemoryConfig("checkpoint", "checkpoint"),
-        MemoryConfig("unstructured_s0.9", "unstructured", 0.9, 1),
-        MemoryConfig("actprune_s0.9_b16", "actprune", 0.9, 16),
-        MemoryConfig("all", "actprune", 0.9, 16, scope="all"),
+        MemoryConfig.dense(),
+        MemoryConfig.checkpoint(),
+        MemoryConfig.unstructured(0.9),
+        MemoryConfig.actprune(PruneConfig(0.9, 16)),
+        MemoryConfig("all", "actprune", PruneConfig(0.9, 16, scope="all")),
     ]
     rows = run_memory_bench("resmlp_tiny", 28, 32, configs, num_classes=10, timing_steps=1)
     by = {r.config.name: r for r in rows}
@@ -87,7 +77,7 @@ def test_linear_shapes_of_resmlp_s24():
 
 
 def test_kernel_bench_small(tmp_path):
-    rows = measure_kernels([(64, 64, 32), (40, 30, 20)], blocks=(16,), sparsities=(0.5,), repeats=1)
+    rows = measure_kernels([(64, 64, 32), (40, 30, 20)], [PruneConfig(0.5, 16)], repeats=1)
     assert len(rows) == 2 and rows[0].bsr_dw_ms is not None and rows[1].bsr_dw_ms is None
     md = write_results(rows, "cpu", tmp_path, "k", "test")
     assert "64×64×32" in md and (tmp_path / "k.json").is_file()
@@ -99,7 +89,7 @@ def test_cli_bench_and_plan(tmp_path, capsys):
         "resmlp_tiny",
         "--image-size",
         "28",
-        "--batch",
+        "--batch-size",
         "16",
         "--out",
         str(tmp_path),
@@ -112,7 +102,7 @@ def test_cli_bench_and_plan(tmp_path, capsys):
                 *common,
                 "--sparsity",
                 "0.9",
-                "--block",
+                "--block-size",
                 "16",
                 "--timing-steps",
                 "1",
@@ -122,7 +112,19 @@ def test_cli_bench_and_plan(tmp_path, capsys):
     )
     assert (tmp_path / "memory_resmlp_tiny_28px_b16_cpu.md").is_file()
     assert (
-        main(["bench", "kernels", *common, "--sparsity", "0.9", "--block", "16", "--repeats", "1"])
+        main(
+            [
+                "bench",
+                "kernels",
+                *common,
+                "--sparsity",
+                "0.9",
+                "--block-size",
+                "16",
+                "--repeats",
+                "1",
+            ]
+        )
         == 0
     )
     assert (tmp_path / "kernels_resmlp_tiny_b16_cpu_float32.json").is_file()
@@ -134,7 +136,7 @@ def test_cli_bench_and_plan(tmp_path, capsys):
                 "resmlp_tiny",
                 "--image-size",
                 "28",
-                "--batch",
+                "--batch-size",
                 "64",
                 "--memory",
                 "100MiB",
@@ -147,6 +149,6 @@ def test_cli_bench_and_plan(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "| dense |" in out and "| actprune_s0.9_b32 |" in out
+    assert "| dense |" in out and "| actprune_all_r4_s0.9_b32 |" in out
     assert main(["plan", "--memory", "lots"]) == 2
     assert "memory size" in capsys.readouterr().err

@@ -84,9 +84,15 @@ def test_compare_writes_report_plots_and_summary(capsys, tmp_path):
         "16",
     )
     assert code == 0
-    assert "| dense |" in stdout and "| pruned_all_s0.9 |" in stdout  # default: scope all
+    assert (
+        "| dense |" in stdout and "| actprune_all_r4_s0.9_b16 |" in stdout
+    )  # default: recommended
     runs = json.loads((out / "summary.json").read_text())
-    assert [r["run"] for r in runs] == ["dense", "pruned_all_s0.9", "pruned_all_s0.5"]
+    assert [r["run"] for r in runs] == [
+        "dense",
+        "actprune_all_r4_s0.9_b16",
+        "actprune_all_r4_s0.5_b16",
+    ]
     assert runs[1]["saved_activation_bytes"] < runs[0]["saved_activation_bytes"]
     # identical seeds, weights and data order: the first epochs' training batches match, so the
     # runs differ only through the pruned weight gradient
@@ -113,7 +119,7 @@ def test_compare_scopes_reports_compression_and_gradient_cosines(capsys, tmp_pat
     code, stdout, _ = run(capsys, *argv, "--scope", "linear", "all", "--remainder-bits", "2")
     assert code == 0
     runs = json.loads((out / "summary.json").read_text())
-    assert [r["run"] for r in runs] == ["dense", "pruned_s0.9", "pruned_all_s0.9"]
+    assert [r["run"] for r in runs] == ["dense", "actprune_r2_s0.9_b16", "actprune_all_r2_s0.9_b16"]
     assert runs[2]["saved_activation_bytes"] < runs[1]["saved_activation_bytes"]
     assert {c["layer"] for c in runs[2]["compressed"]} == {"Linear", "Affine", "LayerScale", "GELU"}
     assert "grad_cosine" not in runs[0]["history"][0]  # dense: nothing to compare

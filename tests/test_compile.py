@@ -50,31 +50,22 @@ def test_registered_ops_pass_opcheck():
         PruneConfig(0.5, 8, "max", "batch-major", "global", int8=True),
         PruneConfig(0.5, 8, remainder_bits=2),
     ):
-        args = ops.config_args(config)
+        key = config.to_json()
         # the remainder's stochastic rounding differs between calls: only schema and fake checks
         checks = ("test_schema", "test_faketensor")
         if not config.remainder_bits:
             checks += ("test_autograd_registration", "test_aot_dispatch_dynamic")
-        torch.library.opcheck(ops.compress_rows, (x.detach(), *args), test_utils=checks)
-        packed = ops.compress_rows(x.detach(), *args)
-        for reduce, dy in (("matmul", torch.randn(60, 10)), ("rows", torch.randn(60, 24))):
-            torch.library.opcheck(
-                ops.block_sparse_grad, (dy, *packed, config.remainder_bits, 60, 24, reduce)
-            )
-        torch.library.opcheck(
-            ops.pruned_linear, (x, w, b, *packed, config.row_order, config.remainder_bits)
-        )
-        torch.library.opcheck(
-            ops.pruned_channel_scale,
-            (x, scale, shift, *packed, config.row_order, config.remainder_bits),
-        )
-        torch.library.opcheck(
-            ops.pruned_channel_scale,
-            (x, scale, None, *packed, config.row_order, config.remainder_bits),
-        )
+        torch.library.opcheck(ops.compress_rows, (x.detach(), key), test_utils=checks)
+        parts = ops.compress_rows(x.detach(), key)
+        for param, dy in (("weight", torch.randn(60, 10)), ("channel_scale", torch.randn(60, 24))):
+            torch.library.opcheck(ops.block_sparse_grad, (dy, *parts, key, 60, 24, param))
+        torch.library.opcheck(ops.pruned_linear, (x, w, b, *parts, key))
+        torch.library.opcheck(ops.pruned_channel_scale, (x, scale, shift, *parts, key))
+        torch.library.opcheck(ops.pruned_channel_scale, (x, scale, None, *parts, key))
     e = x.new_empty(0)
     empty = (e, e.int(), e.int(), e, e.to(torch.uint8), e)
-    torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, "token-major", 0))
+    key = PruneConfig(0.5, 8).to_json()
+    torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, key))
     for bits in (2, 4):
         codes = ops.gelu_code(x.detach(), bits, "none")
         torch.library.opcheck(ops.gelu_code, (x.detach(), bits, "tanh"))

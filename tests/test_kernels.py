@@ -60,12 +60,12 @@ def test_weight_grad(m, k, n, block, sparsity, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("selection", ["column", "global"])
 @pytest.mark.parametrize("m, k, n, block", CASES)
-def test_channel_grad(m, k, n, block, selection, dtype):
+def test_channel_scale_grad(m, k, n, block, selection, dtype):
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     dy = torch.randn(m, k, device=DEVICE).to(dtype)
     packed = compress(x, PruneConfig(0.6, block, selection=selection))
-    got = triton_blocks.channel_grad(dy, packed)
-    ref = reference.channel_grad(dy, packed)
+    got = triton_blocks.channel_scale_grad(dy, packed)
+    ref = reference.channel_scale_grad(dy, packed)
     want = (dy.double() * packed.to_dense().double()).sum(0)
     assert got.dtype == dtype and got.shape == (k,)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

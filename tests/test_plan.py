@@ -2,23 +2,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actprune import measure_training_step, models
-from actprune.bench.memory import MemoryConfig, actprune_config, apply_config
+from actprune import PruneConfig, measure_training_step, models
+from actprune.methods import MemoryConfig, apply_method
 from actprune.plan import largest_batch, parse_bytes, predict_step
 
 CONFIGS = [
-    MemoryConfig("dense", "dense"),
-    MemoryConfig("checkpoint", "checkpoint"),
-    MemoryConfig("actprune", "actprune", 0.9, 32),
-    MemoryConfig("u", "unstructured", 0.8, 1),
-    actprune_config(0.9, 32, "all"),
-    actprune_config(0.9, 32, "all", int8=True, remainder_bits=2),
+    MemoryConfig.dense(),
+    MemoryConfig.checkpoint(),
+    MemoryConfig.actprune(PruneConfig(0.9, 32)),
+    MemoryConfig.unstructured(0.8),
+    MemoryConfig.actprune(PruneConfig(0.9, 32, scope="all")),
+    MemoryConfig.actprune(PruneConfig(0.9, 32, scope="all", int8=True, remainder_bits=2)),
 ]
 
 
 def measured_peak(name, batch, config, **overrides):
     torch.manual_seed(0)
-    model = apply_config(models.create(name, **overrides), config)
+    model = apply_method(models.create(name, **overrides), config)
     c, s = model.config.in_chans, model.config.img_size
     x, y = torch.randn(batch, c, s, s), torch.randint(0, model.config.num_classes, (batch,))
     opt = torch.optim.AdamW(model.parameters())
@@ -38,7 +38,7 @@ def test_prediction_within_10_percent_of_cpu_measurement(name, batch, overrides,
 
 
 def test_prediction_allocates_nothing_for_a_huge_model():
-    plan = predict_step("resmlp_b24", 256, MemoryConfig("dense", "dense"))
+    plan = predict_step("resmlp_b24", 256, MemoryConfig.dense())
     assert plan.peak_step_bytes > 20 * 2**30  # tens of GiB, predicted on a 24 GB machine
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from actprune import data
-from actprune.train import TrainConfig, UserError, train
+from actprune import PruneConfig, data
+from actprune.train import TrainConfig, TrainError, train
 
 
 def tiny_dataset():
@@ -12,14 +12,15 @@ def tiny_dataset():
 
 
 def config(tmp_path, name, **kw):
+    prune_fields = {k: kw.pop(k) for k in list(kw) if k in PruneConfig.__dataclass_fields__}
+    prune = PruneConfig.preset("recommended", **{"sparsity": 0.5, "block_size": 16, **prune_fields})
     base = dict(
         model="resmlp_tiny",
         dataset="synthetic",
         out=str(tmp_path / name),
         epochs=3,
         batch_size=32,
-        sparsity=0.5,
-        block_size=16,
+        prune=prune,
         progress=False,
         model_overrides={"width": 32, "depth": 2},
     )
@@ -68,7 +69,7 @@ def test_same_seed_same_initial_weights_dense_and_pruned(tmp_path):
     from actprune.train import build_model, resolve_device
 
     ds = tiny_dataset()
-    dense = build_model(config(tmp_path, "a", sparsity=0.0), ds, resolve_device("cpu"))
+    dense = build_model(config(tmp_path, "a", prune=None), ds, resolve_device("cpu"))
     pruned = build_model(config(tmp_path, "b", sparsity=0.9), ds, resolve_device("cpu"))
     for (_, p), (_, q) in zip(dense.state_dict().items(), pruned.state_dict().items()):
         assert torch.equal(p, q)
@@ -82,8 +83,8 @@ def test_bf16_autocast_on_cpu(tmp_path):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"batch_size": 0}, "--batch-size must be positive"),
-        ({"sparsity": 1.5}, "--sparsity"),
+        ({"batch_size": 0}, "batch_size must be positive"),
+        ({"prune": {"sparsity": 0.5}}, "prune must be a PruneConfig"),
         ({"model": "vgg"}, "unknown model"),
         ({"dataset": "imagenet"}, "unknown dataset"),
         ({"amp": "fp16"}, "needs a CUDA"),
@@ -91,14 +92,14 @@ def test_bf16_autocast_on_cpu(tmp_path):
     ],
 )
 def test_user_errors(tmp_path, kw, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(TrainError, match=match):
         train(config(tmp_path, "err", **kw), dataset=tiny_dataset())
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(TrainError, match="--overwrite"):
         train(config(tmp_path, "busy"), dataset=tiny_dataset())
     train(config(tmp_path, "busy", epochs=1, overwrite=True), dataset=tiny_dataset())
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
@@ -113,7 +114,7 @@ def test_head_stays_dense_unless_exclude_is_cleared(tmp_path):
     ds, cpu = tiny_dataset(), resolve_device("cpu")
     model = build_model(config(tmp_path, "a", sparsity=0.9), ds, cpu)
     assert type(model.head) is nn.Linear and isinstance(model.blocks[0].fc1, PrunedLinear)
-    model = build_model(config(tmp_path, "b", sparsity=0.9, exclude="head,*.tok"), ds, cpu)
+    model = build_model(config(tmp_path, "b", sparsity=0.9, exclude=("head", "*.tok")), ds, cpu)
     assert type(model.blocks[1].tok) is nn.Linear and isinstance(model.blocks[1].fc2, PrunedLinear)
-    model = build_model(config(tmp_path, "c", sparsity=0.9, exclude=""), ds, cpu)
+    model = build_model(config(tmp_path, "c", sparsity=0.9, exclude=()), ds, cpu)
     assert isinstance(model.head, PrunedLinear)

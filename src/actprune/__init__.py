@@ -1,24 +1,17 @@
-"""actprune: cut training memory by pruning the activations saved for backward to block-sparse form.
+"""actprune: cut training memory by compressing the activations saved for the backward pass.
 
     import actprune
-    actprune.prune_activations_(model, actprune.PruneConfig(sparsity=0.9, block_size=32))
+    actprune.prune_activations_(model, actprune.PruneConfig.preset("recommended"))
 
 Seed method: Barley & Fröning 2023, "Compressing the Backward Pass of Large-Scale Neural
 Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 """
 
-from . import models
-from .blocksparse import BlockSparse, compress, select_blocks
-from .config import PruneConfig
-from .convert import describe_compression, prune_activations_, restore_dense_
+from .blocksparse import compress, select_blocks
+from .config import PRESETS, PruneConfig
+from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
 from .derivative_code import DerivativeCode, gelu_derivative_code
-from .layers import (
-    CodedGELU,
-    PrunedAffine,
-    PrunedLayerScale,
-    PrunedLinear,
-    exact_gradients,
-)
+from .layers import CodedGELU, PrunedChannelScale, PrunedLinear, exact_gradients
 from .memory import (
     SavedTensorLog,
     StepMemory,
@@ -26,15 +19,19 @@ from .memory import (
     peak_memory,
     saved_activation_bytes,
 )
+from .models.resmlp import PrunedAffine, PrunedLayerScale
+from .storage import BlockSparse
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "BlockSparse",
     "CodedGELU",
     "DerivativeCode",
     "PruneConfig",
     "PrunedAffine",
+    "PrunedChannelScale",
     "PrunedLayerScale",
     "PrunedLinear",
     "SavedTensorLog",
@@ -44,9 +41,9 @@ __all__ = [
     "exact_gradients",
     "gelu_derivative_code",
     "measure_training_step",
-    "models",
     "peak_memory",
     "prune_activations_",
+    "register_conversion",
     "restore_dense_",
     "saved_activation_bytes",
     "select_blocks",

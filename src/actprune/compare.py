@@ -14,41 +14,43 @@ import re
 from pathlib import Path
 
 from . import data as data_lib
-from .train import TrainConfig, UserError, prepare_out_dir, train
+from .config import PruneConfig
+from .train import TrainConfig, TrainError, prepare_out_dir, train
 
 
-def run_name(sparsity: float, scope: str = "linear") -> str:
-    if not sparsity:
-        return "dense"
-    return f"pruned_s{sparsity:g}" if scope == "linear" else f"pruned_{scope}_s{sparsity:g}"
+def run_name(prune: PruneConfig | None) -> str:
+    """ "dense", or "actprune_<label>" (the name ``bench memory`` gives the same configuration)."""
+    return "dense" if prune is None else f"actprune_{prune.label()}"
 
 
-def compare(
-    base: TrainConfig,
-    sparsities: list[float],
-    scopes: list[str] = ("linear",),
-    command: str = "",
-) -> list[dict]:
-    """Train a dense run and one per scope × sparsity (> 0) from ``base``; write the report;
-    return the runs."""
+def compare(base: TrainConfig, prunes: list[PruneConfig], command: str = "") -> list[dict]:
+    """Train dense and one run per PruneConfig from ``base`` (same seed, weights, data order).
+
+    Args:
+        base: the settings shared by every run (its ``prune`` is ignored).
+        prunes: the compressed runs to compare with dense.
+        command: the command line, quoted in the report.
+
+    Returns:
+        One summary per run (``train``), dense first, each with its ``run`` name; also written
+        to ``base.out``: summary.json, report.md and the plots.
+    """
     out = Path(base.out)
-    settings = [(0.0, "linear")] + [(s, scope) for scope in scopes for s in sparsities if s]
-    for s, scope in settings:
-        dataclasses.replace(base, sparsity=s, scope=scope).validate()
+    settings = [None, *prunes]
+    for prune in settings:
+        dataclasses.replace(base, prune=prune).validate()
     prepare_out_dir(out, base.overwrite, base.resume)
     try:
         dataset = data_lib.load(base.dataset, base.data_dir, base.image_size)
     except data_lib.DataError as err:
-        raise UserError(str(err)) from err
+        raise TrainError(str(err)) from err
     runs = []
-    for s, scope in settings:
-        name = run_name(s, scope)
-        cfg = dataclasses.replace(base, sparsity=s, scope=scope, out=str(out / name))
-        summary = train(cfg, dataset=dataset)
-        runs.append({"run": name, **summary})
+    for prune in settings:
+        name = run_name(prune)
+        cfg = dataclasses.replace(base, prune=prune, out=str(out / name))
+        runs.append({"run": name, **train(cfg, dataset=dataset)})
     (out / "summary.json").write_text(json.dumps(runs, indent=2) + "\n")
-    table = report_table(runs)
-    (out / "report.md").write_text(_report(runs, table, command))
+    (out / "report.md").write_text(_report(runs, report_table(runs), command))
     plot(runs, out)
     return runs
 
@@ -90,7 +92,11 @@ def cosine_by_layer(grad_cosine: dict[str, float]) -> dict[str, tuple[float, flo
 def _compression_section(runs: list[dict]) -> str:
     parts = []
     for r in runs[1:]:
-        lines = [f"**{r['run']}** (scope {r['scope']}):", "", "| layer | count | saved | kept as |"]
+        lines = [
+            f"**{r['run']}** (scope {r['prune']['scope']}):",
+            "",
+            "| layer | count | saved | kept as |",
+        ]
         lines.append("|---|---|---|---|")
         lines += [
             f"| {c['layer']} | {c['count']} | {c['saved']} | {c['kept_as']} |"
@@ -135,12 +141,21 @@ def _report(runs: list[dict], table: str, command: str) -> str:
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    """accuracy.png and loss.png per epoch for every run; memory.png: peak and saved bytes."""
+    """accuracy.png and loss.png per epoch for every run; memory.png: peak and saved bytes;
+    grad_cosine.png: each compressed run's gradient cosines per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _plot_history(plt, runs, out)
+    _plot_memory(plt, runs, out)
+    pruned = [r for r in runs[1:] if "grad_cosine" in r["history"][-1]]
+    if pruned:
+        _plot_cosines(plt, pruned, out)
+
+
+def _plot_history(plt, runs: list[dict], out: Path) -> None:
     for key, label, fname in [
         ("test_acc", "test accuracy (%)", "accuracy.png"),
         ("test_loss", "test loss", "loss.png"),
@@ -156,6 +171,9 @@ def plot(runs: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
+
+
+def _plot_memory(plt, runs: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [r["run"] for r in runs]
     width = 0.38
@@ -179,9 +197,9 @@ def plot(runs: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
-    pruned = [r for r in runs[1:] if "grad_cosine" in r["history"][-1]]
-    if not pruned:
-        return
+
+
+def _plot_cosines(plt, pruned: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(pruned), figsize=(6.5 * len(pruned), 4.5), squeeze=False)
     for ax, r in zip(axes[0], pruned):
         per_epoch = [cosine_by_layer(h["grad_cosine"]) for h in r["history"]]

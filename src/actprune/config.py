@@ -1,10 +1,20 @@
-"""What to prune and how: the one configuration object every actprune entry point takes."""
+"""What to compress and how: ``PruneConfig``, the one configuration every entry point takes.
+
+Each field is declared once, here, with its allowed values and a one-line help text in its
+metadata. The command line builds its compression flags from these declarations, checkpoints and
+summaries store ``to_dict()``, and the registered operators take ``to_json()``. Named presets
+(``PruneConfig.preset``) are the settings the measurements in docs/results chose.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
 CRITERIA = ("l2", "l1", "max")
 ROW_ORDERS = ("token-major", "batch-major")
@@ -14,97 +24,113 @@ GELU_BITS = (2, 4)
 REMAINDER_BITS = (0, 1, 2, 4)
 
 
+def _option(help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text and allowed values (read by the CLI)."""
+    return field(metadata={"help": help, "choices": choices}, **kwargs)
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """How the activations saved for backward are pruned.
+    """How the activations saved for backward are compressed.
 
-    Example: ``PruneConfig(sparsity=0.9, block_size=32)`` keeps the 10 % of 32×32 blocks with the
-    largest L2 norm (Barley & Fröning 2023, arXiv 2311.16883).
+    Frozen and validated on construction: a bad value raises ``ValueError`` naming the field, the
+    value and what is allowed. Why each field exists, with measurements: docs/design.md.
+
+    Args:
+        sparsity: fraction of blocks dropped, in [0, 1).
+        block_size: an int (square blocks) or a (rows, cols) pair; stored as a pair.
+        criterion: block score, one of ``CRITERIA``.
+        row_order: how an N-D activation becomes rows, one of ``ROW_ORDERS``.
+        selection: top-k per block-column or over the whole tensor, one of ``SELECTIONS``.
+        scope: which saved tensors are compressed, one of ``SCOPES``.
+        gelu_bits: bits of the GELU derivative code (``scope="all"``), one of ``GELU_BITS``.
+        int8: keep the kept blocks as int8 with one float32 scale per block.
+        remainder_bits: bits per element of the dropped blocks, one of ``REMAINDER_BITS``.
+
+    Example:
+        >>> from actprune import PruneConfig
+        >>> PruneConfig(0.9, 32).block_size
+        (32, 32)
+        >>> PruneConfig.preset("recommended").label()
+        'all_r4_s0.9_b32'
+        >>> PruneConfig(1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: PruneConfig.sparsity must be a number in [0, 1), got 1.5
     """
 
-    # Fraction of blocks dropped, in [0, 1). 0 keeps everything (exact gradients); 0.9 keeps
-    # ceil(0.1 · n_blocks) blocks.
-    sparsity: float
-    # Block shape over the 2-D view (rows = tokens, cols = features) of a saved tensor: an int for
-    # square blocks or a (rows, cols) pair. Stored normalised as a (rows, cols) tuple.
-    block_size: int | tuple[int, int] = 32
-    # Block score: "l2" (Frobenius norm; keeping the top blocks by it minimises the squared error of
-    # the pruned tensor), "l1" (sum of |x|) or "max" (largest |x|).
-    criterion: str = "l2"
-    # How an N-D activation (batch, tokens..., features) becomes the 2-D matrix that is cut into
-    # blocks. "token-major" puts the batch innermost, so a block spans bm samples at the same
-    # token position: every sample keeps contributing to dW and the kept blocks follow positions
-    # and features rather than whole loud samples (measured: token-mixing dW cosine to the exact
-    # gradient 0.6 -> 0.95 on ResMLP). "batch-major" is the plain row-major flatten. 2-D inputs
-    # are the same either way.
-    row_order: str = "token-major"
-    # How the kept blocks are spread. "column": every block-column (group of bk features) keeps
-    # the same number of blocks, its highest-scoring ones, so every column slice of dW gets a
-    # gradient and the Triton dW programs get equal work (measured on ResMLP fc layers: cosine of
-    # the 12-step sum of dW to the exact one 0.39-0.69 -> 0.46-0.83; docs/design.md).
-    # "global": the k highest-scoring blocks of the whole tensor, as in the seed paper.
-    selection: str = "column"
-    # Which saved tensors are compressed. "linear": Linear inputs only (the seed paper). "all":
-    # also the inputs of per-channel scales (ResMLP's Affine and LayerScale), which only their
-    # parameter gradient reads, and GELU inputs, kept as a `gelu_bits` code of gelu'.
-    scope: str = "linear"
-    gelu_bits: int = 2
-    # Store the kept blocks as int8 with one float32 scale per block (4× fewer value bytes in
-    # fp32); backward dequantises one layer at a time.
-    int8: bool = False
-    # Bits per element kept of the dropped blocks. 0: they are dropped (the seed paper). 1, 2, 4:
-    # the whole tensor is also kept at that many bits (per-block scale, stochastic rounding, so
-    # unbiased), and backward uses the kept blocks exactly and the rest at low precision. Costs
-    # bits/8 bytes per element: at sparsity 0.9 fp32 storage goes from 0.10× to 0.17× (2 bits) or
-    # 0.23× (4 bits), and dW sees all of x instead of 10 % of its blocks. 4 bits (the CLI default)
-    # has 1/25 of 2 bits' rounding noise (see docs/design.md, "Remainder").
-    remainder_bits: int = 0
+    # 0 keeps every block (exact gradients); 0.9 keeps ceil(0.1 · n_blocks) blocks.
+    sparsity: float = _option("fraction of blocks dropped, in [0, 1)")
+    # Blocks are cut from the 2-D (rows = tokens, cols = features) view of a saved tensor.
+    block_size: int | tuple[int, int] = _option("block side, or ROWSxCOLS", default=32)
+    # "l2" (keeping the top blocks by it minimises the squared error of the pruned tensor), "l1"
+    # (sum of |x|) or "max" (largest |x|). Blocks holding NaN/Inf always rank first.
+    criterion: str = _option("block score", CRITERIA, default="l2")
+    # "token-major" puts the batch innermost, so a block spans bm samples at one token position
+    # and every sample keeps contributing to dW; "batch-major" is the plain row-major flatten.
+    row_order: str = _option("how (batch, tokens, features) become rows", ROW_ORDERS,
+                             default="token-major")  # fmt: skip
+    # "column": every block-column keeps its own top blocks, so every column slice of dW gets a
+    # gradient and the dW kernel's programs get equal work. "global": the seed paper's top-k.
+    selection: str = _option("top-k within each block-column or over the whole tensor",
+                             SELECTIONS, default="column")  # fmt: skip
+    # "linear": Linear inputs only (the seed paper). "all": also every registered layer whose
+    # saved input feeds only a parameter gradient (per-channel scales) and GELU inputs, kept as a
+    # `gelu_bits` code of gelu'.
+    scope: str = _option("linear = Linear inputs (the paper); all = also per-channel scale inputs "
+                         "and GELU inputs", SCOPES, default="linear")  # fmt: skip
+    gelu_bits: int = _option("bits of the GELU derivative code (scope all)", GELU_BITS, default=2)
+    # Backward dequantises one layer at a time.
+    int8: bool = _option("keep the kept blocks as int8 with a per-block scale", default=False)
+    # 0: dropped blocks are zero (the seed paper). 1, 2, 4: the whole tensor is also kept at that
+    # many bits (per-block scale, stochastic rounding, so unbiased) and backward uses the kept
+    # blocks exactly and the rest at low precision: dW sees all of x.
+    remainder_bits: int = _option("also keep the dropped blocks at this many bits (0: drop them)",
+                                  REMAINDER_BITS, default=0)  # fmt: skip
 
     def __post_init__(self) -> None:
         s = self.sparsity
         if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (0.0 <= s < 1.0):
             raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1), got {s!r}")
-        b = self.block_size
-        if _is_positive_int(b):
-            shape = (int(b), int(b))
-        elif isinstance(b, (tuple, list)) and len(b) == 2 and all(map(_is_positive_int, b)):
-            shape = (int(b[0]), int(b[1]))
-        else:
-            raise ValueError(
-                "PruneConfig.block_size must be a positive int or a (rows, cols) pair of positive "
-                f"ints, got {b!r}"
-            )
         object.__setattr__(self, "sparsity", float(s))
-        object.__setattr__(self, "block_size", shape)
-        if self.criterion not in CRITERIA:
-            raise ValueError(
-                f"PruneConfig.criterion must be one of {', '.join(map(repr, CRITERIA))}, "
-                f"got {self.criterion!r}"
-            )
-        if self.row_order not in ROW_ORDERS:
-            raise ValueError(
-                f"PruneConfig.row_order must be one of {', '.join(map(repr, ROW_ORDERS))}, "
-                f"got {self.row_order!r}"
-            )
-        choices = (
-            ("selection", SELECTIONS),
-            ("scope", SCOPES),
-            ("gelu_bits", GELU_BITS),
-            ("remainder_bits", REMAINDER_BITS),
-        )
-        for name, allowed in choices:
-            value = getattr(self, name)
-            if value not in allowed or isinstance(value, bool):
+        object.__setattr__(self, "block_size", _block_pair(self.block_size))
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata["choices"], getattr(self, f.name)
+            if allowed is not None and (value not in allowed or isinstance(value, bool)):
                 raise ValueError(
-                    f"PruneConfig.{name} must be one of {', '.join(map(repr, allowed))}, "
+                    f"PruneConfig.{f.name} must be one of {', '.join(map(repr, allowed))}, "
                     f"got {value!r}"
                 )
         if not isinstance(self.int8, bool):
             raise ValueError(f"PruneConfig.int8 must be True or False, got {self.int8!r}")
+        # Computed once: the ops take it on every call, also inside torch.compile'd code, which
+        # cannot trace json.dumps.
+        object.__setattr__(self, "_json", json.dumps(self.to_dict(), sort_keys=True,
+                                                      separators=(",", ":")))  # fmt: skip
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PruneConfig:
+        """A named setting (``PRESETS``), with any field replaced by a keyword.
+
+        Args:
+            name: ``"paper"`` (the seed paper's method) or ``"recommended"`` (actprune's default
+                on the command line).
+            **overrides: fields to change, e.g. ``sparsity=0.8``.
+
+        Returns:
+            The PruneConfig.
+
+        Example:
+            >>> PruneConfig.preset("paper", sparsity=0.8).selection
+            'global'
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -124,3 +150,68 @@ class PruneConfig:
         if self.selection == "column":
             return n_bc * self.kept_blocks(n_br)
         return self.kept_blocks(n_br * n_bc)
+
+    def label(self) -> str:
+        """A short name for tables and run folders: a tag for every field away from its default,
+        then sparsity and block, e.g. ``"all_int8_r4_s0.9_b32"``."""
+        bm, bk = self.block_shape
+        tags = [
+            "all" if self.scope == "all" else "",
+            "int8" if self.int8 else "",
+            f"r{self.remainder_bits}" if self.remainder_bits else "",
+            f"g{self.gelu_bits}" if self.scope == "all" and self.gelu_bits != 2 else "",
+            "global" if self.selection == "global" else "",
+            self.criterion if self.criterion != "l2" else "",
+            "batchmajor" if self.row_order == "batch-major" else "",
+            f"s{self.sparsity:g}",
+            f"b{bm}" if bm == bk else f"b{bm}x{bk}",
+        ]
+        return "_".join(t for t in tags if t)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values (JSON- and ``torch.load(weights_only=True)``-safe)."""
+        d = dataclasses.asdict(self)
+        d["block_size"] = list(self.block_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
+        """The inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        """Compact, canonical JSON of ``to_dict()``: the form the registered operators take."""
+        return self._json
+
+    @staticmethod
+    def from_json(text: str) -> PruneConfig:
+        """The inverse of ``to_json`` (cached: the operators call it on every step)."""
+        return _from_json(text)
+
+
+@lru_cache(maxsize=256)
+def _from_json(text: str) -> PruneConfig:
+    return PruneConfig.from_dict(json.loads(text))
+
+
+def _block_pair(b: object) -> tuple[int, int]:
+    if _is_positive_int(b):
+        return (int(b), int(b))  # type: ignore[call-overload]
+    if isinstance(b, (tuple, list)) and len(b) == 2 and all(map(_is_positive_int, b)):
+        return (int(b[0]), int(b[1]))
+    raise ValueError(
+        f"PruneConfig.block_size must be a positive int or a (rows, cols) pair of positive ints, "
+        f"got {b!r}"
+    )
+
+
+# Named settings. "paper": Barley & Fröning 2023 (Linear inputs, global top-k, dropped blocks
+# zero). "recommended": what the command line uses unless told otherwise; chosen by the 10-epoch
+# Fashion-MNIST comparison and the ResMLP-S24 memory runs (docs/design.md, "Presets").
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"sparsity": 0.9, "block_size": 32, "selection": "global"},
+    "recommended": {"sparsity": 0.9, "block_size": 32, "scope": "all", "remainder_bits": 4},
+}

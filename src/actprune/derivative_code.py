@@ -27,8 +27,8 @@ from functools import cache
 import torch
 
 from .bitpack import pack_codes, unpack_codes
+from .config import GELU_BITS
 
-BITS = (2, 4)
 APPROXIMATIONS = ("none", "tanh")  # nn.GELU(approximate=...)
 
 _GRID = (-6.0, 6.0, 1201)  # fit grid: start, stop, points (spacing 0.01)
@@ -93,8 +93,8 @@ class DerivativeCode:
 @cache
 def gelu_derivative_code(bits: int = 2, approximate: str = "none") -> DerivativeCode:
     """The least-squares 2^bits-piece code of gelu' (see the module docstring); cached."""
-    if bits not in BITS:
-        raise ValueError(f"GELU code bits must be one of {BITS}, got {bits!r}")
+    if bits not in GELU_BITS:
+        raise ValueError(f"GELU code bits must be one of {GELU_BITS}, got {bits!r}")
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"GELU approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     x = torch.linspace(*_GRID, dtype=torch.float64)

@@ -25,15 +25,29 @@ from torch import nn
 
 from . import ops
 from .config import PruneConfig
-from .models.resmlp import Affine, LayerScale
+from .storage import Parts
 
 _exact = False  # set by exact_gradients(): every layer here runs its dense original
 
 
 @contextlib.contextmanager
 def exact_gradients() -> Iterator[None]:
-    """Within this block actprune layers compute and save exactly what their dense originals do
-    (for measuring how far the compressed gradients are from the exact ones)."""
+    """Within this block every actprune layer computes and saves exactly what its dense original
+    does: for measuring how far the compressed gradients are from the exact ones.
+
+    Returns:
+        A context manager; nothing is yielded.
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, exact_gradients, prune_activations_
+        >>> model = prune_activations_(torch.nn.Linear(64, 8), PruneConfig(0.9, 16))
+        >>> x = torch.randn(32, 64)
+        >>> with exact_gradients():
+        ...     model(x).sum().backward()
+        >>> torch.allclose(model.weight.grad, torch.ones(8, 32) @ x)
+        True
+    """
     global _exact
     previous, _exact = _exact, True
     try:
@@ -50,7 +64,7 @@ class _CompressionCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def get(self, x: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...] | None:
+    def get(self, x: torch.Tensor, key: str) -> Parts | None:
         entry = self._entries.get(id(x))
         if entry is None:
             return None
@@ -60,7 +74,7 @@ class _CompressionCache:
             return None
         return tensors
 
-    def put(self, x: torch.Tensor, key: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
+    def put(self, x: torch.Tensor, key: str, tensors: Parts) -> None:
         ident = id(x)
         drop = self._entries.pop
         x_ref = weakref.ref(x, lambda _: drop(ident, None))
@@ -70,20 +84,20 @@ class _CompressionCache:
 _cache = _CompressionCache()
 
 
-def compressed_rows(x: torch.Tensor, config: PruneConfig) -> tuple[torch.Tensor, ...]:
+def compressed_rows(x: torch.Tensor, config: PruneConfig) -> Parts:
     """``ops.compress_rows`` of x, reusing an earlier call's tensors for the same x and config."""
-    args = ops.config_args(config)
+    key = config.to_json()
     if torch.compiler.is_compiling():
-        return ops.compress_rows(x.detach(), *args)
-    found = _cache.get(x, args)
+        return ops.compress_rows(x.detach(), key)
+    found = _cache.get(x, key)
     if found is None:
-        found = ops.compress_rows(x.detach(), *args)
-        _cache.put(x, args, found)
+        found = ops.compress_rows(x.detach(), key)
+        _cache.put(x, key, found)
     return found
 
 
-def _nothing_saved(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """compress_rows' outputs when no parameter gradient needs the input: empty tensors."""
+def _nothing_saved(x: torch.Tensor) -> Parts:
+    """compress_rows' parts when no parameter gradient needs the input: empty tensors."""
     empty = x.new_empty(0)
     return empty, empty.int(), empty.int(), empty.float(), empty.to(torch.uint8), empty.float()
 
@@ -97,11 +111,12 @@ def _needs_graph(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     )
 
 
-class _Compressed:
+class CompressedLayer:
     """What every actprune layer shares: its config and how it is built from a dense module."""
 
     config: PruneConfig
     dense_class: type[nn.Module]  # what it is built from and restored to
+    saved_for: str  # what backward reads the saved tensor for (``describe``)
 
     @classmethod
     def from_module(cls, module: nn.Module, config: PruneConfig) -> nn.Module:
@@ -116,17 +131,38 @@ class _Compressed:
         new.config = _check_config(config)
         return new
 
+    def describe(self) -> str:
+        """How this layer keeps its saved tensor (``describe_compression``)."""
+        c = self.config
+        bm, bk = c.block_shape
+        values = "int8 + per-block scale" if c.int8 else "native dtype"
+        how = f"sparsity {c.sparsity:g}, {bm}x{bk} blocks, {c.selection} top-k, {values}"
+        return how + (f"; dropped blocks at {c.remainder_bits} bits" if c.remainder_bits else "")
 
-class PrunedLinear(_Compressed, nn.Linear):
-    """nn.Linear that keeps only the top-magnitude blocks of its input for the weight gradient.
 
-    Same parameters, state_dict and forward output as nn.Linear. The saved input costs about
-    (1 - sparsity) of nn.Linear's, plus 4 bytes per kept block and per block-column of indices.
-    Build one from an existing layer with ``PrunedLinear.from_linear`` (shares the Parameters) or
-    convert a whole model with ``actprune.prune_activations_``.
+class PrunedLinear(CompressedLayer, nn.Linear):
+    """nn.Linear that keeps a block-sparse copy of its input for the weight gradient only.
+
+    Same parameters, state_dict, forward output, input gradient and bias gradient as nn.Linear;
+    dW = dyᵀ·X̃ with X̃ the compressed input. The saved input costs about (1 - sparsity) of
+    nn.Linear's, plus 4 bytes per kept block and per block-column of indices.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+
+    Keyword args:
+        config: the ``PruneConfig`` the saved input is compressed with.
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, PrunedLinear
+        >>> layer = PrunedLinear.from_linear(torch.nn.Linear(64, 32), PruneConfig(0.5, 16))
+        >>> layer(torch.randn(8, 64, requires_grad=True)).shape
+        torch.Size([8, 32])
     """
 
     dense_class = nn.Linear
+    saved_for = "input (for the weight gradient)"
 
     def __init__(
         self,
@@ -162,18 +198,42 @@ class PrunedLinear(_Compressed, nn.Linear):
             dtype = torch.get_autocast_dtype(kind)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        saved = compressed_rows(x, self.config) if self.weight.requires_grad else _nothing_saved(x)
-        c = self.config
-        return ops.pruned_linear(x, weight, bias, *saved, c.row_order, c.remainder_bits)
+        parts = compressed_rows(x, self.config) if self.weight.requires_grad else _nothing_saved(x)
+        return ops.pruned_linear(x, weight, bias, *parts, self.config.to_json())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.config)}"
 
 
-class _PrunedChannelScale(_Compressed):
-    """Shared forward of the per-channel scales: y = x ⊙ scale (+ shift)."""
+class PrunedChannelScale(CompressedLayer):
+    """Base of the compressing per-channel scales y = x ⊙ scale (+ shift).
+
+    dx = dy ⊙ scale and d shift = Σ dy never read x; only d scale = Σ_rows dy ⊙ x does, so x is
+    kept compressed for it. A subclass names the dense class it is built from (its second base),
+    the attribute names of its parameters, and is registered with
+    ``actprune.register_conversion``; the dense class's forward must compute exactly
+    ``x * scale`` or ``addcmul(shift, scale, x)`` with one value per channel (last dim of x).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from actprune import PruneConfig, PrunedChannelScale, register_conversion
+        >>> class Gain(nn.Module):                      # a user's own per-channel layer
+        ...     def __init__(self, dim):
+        ...         super().__init__()
+        ...         self.gain = nn.Parameter(torch.ones(dim))
+        ...     def forward(self, x):
+        ...         return x * self.gain
+        >>> @register_conversion(Gain)
+        ... class PrunedGain(PrunedChannelScale, Gain):
+        ...     param_names = ("gain", None)              # (scale, shift or None)
+        >>> layer = PrunedGain.from_module(Gain(64), PruneConfig(0.5, 16))
+        >>> layer(torch.randn(8, 64, requires_grad=True)).shape
+        torch.Size([8, 64])
+    """
 
     param_names: tuple[str, str | None]  # (scale, shift) attribute names
+    saved_for = "input (for the scale gradient)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale_name, shift_name = self.param_names
@@ -185,43 +245,39 @@ class _PrunedChannelScale(_Compressed):
             )
         if not _needs_graph(x, scale, shift):
             return x * scale if shift is None else torch.addcmul(shift, scale, x)
-        saved = compressed_rows(x, self.config) if scale.requires_grad else _nothing_saved(x)
-        c = self.config
-        return ops.pruned_channel_scale(x, scale, shift, *saved, c.row_order, c.remainder_bits)
+        parts = compressed_rows(x, self.config) if scale.requires_grad else _nothing_saved(x)
+        return ops.pruned_channel_scale(x, scale, shift, *parts, self.config.to_json())
 
     def extra_repr(self) -> str:
         return _describe(self.config)
 
 
-class PrunedAffine(_PrunedChannelScale, Affine):
-    """ResMLP's Affine (α ⊙ x + β) keeping a block-sparse x for dα; output, dx and dβ exact."""
-
-    dense_class = Affine
-    param_names = ("alpha", "beta")
-
-
-class PrunedLayerScale(_PrunedChannelScale, LayerScale):
-    """LayerScale (x ⊙ s) keeping a block-sparse x for ds; output and dx exact."""
-
-    dense_class = LayerScale
-    param_names = ("scale", None)
-
-
-class CodedGELU(_Compressed, nn.GELU):
+class CodedGELU(CompressedLayer, nn.GELU):
     """nn.GELU that keeps a ``config.gelu_bits``-bit code of gelu'(x) instead of x.
 
     The output is exactly nn.GELU's; dx = dy ⊙ q(x), q the piecewise-constant derivative of
     ``actprune.derivative_code`` (error bounds there). 2 bits keep 1/16 of fp32 x, 4 bits 1/8.
+
+    Example:
+        >>> import torch
+        >>> from actprune import CodedGELU, PruneConfig, saved_activation_bytes
+        >>> gelu = CodedGELU.from_module(torch.nn.GELU(), PruneConfig(0.9, scope="all"))
+        >>> saved_activation_bytes(gelu, torch.randn(64, 64, requires_grad=True))  # 2 bits each
+        1024
     """
 
     dense_class = nn.GELU
+    saved_for = "input (for dx)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_graph(x):
             return F.gelu(x, approximate=self.approximate)
-        bits = self.config.gelu_bits
-        codes = ops.gelu_code(x, bits, self.approximate)
-        return ops.coded_gelu(x, codes, bits, self.approximate)
+        gelu_bits = self.config.gelu_bits
+        codes = ops.gelu_code(x, gelu_bits, self.approximate)
+        return ops.coded_gelu(x, codes, gelu_bits, self.approximate)
+
+    def describe(self) -> str:
+        return f"{self.config.gelu_bits}-bit code of gelu'"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gelu_bits={self.config.gelu_bits}"

@@ -215,7 +215,7 @@ class _PeakAfterEachOp(TorchDispatchMode):
         self.read = read
         self.peak = read()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, self.read())
         return out

@@ -5,16 +5,20 @@ Compression is an op of its own, and each layer op takes the compressed tensors 
 keeps them for its backward. So one compressed copy of a tensor can serve several layers that read
 it (``layers`` deduplicates in eager mode), and autograd saves exactly those tensors.
 
-- ``actprune::compress_rows`` — the tensors of ``compress(as_rows(x))``: values, row_indices,
-  ccol_indices, scales (int8), low_codes and low_scales (the low-bit remainder), empty when not
-  used; shapes depend only on the input shape and the config.
+Every op that compresses or reads compressed tensors takes the configuration as one string,
+``PruneConfig.to_json()``: the config's own serialisation, so no field list is repeated here.
+
+- ``actprune::compress_rows`` — the ``storage.Parts`` of ``compress(as_rows(x))``: values,
+  row_indices, ccol_indices, scales (int8), low_codes and low_scales (the low-bit remainder),
+  empty when not used; shapes depend only on the input shape and the config.
 - ``actprune::pruned_linear`` — F.linear; backward dx = dy·W and db exact, dW = dyᵀ·X̃.
 - ``actprune::pruned_channel_scale`` — x ⊙ scale (+ shift) per channel (Affine, LayerScale);
   backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
 - ``actprune::gelu_code`` / ``actprune::coded_gelu`` — the packed derivative code of a GELU input
   (``derivative_code``) and GELU itself, whose backward is dy ⊙ q(x).
 - ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
-  dyᵀ·X̃ for a weight, Σ_rows dy ⊙ X̃ for a per-channel scale.
+  dyᵀ·X̃ for a weight (``param="weight"``), Σ_rows dy ⊙ X̃ for a per-channel scale
+  (``param="channel_scale"``).
 """
 
 import math
@@ -24,81 +28,40 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .blocksparse import BlockSparse, LowBitBlocks, as_rows, compress
+from .blocksparse import as_rows, compress
 from .config import PruneConfig
 from .derivative_code import gelu_derivative_code
-
-Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def config_args(config: PruneConfig) -> tuple:
-    """The PruneConfig fields compress_rows takes, in its argument order."""
-    c = config
-    return (
-        c.sparsity, *c.block_shape, c.criterion, c.row_order, c.selection, c.int8,
-        c.remainder_bits,
-    )  # fmt: skip
-
-
-def _config(sparsity, block_rows, block_cols, criterion, row_order, selection, int8, bits):  # noqa: ANN001, ANN202
-    return PruneConfig(
-        sparsity, (block_rows, block_cols), criterion, row_order, selection, int8=int8,
-        remainder_bits=bits,
-    )  # fmt: skip
+from .storage import BlockSparse, Parts
 
 
 @torch.library.custom_op("actprune::compress_rows", mutates_args=())
-def compress_rows(
-    x: torch.Tensor, sparsity: float, block_rows: int, block_cols: int, criterion: str,
-    row_order: str, selection: str, int8: bool, remainder_bits: int,
-) -> Packed:  # fmt: skip
-    """The tensors of ``compress(as_rows(x))``: values, row_indices, ccol_indices, scales,
-    low_codes, low_scales (the last three empty unless int8 / remainder_bits)."""
-    config = _config(
-        sparsity, block_rows, block_cols, criterion, row_order, selection, int8, remainder_bits
-    )
-    packed = compress(as_rows(x.detach(), row_order), config)
-
-    def empty(dtype: torch.dtype) -> torch.Tensor:  # a fresh one each: outputs may not alias
-        return x.new_empty(0, dtype=dtype)
-
-    scales = packed.scales if packed.scales is not None else empty(torch.float32)
-    rem = packed.remainder
-    low = (rem.codes, rem.scales) if rem is not None else (empty(torch.uint8), empty(torch.float32))
-    return packed.values, packed.row_indices, packed.ccol_indices, scales, *low
+def compress_rows(x: torch.Tensor, config: str) -> Parts:
+    """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``."""
+    c = PruneConfig.from_json(config)
+    return compress(as_rows(x.detach(), c.row_order), c).parts()
 
 
 @compress_rows.register_fake
-def _(x, sparsity, block_rows, block_cols, criterion, row_order, selection, int8, remainder_bits):  # noqa: ANN001
-    config = _config(
-        sparsity, block_rows, block_cols, criterion, row_order, selection, int8, remainder_bits
-    )
-    k = x.shape[-1]
-    n_br, n_bc = math.ceil(x.numel() // k / block_rows), math.ceil(k / block_cols)
-    nnz = config.kept_grid_blocks(n_br, n_bc)
-    values = x.new_empty(nnz, block_rows, block_cols, dtype=torch.int8 if int8 else x.dtype)
+def _(x, config):
+    c = PruneConfig.from_json(config)
+    (bm, bk), k = c.block_shape, x.shape[-1]
+    n_br, n_bc = math.ceil(x.numel() // k / bm), math.ceil(k / bk)
+    nnz = c.kept_grid_blocks(n_br, n_bc)
+    values = x.new_empty(nnz, bm, bk, dtype=torch.int8 if c.int8 else x.dtype)
     rows = x.new_empty(nnz, dtype=torch.int32)
-    scales = x.new_empty(nnz if int8 else 0, dtype=torch.float32)
-    n_codes = -(-n_br * block_rows * n_bc * block_cols * remainder_bits // 8)
-    low_codes = x.new_empty(n_codes, dtype=torch.uint8)
-    low_scales = x.new_empty((n_br, n_bc) if remainder_bits else (0,), dtype=torch.float32)
     ccol = x.new_empty(n_bc + 1, dtype=torch.int32)
+    scales = x.new_empty(nnz if c.int8 else 0, dtype=torch.float32)
+    bits = c.remainder_bits
+    low_codes = x.new_empty(-(-n_br * bm * n_bc * bk * bits // 8), dtype=torch.uint8)
+    low_scales = x.new_empty((n_br, n_bc) if bits else (0,), dtype=torch.float32)
     return values, rows, ccol, scales, low_codes, low_scales
 
 
-def _unpack(values, row_indices, ccol_indices, scales, low_codes, low_scales, bits, shape):  # noqa: ANN001
-    remainder = LowBitBlocks(low_codes, low_scales, bits) if bits else None
-    return BlockSparse(
-        values, row_indices, ccol_indices, tuple(shape), scales if scales.numel() else None,
-        remainder,
-    )  # fmt: skip
+def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:
+    return as_rows(dy, ctx.config.row_order).contiguous()
 
 
-def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    return as_rows(dy, ctx.row_order).contiguous()
-
-
-def _require_saved(ctx, op: str) -> None:  # noqa: ANN001
+def _require_saved(ctx, op: str) -> None:
     if not ctx.compressed:
         raise RuntimeError(
             f"actprune::{op} got no compressed input (empty values), so it kept nothing to "
@@ -107,10 +70,10 @@ def _require_saved(ctx, op: str) -> None:  # noqa: ANN001
         )
 
 
-def _save_compressed(ctx, x, packed, row_order, bits, *params):  # noqa: ANN001
-    ctx.x_shape, ctx.row_order, ctx.bits = x.shape, row_order, bits
-    ctx.compressed = packed[0].numel() > 0
-    ctx.save_for_backward(*params, *packed)
+def _save_compressed(ctx, x, parts, config, *params) -> None:
+    ctx.x_shape, ctx.config = x.shape, PruneConfig.from_json(config)
+    ctx.compressed = parts[0].numel() > 0
+    ctx.save_for_backward(*params, *parts)
 
 
 # --- Linear ---------------------------------------------------------------------------------------
@@ -120,38 +83,38 @@ def _save_compressed(ctx, x, packed, row_order, bits, *params):  # noqa: ANN001
 def pruned_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
     values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, row_order: str,
-    remainder_bits: int,
+    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
 ) -> torch.Tensor:  # fmt: skip
     """F.linear(x, weight, bias); backward reads x only as the compressed tensors given."""
     return F.linear(x, weight, bias)
 
 
 @pruned_linear.register_fake
-def _(x, weight, bias, *packed_and_args):  # noqa: ANN001
+def _(x, weight, bias, *parts_and_config):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, weight, bias, *packed, row_order, bits = inputs
+def _linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, *parts, config = inputs
     ctx.has_bias = bias is not None
-    _save_compressed(ctx, x, packed, row_order, bits, weight)
+    _save_compressed(ctx, x, parts, config, weight)
 
 
-def _linear_backward(ctx, dy):  # noqa: ANN001
-    weight, *packed = ctx.saved_tensors
+def _linear_backward(ctx, dy):
+    weight, *parts = ctx.saved_tensors
     dy2d = dy.reshape(-1, dy.shape[-1])
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = dy2d.mm(weight).view(ctx.x_shape)
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_linear")
+        rows, cols = dy2d.shape[0], ctx.x_shape[-1]
         dw = block_sparse_grad(
-            _dy_rows(ctx, dy), *packed, ctx.bits, dy2d.shape[0], ctx.x_shape[-1], "matmul"
+            _dy_rows(ctx, dy), *parts, ctx.config.to_json(), rows, cols, "weight"
         )
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy2d.sum(0)
-    return dx, dw, db, *[None] * 8
+    return dx, dw, db, *[None] * 7
 
 
 pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -164,39 +127,39 @@ pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 def pruned_channel_scale(
     x: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],  # noqa: UP045
     values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, row_order: str,
-    remainder_bits: int,
+    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
 ) -> torch.Tensor:  # fmt: skip
     """x ⊙ scale (+ shift), scale and shift holding one value per channel (last dim of x)."""
     return x * scale if shift is None else torch.addcmul(shift, scale, x)
 
 
 @pruned_channel_scale.register_fake
-def _(x, scale, shift, *packed_and_args):  # noqa: ANN001
+def _(x, scale, shift, *parts_and_config):
     return torch.empty_like(x)
 
 
-def _scale_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, scale, shift, *packed, row_order, bits = inputs
+def _scale_setup(ctx, inputs, output) -> None:
+    x, scale, shift, *parts, config = inputs
     ctx.shift_shape = None if shift is None else shift.shape
     ctx.scale_shape = scale.shape
-    _save_compressed(ctx, x, packed, row_order, bits, scale)
+    _save_compressed(ctx, x, parts, config, scale)
 
 
-def _scale_backward(ctx, dy):  # noqa: ANN001
-    scale, *packed = ctx.saved_tensors
+def _scale_backward(ctx, dy):
+    scale, *parts = ctx.saved_tensors
     dx = dscale = dshift = None
     channels = ctx.x_shape[-1]
     if ctx.needs_input_grad[0]:
         dx = dy * scale
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_channel_scale")
-        rows = dy.numel() // channels
-        dscale = block_sparse_grad(_dy_rows(ctx, dy), *packed, ctx.bits, rows, channels, "rows")
+        rows, config = dy.numel() // channels, ctx.config.to_json()
+        dscale = block_sparse_grad(_dy_rows(ctx, dy), *parts, config, rows, channels,
+                                   "channel_scale")  # fmt: skip
         dscale = dscale.view(ctx.scale_shape)
     if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
         dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
-    return dx, dscale, dshift, *[None] * 8
+    return dx, dscale, dshift, *[None] * 7
 
 
 pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
@@ -205,65 +168,64 @@ pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_set
 # --- the parameter gradient from a compressed tensor ----------------------------------------------
 
 
-_GRADIENTS = {"matmul": kernels.weight_grad, "rows": kernels.channel_grad}
+_GRADIENTS = {"weight": kernels.weight_grad, "channel_scale": kernels.channel_scale_grad}
 
 
 @torch.library.custom_op("actprune::block_sparse_grad", mutates_args=())
 def block_sparse_grad(
     dy: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, remainder_bits: int,
-    rows: int, cols: int, reduce: str,
+    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
+    rows: int, cols: int, param: str,
 ) -> torch.Tensor:  # fmt: skip
     """The gradient of a parameter that multiplied X [rows, cols], given dy [rows, N] and X̃, the
-    BlockSparse of compress_rows' tensors: ``reduce="matmul"`` gives dW [N, cols] = dyᵀ·X̃ (Linear),
-    ``reduce="rows"`` gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (a per-channel scale; N = cols)."""
-    packed = _unpack(
-        values, row_indices, ccol_indices, scales, low_codes, low_scales, remainder_bits,
-        (rows, cols),
-    )  # fmt: skip
-    return _GRADIENTS[reduce](dy, packed)
+    BlockSparse of compress_rows' parts: ``param="weight"`` gives dW [N, cols] = dyᵀ·X̃ (Linear),
+    ``param="channel_scale"`` gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (N = cols)."""
+    parts = (values, row_indices, ccol_indices, scales, low_codes, low_scales)
+    bits = PruneConfig.from_json(config).remainder_bits
+    return _GRADIENTS[param](dy, BlockSparse.from_parts(parts, (rows, cols), bits))
 
 
 @block_sparse_grad.register_fake
-def _(dy, *packed_and_args):  # noqa: ANN001
-    *_, cols, reduce = packed_and_args
-    return dy.new_empty((dy.shape[1], cols) if reduce == "matmul" else (cols,))
+def _(dy, *parts_and_args):
+    *_, cols, param = parts_and_args
+    return dy.new_empty((dy.shape[1], cols) if param == "weight" else (cols,))
 
 
 # --- GELU with a low-bit derivative code ---------------------------------------------------------
 
 
 @torch.library.custom_op("actprune::gelu_code", mutates_args=())
-def gelu_code(x: torch.Tensor, bits: int, approximate: str) -> torch.Tensor:
-    """uint8: the packed ``bits``-bit derivative code of every element of x."""
-    return gelu_derivative_code(bits, approximate).encode(x.detach())
+def gelu_code(x: torch.Tensor, gelu_bits: int, approximate: str) -> torch.Tensor:
+    """uint8: the packed ``gelu_bits``-bit derivative code of every element of x."""
+    return gelu_derivative_code(gelu_bits, approximate).encode(x.detach())
 
 
 @gelu_code.register_fake
-def _(x, bits, approximate):  # noqa: ANN001
-    return x.new_empty(-(-x.numel() * bits // 8), dtype=torch.uint8)
+def _(x, gelu_bits, approximate):
+    return x.new_empty(-(-x.numel() * gelu_bits // 8), dtype=torch.uint8)
 
 
 @torch.library.custom_op("actprune::coded_gelu", mutates_args=())
-def coded_gelu(x: torch.Tensor, codes: torch.Tensor, bits: int, approximate: str) -> torch.Tensor:
+def coded_gelu(
+    x: torch.Tensor, codes: torch.Tensor, gelu_bits: int, approximate: str
+) -> torch.Tensor:
     """F.gelu(x); backward reads only ``codes`` (dx = dy ⊙ q(x))."""
     return F.gelu(x, approximate=approximate)
 
 
 @coded_gelu.register_fake
-def _(x, codes, bits, approximate):  # noqa: ANN001
+def _(x, codes, gelu_bits, approximate):
     return torch.empty_like(x)
 
 
-def _gelu_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, codes, bits, approximate = inputs
-    ctx.bits, ctx.approximate = bits, approximate
+def _gelu_setup(ctx, inputs, output) -> None:
+    x, codes, ctx.gelu_bits, ctx.approximate = inputs
     ctx.save_for_backward(codes)
 
 
-def _gelu_backward(ctx, dy):  # noqa: ANN001
+def _gelu_backward(ctx, dy):
     (codes,) = ctx.saved_tensors
-    code = gelu_derivative_code(ctx.bits, ctx.approximate)
+    code = gelu_derivative_code(ctx.gelu_bits, ctx.approximate)
     dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
     return dx, None, None, None
 

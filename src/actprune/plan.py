@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import models
-from .bench.memory import MemoryConfig, apply_config
+from .methods import MemoryConfig, apply_method
 
 
 class LiveStorageBytes(TorchDispatchMode):
@@ -36,7 +36,7 @@ class LiveStorageBytes(TorchDispatchMode):
         self._refs.pop(key, None)
         self.live -= nbytes
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         # Outputs that alias an input (in-place ops, views) allocate nothing.
@@ -81,7 +81,7 @@ def predict_step(
     tensor at a time). It only changes the optimizer step's transients.
     """
     overrides["device"] = "meta"
-    model = apply_config(models.create(model_name, **overrides), config)
+    model = apply_method(models.create(model_name, **overrides), config)
     c, size = model.config.in_chans, model.config.img_size
     x = torch.empty(batch, c, size, size, device="meta")
     y = torch.zeros(batch, dtype=torch.long, device="meta")

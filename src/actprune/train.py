@@ -1,10 +1,13 @@
-"""Train an image classifier, dense or with pruned activations: one loop, read top to bottom.
+"""Train an image classifier, dense or with compressed activations: a loop read in pieces.
 
-Writes to ``out``: ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (each epoch, written
-atomically; ``resume=True`` continues from it to the same result as an uninterrupted run) and
-``summary.json`` (test accuracy, peak memory and saved activation bytes of a training step, median
-step time, images/s). Determinism: the data order of epoch e depends only on (seed, e), and the
-initial weights only on seed, so dense and pruned runs with one seed see identical batches.
+``train(cfg)`` reads like a table of contents: set up the run (``setup_run``), resume
+(``load_checkpoint``), then per epoch ``train_one_epoch``, ``evaluate``, ``save_checkpoint``, and
+finally ``summarize``. It writes to ``cfg.out``: ``metrics.jsonl`` (one line per epoch),
+``checkpoint.pt`` (each epoch, atomic; ``resume=True`` continues from it to the same result as an
+uninterrupted run) and ``summary.json`` (test accuracy, peak memory and saved activation bytes of
+a training step, median step time, images/s). Determinism: the data order of epoch e depends only
+on (seed, e), and the initial weights only on seed, so dense and compressed runs with one seed see
+identical batches.
 """
 
 from __future__ import annotations
@@ -34,43 +37,41 @@ from .layers import exact_gradients
 from .memory import measure_training_step
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adamw", "lamb")
 
 
-class UserError(ValueError):
-    """Bad input from the user: reported as one line, exit code 2."""
+class TrainError(ValueError):
+    """A run that cannot start as configured (bad option, missing checkpoint, occupied folder).
+
+    ``field`` names the TrainConfig field at fault, if one is (the CLI shows it as its flag)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field} {message}" if field else message)
+        self.message, self.field = message, field
 
 
 @dataclass
 class TrainConfig:
+    """Everything one training run needs; ``prune`` is None for dense training."""
+
     model: str = "resmlp_tiny"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     out: str = "runs/train"
     epochs: int = 3
     batch_size: int = 128
-    optimizer: str = "adamw"  # "adamw" or "lamb"
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.2
     label_smoothing: float = 0.1
     seed: int = 0
-    amp: str = "none"  # "none", "bf16", "fp16" (fp16 only on CUDA)
+    amp: str = "none"  # one of AMP_DTYPES ("fp16" only on CUDA)
     device: str = "auto"
-    sparsity: float = 0.0  # 0: dense nn.Linear, no conversion
-    block_size: int = 32
-    criterion: str = "l2"
-    row_order: str = "token-major"
-    selection: str = "column"
-    # The training CLI's defaults are actprune's recommended setting: every saved tensor compressed
-    # (scope "all") and the dropped blocks kept at 4 bits. The seed paper's method is
-    # scope="linear", remainder_bits=0, selection="global"; docs/results/README.md compares.
-    scope: str = "all"
-    gelu_bits: int = 2
-    int8: bool = False
-    remainder_bits: int = 4
-    # Layers (shell-style patterns on qualified names, comma-separated) kept dense. The classifier
-    # head's saved input is tiny (batch × width) while its gradient steers everything else.
-    exclude: str = "head"
+    prune: PruneConfig | None = field(default_factory=lambda: PruneConfig.preset("recommended"))
+    # Layers (shell-style patterns on qualified names) kept dense. The classifier head's saved
+    # input is tiny (batch × width) while its gradient steers everything else.
+    exclude: tuple[str, ...] = ("head",)
     image_size: int | None = None  # model/dataset override (default: the dataset's)
     train_subset: int | None = None  # first N training images only (quick runs, tests)
     test_subset: int | None = None
@@ -80,42 +81,32 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
-        for name, value in positive.items():
-            if value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.optimizer not in ("adamw", "lamb"):
-            raise UserError(f"--optimizer must be adamw or lamb, got {self.optimizer!r}")
-        if self.amp not in AMP_DTYPES:
-            raise UserError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        """Raise TrainError for anything that would fail later."""
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"must be positive, got {getattr(self, name)}", name)
+        choices = {"optimizer": OPTIMIZERS, "amp": tuple(AMP_DTYPES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                value = getattr(self, name)
+                raise TrainError(f"must be one of {', '.join(allowed)}, got {value!r}", name)
         if self.model not in models.list_models():
-            raise UserError(
+            raise TrainError(
                 f"unknown model {self.model!r}; available: {', '.join(models.list_models())}"
             )
         if self.dataset not in data_lib.DATASETS:
-            raise UserError(
+            raise TrainError(
                 f"unknown dataset {self.dataset!r}; available: {', '.join(data_lib.DATASETS)}"
             )
-        if self.sparsity:
-            self.prune_config()
+        if self.prune is not None and not isinstance(self.prune, PruneConfig):
+            raise TrainError(f"must be a PruneConfig or None, got {self.prune!r}", "prune")
 
-    def prune_config(self) -> PruneConfig | None:
-        if not self.sparsity:
-            return None
-        try:
-            return PruneConfig(
-                self.sparsity,
-                self.block_size,
-                self.criterion,
-                self.row_order,
-                self.selection,
-                self.scope,
-                self.gelu_bits,
-                self.int8,
-                self.remainder_bits,
-            )
-        except ValueError as err:
-            raise UserError(str(err).replace("PruneConfig.", "--").replace("_", "-")) from err
+    def to_dict(self) -> dict:
+        """Plain values only (JSON, and checkpoints that load with ``weights_only=True``)."""
+        d = asdict(self)
+        d["prune"] = None if self.prune is None else self.prune.to_dict()
+        d["exclude"] = list(self.exclude)
+        return d
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +114,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA GPU is visible")
+        raise TrainError("cuda requested but no CUDA GPU is visible", "device")
     return device
 
 
@@ -160,7 +151,7 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """Never clobber earlier results: an existing non-empty folder needs --overwrite or --resume."""
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(
+        raise TrainError(
             f"output folder {out} exists and is not empty; pass --overwrite (or --resume)"
         )
 
@@ -182,12 +173,11 @@ def build_model(cfg: TrainConfig, dataset: data_lib.Dataset, device: torch.devic
     try:
         model = models.create(cfg.model, **{**overrides, **cfg.model_overrides})
     except ValueError as err:
-        raise UserError(str(err)) from err
+        raise TrainError(str(err)) from err
     model.to(device)
-    prune = cfg.prune_config()
-    if not prune:
+    if cfg.prune is None:
         return model
-    return prune_activations_(model, prune, exclude=[p for p in cfg.exclude.split(",") if p])
+    return prune_activations_(model, cfg.prune, exclude=cfg.exclude)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -216,13 +206,13 @@ class Lamb(torch.optim.Optimizer):
         betas=(0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-    ) -> None:  # noqa: ANN001
+    ) -> None:
         super().__init__(
             params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> None:  # noqa: ARG002
+    def step(self, closure: Callable | None = None) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -310,33 +300,47 @@ def gradient_cosines(
     return out
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+@dataclass
+class Run:
+    """What one training run holds: its device and process group, data, model and optimizer."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: Distributed
+    out: Path
+    dataset: data_lib.Dataset
+    core: nn.Module  # the model itself
+    model: nn.Module  # core, or core wrapped in DistributedDataParallel
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    n_train: int
+    steps_per_epoch: int
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
 
 
-def train(
-    cfg: TrainConfig,
-    dataset: data_lib.Dataset | None = None,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-) -> dict:
-    """Train per ``cfg``; returns the summary dict (also written to out/summary.json).
+@dataclass
+class Progress:
+    """What a checkpoint carries besides weights: epochs done, their records, step times."""
 
-    Under torchrun (WORLD_SIZE > 1) each of the W processes takes every W-th sample of each global
-    batch of ``cfg.batch_size`` and DistributedDataParallel averages the gradients; the loss is
-    scaled so that the step equals one over the whole global batch. Rank 0 writes all files.
-    """
+    epoch: int = 0  # the next epoch to run
+    history: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+
+def setup_run(cfg: TrainConfig, dataset: data_lib.Dataset | None) -> Run:
+    """Validate, join the process group, prepare the output folder, load data, build the model."""
     cfg.validate()
     dist, device = init_distributed(resolve_device(cfg.device))
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+        raise TrainError("fp16 needs a CUDA device (use bf16 on CPU)", "amp")
     if cfg.batch_size % dist.world:
-        raise UserError(f"--batch-size {cfg.batch_size} must divide among {dist.world} processes")
+        raise TrainError(f"{cfg.batch_size} must divide among {dist.world} processes", "batch_size")
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and not ckpt_path.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    if cfg.resume and not (out / "checkpoint.pt").is_file():
+        raise TrainError(f"found no checkpoint at {out / 'checkpoint.pt'}", "resume")
     check_out_dir(out, cfg.overwrite, cfg.resume)
     dist.barrier()  # every rank has checked before rank 0 writes
     if dist.main:
@@ -345,137 +349,143 @@ def train(
         try:
             dataset = data_lib.load(cfg.dataset, cfg.data_dir, cfg.image_size)
         except data_lib.DataError as err:
-            raise UserError(str(err)) from err
-
-    core = build_model(cfg, dataset, device)  # the model itself; `model` may wrap it in DDP
+            raise TrainError(str(err)) from err
+    core = build_model(cfg, dataset, device)
     model = core
     if dist.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
-    opt = make_optimizer(cfg, core)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     n_train = (
         len(dataset.train)
         if cfg.train_subset is None
         else min(cfg.train_subset, len(dataset.train))
     )
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    steps = math.ceil(n_train / cfg.batch_size)
+    opt = make_optimizer(cfg, core)
+    return Run(cfg, device, dist, out, dataset, core, model, opt, scaler, n_train, steps)
 
-    start_epoch, history, step_times = 0, [], []
-    if cfg.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        core.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history, step_times = ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])  # stochastic rounding (remainder_bits) draws
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
 
-    probe = [t.to(device) for t in dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[:256])]
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        order = epoch_order(n_train, cfg.seed, epoch)
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="step",
-            disable=not (cfg.progress and dist.main),
-            file=sys.stderr,
-            leave=False,
-        )
-        for i in bar:
-            batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x, y = dataset.train.batch(batch[dist.rank :: dist.world])  # this rank's share
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with _autocast(cfg, device):
-                logits = model(x)
-                ce = F.cross_entropy(
-                    logits, y, label_smoothing=cfg.label_smoothing, reduction="sum"
-                )
-            # DDP averages over ranks: scaled so, the gradient is that of the global-batch mean.
-            scaler.scale(ce * (dist.world / batch.numel())).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            seen += y.numel()
-            loss_sum += ce.item()
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}",
-                acc=f"{100 * correct / seen:.1f}",
-                img_s=f"{y.numel() / step_times[-1]:.0f}",
-            )
-        bar.close()
-        if dist.world > 1:  # epoch totals over all ranks
-            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = totals[0].item(), totals[1].item(), totals[2].item()
-        test_acc, test_loss = evaluate(core, dataset.test, cfg, device)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_acc": 100.0 * correct / seen,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        if cfg.sparsity:  # how far the compressed gradients are from exact, on a fixed batch
-            record["grad_cosine"] = gradient_cosines(core, cfg, *probe)
-        history.append(record)
-        if dist.main:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        ckpt = {
-            "model": core.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "history": history,
-            "step_times": step_times,
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            },
-            "config": asdict(cfg),
-        }
-        if dist.main:
-            _atomic_save(ckpt, ckpt_path)
-        dist.barrier()
-        if cfg.progress and dist.main:
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%",
-                file=sys.stderr,
-            )
-        if on_epoch_end:
-            on_epoch_end(epoch, record)
+def save_checkpoint(run: Run, progress: Progress) -> None:
+    """Weights, optimizer, scaler, progress, RNG state and config, written atomically by rank 0.
 
-    x, y = dataset.train.batch(epoch_order(n_train, cfg.seed, 0)[: cfg.batch_size // dist.world])
-    memory = measure_step(core, cfg, x.to(device), y.to(device))  # one process's step
-    median_step = statistics.median(step_times[1:] or step_times)  # first step: warm-up
-    summary = {
+    Only tensors and plain values: it loads with ``torch.load(weights_only=True)``."""
+    cuda = run.device.type == "cuda"
+    ckpt = {
+        "model": run.core.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": progress.epoch - 1,  # the last epoch done
+        "history": progress.history,
+        "step_times": progress.step_times,
+        "rng": {
+            "cpu": torch.get_rng_state(),
+            **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {}),
+        },
+        "config": run.cfg.to_dict(),
+    }
+    if run.dist.main:
+        tmp = run.checkpoint_path.with_suffix(".pt.tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, run.checkpoint_path)
+    run.dist.barrier()
+
+
+def load_checkpoint(run: Run) -> Progress:
+    """Restore weights, optimizer, scaler and RNG state; return the progress to continue from."""
+    ckpt = torch.load(run.checkpoint_path, map_location=run.device, weights_only=True)
+    run.core.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])  # stochastic rounding (remainder_bits) draws
+    if run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    return Progress(ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"])
+
+
+def train_one_epoch(run: Run, epoch: int, step_times: list[float]) -> dict[str, float]:
+    """One pass over the epoch's order; appends each step's time. Returns train loss and accuracy.
+
+    Under torchrun each of the W processes takes every W-th sample of each global batch and
+    DistributedDataParallel averages the gradients; the loss is scaled so that the step equals one
+    over the whole global batch."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    order = epoch_order(run.n_train, cfg.seed, epoch)
+    total_steps, warmup = (
+        cfg.epochs * run.steps_per_epoch,
+        int(cfg.warmup_epochs * run.steps_per_epoch),
+    )
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+               disable=not (cfg.progress and dist.main), file=sys.stderr, leave=False)  # fmt: skip
+    for i in bar:
+        batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        x, y = run.dataset.train.batch(batch[dist.rank :: dist.world])  # this rank's share
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for group in run.opt.param_groups:
+            group["lr"] = lr_at(epoch * run.steps_per_epoch + i, total_steps, warmup, cfg.lr)
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(cfg, device):
+            logits = run.model(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        run.scaler.scale(ce * (dist.world / batch.numel())).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.opt.zero_grad(set_to_none=True)
+        _sync(device)
+        step_times.append(time.perf_counter() - t0)
+        seen, loss_sum = seen + y.numel(), loss_sum + ce.item()
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                        img_s=f"{y.numel() / step_times[-1]:.0f}")  # fmt: skip
+    bar.close()
+    if dist.world > 1:  # epoch totals over all ranks
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, seen = totals.tolist()
+    return {"train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def end_of_epoch(run: Run, epoch: int, train_stats: dict, probe: tuple) -> dict:
+    """The epoch's record, appended to metrics.jsonl: train figures, test accuracy and loss, lr,
+    and (compressed runs) each parameter's gradient cosine to the exact one on a fixed batch."""
+    test_acc, test_loss = evaluate(run.core, run.dataset.test, run.cfg, run.device)
+    record = {"epoch": epoch + 1, **train_stats, "test_loss": test_loss, "test_acc": test_acc,
+              "lr": run.opt.param_groups[0]["lr"]}  # fmt: skip
+    if run.cfg.prune is not None:
+        record["grad_cosine"] = gradient_cosines(run.core, run.cfg, *probe)
+    if run.dist.main:
+        with (run.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.cfg.progress:
+            print(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
+                  f"acc {record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%",
+                  file=sys.stderr)  # fmt: skip
+    return record
+
+
+def summarize(run: Run, progress: Progress) -> dict:
+    """The run's summary: final accuracy, history, memory of one training step, step time."""
+    cfg, dist = run.cfg, run.dist
+    order = epoch_order(run.n_train, cfg.seed, 0)
+    x, y = run.dataset.train.batch(order[: cfg.batch_size // dist.world])
+    memory = measure_step(run.core, cfg, x.to(run.device), y.to(run.device))  # one process's step
+    median_step = statistics.median(progress.step_times[1:] or progress.step_times)  # 1st: warm-up
+    history = progress.history
+    return {
         "model": cfg.model,
-        "dataset": dataset.name,
-        "data_source": dataset.source,
-        "device": str(device),
+        "dataset": run.dataset.name,
+        "data_source": run.dataset.source,
+        "device": str(run.device),
         "processes": dist.world,
-        "sparsity": cfg.sparsity,
-        "block_size": cfg.block_size,
-        "criterion": cfg.criterion,
-        "scope": cfg.scope if cfg.sparsity else None,
-        "compressed": describe_compression(core),
+        "prune": None if cfg.prune is None else cfg.prune.to_dict(),
+        "compressed": describe_compression(run.core),
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "test_acc": history[-1]["test_acc"],
@@ -484,9 +494,38 @@ def train(
         **memory,
         "median_step_s": median_step,
         "images_per_s": cfg.batch_size / median_step,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in run.core.parameters()),
+        "config": cfg.to_dict(),
     }
-    if dist.main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def train(
+    cfg: TrainConfig,
+    dataset: data_lib.Dataset | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train per ``cfg``; return the summary (also written to out/summary.json).
+
+    Args:
+        cfg: the run's configuration.
+        dataset: use this instead of loading ``cfg.dataset`` (compare loads it once for all runs).
+        on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's checkpoint.
+
+    Returns:
+        The summary dict (``summarize``). Raises ``TrainError`` for a run that cannot start.
+    """
+    run = setup_run(cfg, dataset)
+    progress = load_checkpoint(run) if cfg.resume else Progress()
+    probe_ids = epoch_order(run.n_train, cfg.seed, 0)[:256]
+    probe = tuple(t.to(run.device) for t in run.dataset.train.batch(probe_ids))
+    for epoch in range(progress.epoch, cfg.epochs):
+        stats = train_one_epoch(run, epoch, progress.step_times)
+        progress.history.append(end_of_epoch(run, epoch, stats, probe))
+        progress.epoch = epoch + 1
+        save_checkpoint(run, progress)
+        if on_epoch_end:
+            on_epoch_end(epoch, progress.history[-1])
+    summary = summarize(run, progress)
+    if run.dist.main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

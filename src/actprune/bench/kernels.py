@@ -17,23 +17,24 @@ import torch
 
 from .. import kernels
 from ..blocksparse import compress
-from ..config import PruneConfig
+from ..config import PRESETS, PruneConfig
 from . import device_name, time_ms
 
 # ResMLP-S24-like Linear shapes, (M, K, N) with M = 8·196 token rows: fc1, fc2, token mixer.
 RESMLP_S24_SHAPES = ((1568, 384, 1536), (1568, 1536, 384), (1568, 196, 196))
+PRESETS_MEASURED = tuple(PruneConfig.preset(name) for name in PRESETS)
 
 
 @dataclass
 class KernelRow:
-    """One (shape, block, sparsity) measurement; times in ms, medians."""
+    """One (shape, PruneConfig) measurement; times in ms, medians."""
 
     m: int
     k: int
     n: int
-    block: int
-    sparsity: float
+    config: str  # PruneConfig.label()
     dtype: str
+    compressed_bytes: int  # what compression writes: BlockSparse.nbytes
     copy_ms: float  # x.clone(): the bandwidth floor for compression
     compress_ms: float  # actprune.compress (score + select + pack)
     bsr_compress_ms: float | None  # mask + Tensor.to_sparse_bsr (selection given; None: shape
@@ -50,10 +51,9 @@ class KernelRow:
 
     @property
     def compress_gbps(self) -> float:
-        """Useful traffic of compression: read x once, write the kept (1 - s) of it."""
-        return (
-            (2 - self.sparsity) * self.m * self.k * _itemsize(self.dtype) / (self.compress_ms * 1e6)
-        )
+        """Useful traffic of compression: read x once, write what is kept."""
+        traffic = self.m * self.k * _itemsize(self.dtype) + self.compressed_bytes
+        return traffic / (self.compress_ms * 1e6)
 
     @property
     def dw_tflops(self) -> float:
@@ -82,14 +82,13 @@ def _bsr_dw(dy: torch.Tensor, x_masked_t_bsr: torch.Tensor) -> Callable[[], torc
 
 def measure_kernels(
     shapes: Iterable[tuple[int, int, int]] = RESMLP_S24_SHAPES,
-    blocks: Iterable[int] = (16, 32),
-    sparsities: Iterable[float] = (0.5, 0.8, 0.9),
+    prunes: Iterable[PruneConfig] = PRESETS_MEASURED,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     repeats: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> list[KernelRow]:
-    """Time compression and dW for every (shape, block, sparsity); one row each."""
+    """Time compression and dW for every (shape, PruneConfig); one row each."""
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
@@ -100,11 +99,10 @@ def measure_kernels(
             "copy_ms": time_ms(x.clone, repeats),
             "dense_dw_ms": time_ms(lambda: dy.t().mm(x), repeats),  # noqa: B023 - runs here
         }
-        for block in blocks:
-            for sparsity in sparsities:
-                rows.append(_measure_one(x, dy, PruneConfig(sparsity, block), baselines, repeats))
-                if progress:
-                    progress(f"M={m} K={k} N={n} block={block} sparsity={sparsity}: done")
+        for prune in prunes:
+            rows.append(_measure_one(x, dy, prune, baselines, repeats))
+            if progress:
+                progress(f"M={m} K={k} N={n} {prune.label()}: done")
     return rows
 
 
@@ -115,24 +113,24 @@ def _measure_one(
     baselines: dict[str, float],
     repeats: int,
 ) -> KernelRow:
-    (m, k), n, (block, _) = x.shape, dy.shape[1], config.block_shape
+    (m, k), n, (bm, bk) = x.shape, dy.shape[1], config.block_shape
     packed = compress(x, config)
-    mask = packed.block_mask().repeat_interleave(block, 0).repeat_interleave(block, 1)[:m, :k]
+    mask = packed.block_mask().repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:m, :k]
     x_masked = x * mask
-    bsr_ok = m % block == 0 and k % block == 0  # torch.sparse BSR needs divisible shapes
+    bsr_ok = m % bm == 0 and k % bk == 0  # torch.sparse BSR needs divisible shapes
     bsr_dw = None
     if bsr_ok:
-        bsr_dw = _bsr_dw(dy, x_masked.t().contiguous().to_sparse_bsr((block, block)))
+        bsr_dw = _bsr_dw(dy, x_masked.t().contiguous().to_sparse_bsr((bk, bm)))
     return KernelRow(
         m=m,
         k=k,
         n=n,
-        block=block,
-        sparsity=config.sparsity,
+        config=config.label(),
         dtype=str(x.dtype).removeprefix("torch."),
+        compressed_bytes=packed.nbytes,
         compress_ms=time_ms(lambda: compress(x, config), repeats),
         bsr_compress_ms=(
-            time_ms(lambda: (x * mask).to_sparse_bsr((block, block)), repeats) if bsr_ok else None
+            time_ms(lambda: (x * mask).to_sparse_bsr((bm, bk)), repeats) if bsr_ok else None
         ),
         dw_ms=time_ms(lambda: kernels.weight_grad(dy, packed), repeats),
         bsr_dw_ms=time_ms(bsr_dw, repeats) if bsr_dw else None,
@@ -148,15 +146,15 @@ def _fmt(v: float | None) -> str:
 def kernel_table(rows: list[KernelRow]) -> str:
     """Markdown table; ratios > 1 mean actprune is faster than the baseline."""
     head = (
-        "| M×K×N | block | sparsity | copy ms | copy GB/s | compress ms | compress GB/s "
+        "| M×K×N | config | copy ms | copy GB/s | compress ms | compress GB/s "
         "| BSR compress ms | dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms "
-        "| dW speed-up vs dense | vs BSR |\n|" + "---|" * 14
+        "| dW speed-up vs dense | vs BSR |\n|" + "---|" * 13
     )
     lines = [head]
     for r in rows:
         vs_bsr = None if r.bsr_dw_ms is None else r.bsr_dw_ms / r.dw_ms
         lines.append(
-            f"| {r.m}×{r.k}×{r.n} | {r.block} | {r.sparsity} | {_fmt(r.copy_ms)} "
+            f"| {r.m}×{r.k}×{r.n} | {r.config} | {_fmt(r.copy_ms)} "
             f"| {r.copy_gbps:.2f} | {_fmt(r.compress_ms)} | {r.compress_gbps:.2f} "
             f"| {_fmt(r.bsr_compress_ms)} "
             f"| {_fmt(r.dense_dw_ms)} | {_fmt(r.dw_ms)} | {r.dw_tflops:.3f} | {_fmt(r.bsr_dw_ms)} "

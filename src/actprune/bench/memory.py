@@ -1,119 +1,26 @@
-"""Whole-training-step memory and speed: dense vs the alternatives users would pick.
+"""Whole-training-step memory and speed of every method (``actprune.methods``) in one run.
 
-Configurations, all measured in one run on the same model, batch and device:
-- ``dense``: plain training;
-- ``checkpoint``: every block under ``torch.utils.checkpoint`` (non-reentrant): only block inputs
-  are held, the block's forward runs twice;
-- ``unstructured_s{s}``: the same saved tensors as actprune (Linear inputs) kept as the top-k
-  *elements* by magnitude, stored as values + int32 indices — the DropIT approach, i.e. actprune
-  with 1×1 blocks;
-- ``actprune_s{s}_b{b}``: block-sparse pruning of the Linear inputs (``--scope linear``);
-- ``actprune_all_s{s}_b{b}`` (``--scope all``): also the Affine and LayerScale inputs, and GELU
-  inputs as a 2-bit derivative code; ``…_int8_…`` keeps the kept blocks in int8, ``…_r{b}_…``
-  also keeps the dropped blocks at b bits (``PruneConfig.remainder_bits``).
-The classifier head stays dense in every pruned configuration (as in ``actprune train``).
+Each configuration trains the same model on the same batch on the same device; every ratio is to
+the dense row of the same run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import models
 from ..config import PruneConfig
-from ..convert import prune_activations_
 from ..memory import measure_training_step
+from ..methods import MemoryConfig, apply_method, methods
 from . import device_name
-
-SPARSITIES = (0.5, 0.8, 0.9, 0.95)
-BASELINES = ("checkpoint", "unstructured")
-BLOCKS = (8, 16, 32, 64)
-
-
-class Checkpointed(nn.Module):
-    """Runs ``block`` under non-reentrant activation checkpointing: only the block's input is held
-    for backward (saved through saved-tensor hooks, so it is counted, as kind "checkpointed")."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    name: str
-    method: str  # "dense", "checkpoint", "unstructured", "actprune"
-    sparsity: float = 0.0
-    block: int = 0
-    scope: str = "linear"  # PruneConfig.scope
-    int8: bool = False  # PruneConfig.int8
-    remainder_bits: int = 0  # PruneConfig.remainder_bits
-
-    def prune_config(self) -> PruneConfig:
-        """What ``apply_config`` converts with (unstructured: 1×1 blocks, global top-k)."""
-        selection = "global" if self.method == "unstructured" else "column"
-        return PruneConfig(
-            self.sparsity,
-            self.block,
-            selection=selection,
-            scope=self.scope,
-            int8=self.int8,
-            remainder_bits=self.remainder_bits,
-        )
-
-
-def actprune_config(
-    sparsity: float, block: int, scope: str = "linear", int8: bool = False, remainder_bits: int = 0
-) -> MemoryConfig:
-    """The MemoryConfig of one actprune setting, named as in the tables."""
-    tag = "" if scope == "linear" else f"{scope}_"
-    tag += "int8_" if int8 else ""
-    tag += f"r{remainder_bits}_" if remainder_bits else ""
-    name = f"actprune_{tag}s{sparsity:g}_b{block}"
-    return MemoryConfig(name, "actprune", sparsity, block, scope, int8, remainder_bits)
-
-
-def default_configs(
-    sparsities: Iterable[float] = SPARSITIES,
-    blocks: Iterable[int] = BLOCKS,
-    scopes: Iterable[str] = ("linear",),
-    int8: bool = False,
-    baselines: Iterable[str] = BASELINES,
-    remainder_bits: Iterable[int] = (0,),
-) -> list[MemoryConfig]:
-    """dense, then the ``baselines`` ("checkpoint", "unstructured"), then actprune for every
-    scope × remainder bits × sparsity × block (and the int8 variant of each when ``int8``)."""
-    configs = [MemoryConfig("dense", "dense")]
-    sparsities = list(sparsities)
-    if "checkpoint" in baselines:
-        configs.append(MemoryConfig("checkpoint", "checkpoint"))
-    if "unstructured" in baselines:
-        configs += [MemoryConfig(f"unstructured_s{s:g}", "unstructured", s, 1) for s in sparsities]
-    for scope in scopes:
-        for r in remainder_bits:
-            for q in (False, True) if int8 else (False,):
-                configs += [actprune_config(s, b, scope, q, r) for s in sparsities for b in blocks]
-    return configs
-
-
-def apply_config(model: nn.Module, config: MemoryConfig) -> nn.Module:
-    """Convert ``model`` in place for a configuration; returns it."""
-    if config.method == "checkpoint":
-        model.blocks = nn.Sequential(*[Checkpointed(b) for b in model.blocks])
-    elif config.method in ("unstructured", "actprune"):
-        prune_activations_(model, config.prune_config(), exclude="head")
-    return model
 
 
 @dataclass
@@ -139,7 +46,7 @@ def run_memory_bench(
     progress: Callable[[str], None] | None = None,
 ) -> list[MemoryRow]:
     """Measure every configuration; ratios are to the dense row of this same run."""
-    configs = list(configs or default_configs())
+    configs = list(configs or methods([PruneConfig.preset("recommended")]))
     if configs[0].method != "dense":
         raise ValueError("the first configuration must be dense: it is every ratio's baseline")
     torch.manual_seed(0)
@@ -150,7 +57,7 @@ def run_memory_bench(
     y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
     rows = []
     for i, config in enumerate(configs):
-        model = apply_config(copy.deepcopy(base), config).to(device)
+        model = apply_method(copy.deepcopy(base), config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         m = measure_training_step(
             model,
@@ -229,24 +136,24 @@ def plot_memory(rows: list[MemoryRow], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     pruned = [r for r in rows if r.config.method == "actprune"]
-    sparsities = sorted({r.config.sparsity for r in pruned})
+    sparsities = sorted({r.config.prune.sparsity for r in pruned})
     for ax, key, title in (
         (axes[0], "peak", "peak step memory"),
         (axes[1], "saved", "saved for backward"),
     ):
 
-        def variant(r: MemoryRow) -> tuple:
-            c = r.config
-            return (c.scope, c.int8, c.remainder_bits, c.block)
+        def variant(r: MemoryRow) -> str:  # the label without the sparsity
+            return re.sub(r"_?s[0-9.]+(?=_b)", "", r.config.prune.label()).strip("_")
 
         for v in sorted({variant(r) for r in pruned}):
-            scope, int8, bits, block = v
-            pts = sorted((r.config.sparsity, r.ratios[key]) for r in pruned if variant(r) == v)
-            label = f"scope {scope}{' int8' if int8 else ''}{f' r{bits}' if bits else ''}"
-            label += f", block {block}"
-            ax.plot(*zip(*pts), marker="o", label=label)
+            pts = sorted(
+                (r.config.prune.sparsity, r.ratios[key]) for r in pruned if variant(r) == v
+            )
+            ax.plot(*zip(*pts), marker="o", label=v)
         unstructured = sorted(
-            (r.config.sparsity, r.ratios[key]) for r in rows if r.config.method == "unstructured"
+            (r.config.prune.sparsity, r.ratios[key])
+            for r in rows
+            if r.config.method == "unstructured"
         )
         if unstructured:
             ax.plot(*zip(*unstructured), marker="x", ls="--", color="gray", label="unstructured")

@@ -13,18 +13,22 @@ import importlib.util
 import os
 from functools import cache
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..storage import BlockSparse
 from . import reference
-
-if TYPE_CHECKING:
-    from ..blocksparse import BlockSparse
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "backend_for", "block_scores", "channel_grad", "pack_blocks", "weight_grad"]
+__all__ = [
+    "BACKENDS",
+    "backend_for",
+    "block_scores",
+    "channel_scale_grad",
+    "pack_blocks",
+    "weight_grad",
+]
 
 
 @cache
@@ -72,10 +76,10 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     return _impl(dy).weight_grad(dy, x.dequantized(dy.dtype))
 
 
-def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k]: the gradient of a per-channel scale whose input is X̃."""
     if x.remainder is not None:
         acc = torch.promote_types(dy.dtype, torch.float32)
         dense = x.dequantized(dy.dtype).to_dense()
         return (dy.to(acc) * dense.to(acc)).sum(0).to(dy.dtype)
-    return _impl(dy).channel_grad(dy, x.dequantized(dy.dtype))
+    return _impl(dy).channel_scale_grad(dy, x.dequantized(dy.dtype))

@@ -8,13 +8,10 @@ No Python loop runs over blocks: each op is a handful of whole-tensor PyTorch ca
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from ..blocksparse import BlockSparse
+from ..storage import BlockSparse, blocked_view
 
 _REDUCE_COLS = {  # within each block row: [n_br, bm, n_bc, bk] -> [n_br, bm, n_bc] in dtype `acc`
     "l2": lambda b, acc: torch.linalg.vector_norm(b, 2, dim=3, dtype=acc),
@@ -26,16 +23,6 @@ _REDUCE_ROWS = {  # then across the block's rows: -> [n_br, n_bc]
     "l1": lambda r: r.sum(1),
     "max": lambda r: r.amax(1),
 }
-
-
-def blocked_view(x: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
-    """View x [M, K] as [n_br, bm, n_bc, bk], zero-padding the edges (a copy only when needed)."""
-    bm, bk = block_shape
-    m, k = x.shape
-    pad_m, pad_k = -m % bm, -k % bk
-    if pad_m or pad_k:
-        x = F.pad(x, (0, pad_k, 0, pad_m))
-    return x.view((m + pad_m) // bm, bm, (k + pad_k) // bk, bk)
 
 
 def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) -> torch.Tensor:
@@ -98,7 +85,7 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     return dy.t().mm(x.to_dense())
 
 
-def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k] over kept blocks only; accumulated in float32, dy.dtype out."""
     bk = x.block_shape[1]
     n_bc = x.grid_shape[1]

@@ -11,14 +11,11 @@ and masked, so (8, 8) or (24, 40) blocks work, with padded lanes doing no useful
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:
-    from ..blocksparse import BlockSparse
+from ..storage import BlockSparse
 
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
@@ -239,7 +236,7 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 
 @triton.jit
-def _channel_grad_kernel(
+def _channel_scale_grad_kernel(
     dy_ptr,
     vals_ptr,
     rows_ptr,
@@ -279,13 +276,15 @@ def _channel_grad_kernel(
     tl.store(out_ptr + offs_k, acc.to(out_ptr.dtype.element_ty), mask=(j < BK) & (offs_k < K))
 
 
-def channel_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """Triton version of ``reference.channel_grad``: [K] in dy.dtype."""
+def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """Triton version of ``reference.channel_scale_grad``: [K] in dy.dtype."""
     if dy.dtype != x.dtype:
-        raise ValueError(f"channel_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}")
+        raise ValueError(
+            f"channel_scale_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}"
+        )
     m, k = x.shape
     out = torch.empty(k, device=dy.device, dtype=dy.dtype)
-    _channel_grad_kernel[(x.grid_shape[1],)](
+    _channel_scale_grad_kernel[(x.grid_shape[1],)](
         dy,
         x.values,
         x.row_indices,

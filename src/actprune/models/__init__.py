@@ -1,34 +1,10 @@
-"""Model registry: ``create(name, **overrides)`` and ``list_models(pattern)``, timm-style."""
+"""Model zoo: ``create(name, **overrides)`` and ``list_models(pattern)``, timm-style.
 
-from __future__ import annotations
+One file per family; each registers its entry points (``register_model``) and, where it defines
+layers of its own that actprune can compress, their conversions (``register_conversion``).
+"""
 
-import fnmatch
-from collections.abc import Callable
+from . import resmlp
+from ._registry import create, list_models, register_model
 
-from torch import nn
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a model entry point under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted, optionally filtered by a shell-style pattern."""
-    names = sorted(_REGISTRY)
-    return names if pattern is None else fnmatch.filter(names, pattern)
-
-
-def create(name: str, **overrides: object) -> nn.Module:
-    """Build a registered model; keyword overrides replace its default arguments."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[name](**overrides)
-
-
-from . import resmlp  # noqa: E402,F401  (registers the ResMLP family)
-
-__all__ = ["create", "list_models", "register_model"]
+__all__ = ["create", "list_models", "register_model", "resmlp"]

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import register_model
+from ..convert import register_conversion
+from ..layers import PrunedChannelScale
+from ._registry import register_model
 
 
 class Affine(nn.Module):
     """Aff(x) = α ⊙ x + β per channel: ResMLP's replacement for LayerNorm."""
 
-    def __init__(self, dim: int, device=None, dtype=None) -> None:  # noqa: ANN001
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.beta = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
@@ -30,7 +32,7 @@ class Affine(nn.Module):
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (CaiT), initialised small so deep nets train."""
 
-    def __init__(self, dim: int, init: float, device=None, dtype=None) -> None:  # noqa: ANN001
+    def __init__(self, dim: int, init: float, device=None, dtype=None) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.full((dim,), init, device=device, dtype=dtype))
 
@@ -38,12 +40,44 @@ class LayerScale(nn.Module):
         return x * self.scale
 
 
+@register_conversion(Affine)
+class PrunedAffine(PrunedChannelScale, Affine):
+    """Affine keeping a compressed x for dα; output, dx and dβ exact (``--scope all``).
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig
+        >>> from actprune.models.resmlp import Affine, PrunedAffine
+        >>> aff = PrunedAffine.from_module(Affine(64), PruneConfig(0.9, 32, scope="all"))
+        >>> aff(torch.randn(4, 16, 64)).shape
+        torch.Size([4, 16, 64])
+    """
+
+    param_names = ("alpha", "beta")
+
+
+@register_conversion(LayerScale)
+class PrunedLayerScale(PrunedChannelScale, LayerScale):
+    """LayerScale keeping a compressed x for ds; output and dx exact (``--scope all``).
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig
+        >>> from actprune.models.resmlp import LayerScale, PrunedLayerScale
+        >>> ls = PrunedLayerScale.from_module(LayerScale(64, 0.1), PruneConfig(0.9, scope="all"))
+        >>> ls(torch.randn(4, 16, 64)).shape
+        torch.Size([4, 16, 64])
+    """
+
+    param_names = ("scale", None)
+
+
 class ResMLPBlock(nn.Module):
     """Token mixing (Linear over patches) then a channel MLP, each residual with LayerScale."""
 
     def __init__(
         self, dim: int, num_patches: int, mlp_ratio: int, init_scale: float, device=None, dtype=None
-    ) -> None:  # noqa: ANN001
+    ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.aff1 = Affine(dim, **kw)
@@ -95,7 +129,7 @@ class ResMLPConfig:
 class ResMLP(nn.Module):
     """Patch embedding → depth × ResMLPBlock → Affine → mean over patches → linear classifier."""
 
-    def __init__(self, config: ResMLPConfig, device=None, dtype=None) -> None:  # noqa: ANN001
+    def __init__(self, config: ResMLPConfig, device=None, dtype=None) -> None:
         super().__init__()
         c = self.config = config
         kw = {"device": device, "dtype": dtype}
