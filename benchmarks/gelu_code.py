@@ -25,7 +25,7 @@ from actprune.derivative_code import BITS, gelu_derivative, gelu_derivative_code
 SIGMAS = (0.5, 1.0, 2.0, 4.0)
 
 
-def gaussian_rms(code, sigma: float, n: int = 1_000_000) -> float:  # noqa: ANN001
+def gaussian_rms(code, sigma: float, n: int = 1_000_000) -> float:
     x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * sigma
     q = code.derivative(code.encode(x), n, torch.float64)
     return math.sqrt(float(((q - gelu_derivative(x)) ** 2).mean()))
@@ -48,7 +48,7 @@ def model_gelu_inputs() -> tuple[torch.Tensor, str]:
     return torch.cat([t.reshape(-1) for t in seen]).double(), source
 
 
-def dx_relative_error(code, x: torch.Tensor) -> float:  # noqa: ANN001
+def dx_relative_error(code, x: torch.Tensor) -> float:
     dy = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     exact = dy * gelu_derivative(x)
     coded = dy * code.derivative(code.encode(x), x.numel(), torch.float64)

@@ -15,12 +15,14 @@ mkdir -p "$OUT"
 set -x
 $PY -m pytest -q tests/test_kernels.py tests/test_layers.py tests/test_scope_all.py 2>&1 | tee "$OUT/tests.txt"
 for dtype in float16 float32; do
-  $PY -m actprune bench kernels --device cuda --dtype "$dtype" --batch 64 --repeats 50 --out "$OUT"
+  $PY -m actprune bench kernels --device cuda --dtype "$dtype" --batch-size 64 --repeats 50 \
+    --preset recommended paper --out "$OUT"
 done
 for model in resmlp_s12 resmlp_s24; do
-  $PY -m actprune bench memory --device cuda --model "$model" --batch 64 --timing-steps 10 --out "$OUT"
+  $PY -m actprune bench memory --device cuda --model "$model" --batch-size 64 --timing-steps 10 \
+    --preset paper --sparsity 0.5 0.8 0.9 0.95 --block-size 8 16 32 64 --out "$OUT"
 done
-$PY -m actprune bench memory --device cuda --model resmlp_s24 --batch 32 --sparsity 0.9 --block 32 \
-  --scope linear all --remainder-bits 0 2 4 --int8 --timing-steps 10 --out "$OUT" \
+$PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 32 \
+  --scope linear all --remainder-bits 0 2 4 --int8 false true --timing-steps 10 --out "$OUT" \
   --stem memory_scopes_resmlp_s24_224px_b32_cuda
-$PY -m actprune plan --model resmlp_b24 --batch 256 --memory 80GB | tee "$OUT/plan_resmlp_b24.md"
+$PY -m actprune plan --model resmlp_b24 --batch-size 256 --memory 80GB --scope linear all | tee "$OUT/plan_resmlp_b24.md"

@@ -125,3 +125,65 @@ def test_include_and_exclude_patterns():
     prune_activations_(model, PruneConfig(0.5, 8), exclude="head", filter=lambda n, m: "1" not in n)
     assert isinstance(model.blocks[0].fc2, PrunedLinear) and type(model.blocks[1].fc2) is nn.Linear
     assert type(model.head) is nn.Linear and isinstance(model.mixers["a"][0], PrunedLinear)
+
+
+class Gain(nn.Module):
+    """A user's own per-channel layer, unknown to actprune until registered."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(dim))
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias, self.gain, x)
+
+
+def test_registering_a_user_layer_converts_it_under_scope_all():
+    from actprune import PrunedChannelScale, describe_compression, register_conversion
+
+    model = nn.Sequential(nn.Linear(16, 32), Gain(32))
+    dense = copy.deepcopy(model)
+    prune_activations_(model, PruneConfig(0.5, 8, scope="all"))
+    assert type(model[1]) is Gain  # not registered yet: left alone
+
+    @register_conversion(Gain)
+    class PrunedGain(PrunedChannelScale, Gain):
+        param_names = ("gain", "bias")
+
+    try:
+        assert PrunedGain.dense_class is Gain
+        prune_activations_(model, PruneConfig(0.0, 8, scope="all"))
+        assert isinstance(model[1], PrunedGain) and model[1].gain is not None
+        assert {r["layer"] for r in describe_compression(model)} == {"Linear", "Gain"}
+        x = torch.randn(4, 10, 16, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        out, want = model(x), dense(x2)
+        assert torch.equal(out, want)  # forward exact
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)  # dx exact
+        for (name, a), (_, b) in zip(dense.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)  # s = 0
+        prune_activations_(model, PruneConfig(0.5, 8, scope="linear"))
+        assert type(model[1]) is Gain  # registered for scope "all" only
+        prune_activations_(model, PruneConfig(0.5, 8, scope="all"))
+        assert type(restore_dense_(model)[1]) is Gain
+    finally:
+        from actprune import convert
+
+        convert._REGISTRY.pop(Gain)
+
+
+def test_register_conversion_rejects_what_cannot_work():
+    from actprune import PrunedChannelScale, register_conversion
+
+    with pytest.raises(ValueError, match="scopes must be among"):
+        register_conversion(Gain, scopes=("everything",))
+    with pytest.raises(TypeError, match="must subclass an actprune layer base and Gain"):
+        register_conversion(Gain)(nn.Linear)
+    with pytest.raises(TypeError, match="dense_class is Linear"):
+
+        @register_conversion(Gain)
+        class Confused(PrunedChannelScale, Gain):
+            dense_class = nn.Linear

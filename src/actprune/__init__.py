@@ -8,7 +8,7 @@ Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 """
 
 from .blocksparse import compress, select_blocks
-from .config import PRESETS, PruneConfig
+from .config import PruneConfig
 from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
 from .derivative_code import DerivativeCode, gelu_derivative_code
 from .layers import CodedGELU, PrunedChannelScale, PrunedLinear, exact_gradients
@@ -25,7 +25,6 @@ from .storage import BlockSparse
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS",
     "BlockSparse",
     "CodedGELU",
     "DerivativeCode",

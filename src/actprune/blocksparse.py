@@ -27,11 +27,28 @@ def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
 def select_blocks(
     scores: torch.Tensor, k: int, *, per_column: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The blocks with the largest scores, in BSC order: (rows, cols, ccol_indices), all int32.
+    """The blocks with the largest scores, in BSC order (by block-column, then block-row).
 
-    scores is [n_br, n_bc]. Keeps the k best of the whole grid, or with ``per_column`` the k best
-    of every block-column. Ties are broken deterministically: among equal scores, the block that
-    comes first in row-major order (block-row, then block-column) is kept first.
+    Ties are broken deterministically: among equal scores, the block that comes first in
+    row-major order (block-row, then block-column) is kept first.
+
+    Args:
+        scores: [n_br, n_bc] score of every block.
+        k: blocks kept in all, or with ``per_column`` in every block-column.
+
+    Keyword args:
+        per_column: keep the k best of every block-column instead of the whole grid.
+
+    Returns:
+        (rows, cols, ccol_indices), int32: the kept blocks' block-rows and block-columns, and
+        the offsets of each block-column's run.
+
+    Example:
+        >>> import torch
+        >>> from actprune import select_blocks
+        >>> rows, cols, ccol = select_blocks(torch.tensor([[1.0, 1, 1, 5]]), 2)
+        >>> cols.tolist(), ccol.tolist()
+        ([0, 3], [0, 1, 1, 1, 2])
     """
     if per_column:
         return _select_per_column(scores, k)
@@ -39,8 +56,8 @@ def select_blocks(
     flat = scores.reshape(-1)  # row-major block ids: id = row * n_bc + col (a view, no copy)
     n = flat.numel()
     # Every block above the k-th largest score is kept; ties at it go to the lowest ids. topk and
-    # fixed-size nonzero keep the transient memory well below a full sort (0.3× vs 3× the scores
-    # for 1×1 blocks) and every shape static, so this also runs on the meta device.
+    # fixed-size nonzero keep the transient memory well below a full sort (docs/design.md,
+    # "Selection") and every shape static, so this also runs on the meta device.
     threshold = torch.topk(flat, k, sorted=False).values.min()
     above = _first_true(flat > threshold, k, fill=n)
     tied = _first_true(flat == threshold, k, fill=n)
@@ -90,6 +107,20 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
 
     Scoring and packing run as Triton kernels on CUDA and as PyTorch ops elsewhere
     (``actprune.kernels``). Blocks holding NaN/Inf always rank first (see ``block_scores``).
+
+    Args:
+        x: a non-empty 2-D floating-point tensor [M, K] (``as_rows`` makes one of an activation).
+        config: sparsity, block shape, criterion, selection, int8 and remainder bits.
+
+    Returns:
+        The ``BlockSparse`` of x.
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, compress
+        >>> packed = compress(torch.randn(256, 128), PruneConfig(0.9, 32))
+        >>> packed.nnz_blocks, packed.density                  # 1 of 8 block-rows per column
+        (4, 0.125)
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"compress expects a torch.Tensor, got {type(x).__name__}")

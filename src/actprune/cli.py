@@ -86,8 +86,9 @@ def add_compression_args(parser: argparse.ArgumentParser, *, sweep: bool) -> Non
     group.add_argument(
         "--preset",
         choices=list(PRESETS),
-        default="recommended",
-        help="named setting to start from (default %(default)s)",
+        nargs="+" if sweep else None,
+        default=["recommended"] if sweep else "recommended",
+        help="named setting(s) to start from (default recommended)",
     )
     recommended = PruneConfig.preset("recommended")
     for f in dataclasses.fields(PruneConfig):
@@ -110,8 +111,13 @@ def add_compression_args(parser: argparse.ArgumentParser, *, sweep: bool) -> Non
 
 
 def prune_configs(args: argparse.Namespace) -> list[PruneConfig]:
-    """Every combination of the compression flags, over the preset's values; duplicates once."""
-    base = PRESETS[args.preset]
+    """Every combination of the compression flags over each preset's values; duplicates once."""
+    presets = args.preset if isinstance(args.preset, list) else [args.preset]
+    configs = [c for name in presets for c in _grid(PRESETS[name], args)]
+    return list(dict.fromkeys(configs))
+
+
+def _grid(base: dict, args: argparse.Namespace) -> list[PruneConfig]:
     values = {}
     for f in dataclasses.fields(PruneConfig):
         given = getattr(args, f.name)
@@ -126,7 +132,7 @@ def prune_configs(args: argparse.Namespace) -> list[PruneConfig]:
             configs.append(PruneConfig(**dict(zip(values, combo))))
         except ValueError as err:
             raise UserError(re.sub(r"PruneConfig\.(\w+)", lambda m: _flag(m[1]), str(err))) from err
-    return list(dict.fromkeys(configs))
+    return configs
 
 
 def _exclude(args: argparse.Namespace) -> tuple[str, ...]:

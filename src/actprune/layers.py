@@ -214,6 +214,11 @@ class PrunedChannelScale(CompressedLayer):
     ``actprune.register_conversion``; the dense class's forward must compute exactly
     ``x * scale`` or ``addcmul(shift, scale, x)`` with one value per channel (last dim of x).
 
+    Attributes:
+        param_names: (scale, shift) attribute names of the parameters; shift may be None.
+        config: the ``PruneConfig`` the saved input is compressed with.
+        dense_class: the class it is built from and restored to (set by ``register_conversion``).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -257,6 +262,10 @@ class CodedGELU(CompressedLayer, nn.GELU):
 
     The output is exactly nn.GELU's; dx = dy ⊙ q(x), q the piecewise-constant derivative of
     ``actprune.derivative_code`` (error bounds there). 2 bits keep 1/16 of fp32 x, 4 bits 1/8.
+
+    Attributes:
+        approximate: as ``nn.GELU``.
+        config: its ``gelu_bits`` pick the code (``CodedGELU.from_module(gelu, config)``).
 
     Example:
         >>> import torch

@@ -72,6 +72,18 @@ class SavedTensorLog:
     module whose forward saved each tensor (``layer_kind``; a storage saved by several kinds counts
     for the first). That needs global module hooks, which torch.compile cannot trace through, so it
     is off by default.
+
+    Args:
+        by_kind: also record which kind of layer saved each tensor (``bytes_by_kind``).
+
+    Example:
+        >>> import torch
+        >>> from actprune import SavedTensorLog
+        >>> layer = torch.nn.Linear(64, 32)
+        >>> with SavedTensorLog(by_kind=True) as log:
+        ...     out = layer(torch.randn(8, 64))           # Linear saves its input: 8·64·4 bytes
+        >>> log.live_bytes(), log.bytes_by_kind()
+        (2048, {'linear': 2048})
     """
 
     def __init__(self, by_kind: bool = False) -> None:
@@ -160,6 +172,23 @@ def saved_activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
 
     Deduplicated by storage, Parameters excluded (see the module docstring). The graph is the one
     ``fn``'s result holds; it is released when this function returns.
+
+    Args:
+        fn: runs a forward pass (a module, or any callable) and returns what holds the graph.
+        *args, **kwargs: passed to ``fn``.
+
+    Returns:
+        The bytes, exact.
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, prune_activations_, saved_activation_bytes
+        >>> layer, x = torch.nn.Linear(256, 256), torch.randn(256, 256)
+        >>> saved_activation_bytes(layer, x)                    # the fp32 input: 256·256·4
+        262144
+        >>> layer = prune_activations_(layer, PruneConfig(0.875, 32))  # a new root module
+        >>> saved_activation_bytes(layer, x)                    # 8 of 64 blocks + indices
+        32836
     """
     with SavedTensorLog() as log:
         result = fn(*args, **kwargs)
@@ -238,6 +267,20 @@ def peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     The device is that of the first tensor (or module) argument; with none, CUDA when it is in use,
     else CPU. Add the bytes that were live before (parameters, optimizer state, the batch) for the
     absolute peak of a training step. See the module docstring for the method and its accuracy.
+
+    Args:
+        fn: the work to measure (a training step, say).
+        *args, **kwargs: passed to ``fn``; the first tensor or module among them picks the device.
+
+    Returns:
+        The peak in bytes (CUDA: allocated by the caching allocator; CPU: glibc heap in use).
+
+    Example:
+        >>> import torch
+        >>> from actprune import peak_memory
+        >>> x = torch.randn(1024, 1024)
+        >>> peak_memory(lambda t: (t * 2).sum(), x) >= 1024 * 1024 * 4   # the transient t * 2
+        True
     """
     device = _infer_device(args, kwargs)
     gc.collect()
@@ -257,7 +300,18 @@ def peak_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
 @dataclass
 class StepMemory:
-    """Memory (and optionally time) of one full training step: forward, backward, optimizer."""
+    """Memory (and optionally time) of one full training step: forward, backward, optimizer.
+
+    Attributes:
+        peak_step_bytes: resident_bytes + the step's own peak (``peak_memory``).
+        resident_bytes: live before the step: parameters, optimizer state, the batch.
+        saved_activation_bytes: held for backward after the forward.
+        saved_by_kind: the same, by kind of layer that saved it.
+        shared_bytes: saved by several ops but held once (``SavedTensorLog.shared_bytes``).
+        median_step_s: median wall time of the timed steps, or None.
+
+    Example: see ``measure_training_step``, which returns one.
+    """
 
     peak_step_bytes: int  # resident_bytes + the step's own peak (peak_memory)
     resident_bytes: int  # live before the step: parameters, optimizer state, the batch
@@ -281,8 +335,27 @@ def measure_training_step(
 ) -> StepMemory:
     """Run warm-up, measured and timed training steps of ``model`` (it is trained by them).
 
-    ``loss_fn()`` runs the forward pass and returns the loss; ``resident`` names tensors that live
-    across steps besides parameters and optimizer state (the batch).
+    Args:
+        model: the model being trained.
+        optimizer: its optimizer (its state counts as resident after the warm-up step).
+        loss_fn: runs the forward pass and returns the loss.
+        resident: tensors that live across steps besides parameters and optimizer state (the
+            batch).
+        timing_steps: how many more steps to time (0: none).
+
+    Returns:
+        The ``StepMemory``: peak of the whole step, resident bytes, bytes saved for backward.
+
+    Example:
+        >>> import torch
+        >>> from actprune import measure_training_step
+        >>> model, x = torch.nn.Linear(64, 64), torch.randn(32, 64)
+        >>> opt = torch.optim.AdamW(model.parameters())
+        >>> m = measure_training_step(model, opt, lambda: model(x).square().mean(), resident=[x])
+        >>> m.saved_activation_bytes   # x (for dW) and the output (for square's backward)
+        16384
+        >>> m.resident_bytes           # parameters, AdamW's two moments and step counters, x
+        58120
     """
     anchor = next(model.parameters())
 

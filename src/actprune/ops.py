@@ -81,7 +81,7 @@ def _save_compressed(ctx, x, parts, config, *params) -> None:
 
 @torch.library.custom_op("actprune::pruned_linear", mutates_args=())
 def pruned_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045 - older torch.library reads only Optional
     values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
     scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
 ) -> torch.Tensor:  # fmt: skip
@@ -125,7 +125,7 @@ pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 @torch.library.custom_op("actprune::pruned_channel_scale", mutates_args=())
 def pruned_channel_scale(
-    x: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],  # noqa: UP045
+    x: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],  # noqa: UP045 - older torch.library reads only Optional
     values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
     scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
 ) -> torch.Tensor:  # fmt: skip

@@ -48,9 +48,9 @@ class LowBitBlocks:
     Element x of block b is coded as one of 2^bits evenly spaced levels over [−s_b, s_b],
     s_b = max |x| in the block, chosen by stochastic rounding between the two nearest levels, so
     the decoded value is an unbiased estimate of x (error < one level spacing, 2·s_b / (2^bits−1)).
-    The rounding compares the fraction with a random byte (8× cheaper to draw than a float on
-    CPU), which leaves a bias below 1/256 of a level. Codes are packed in the padded tensor's
-    row-major order (``bitpack``).
+    The rounding compares the fraction with a random byte (cheaper to draw than a float;
+    docs/design.md, "Remainder"), which leaves a bias below 1/256 of a level. Codes are packed in
+    the padded tensor's row-major order (``bitpack``).
     """
 
     codes: torch.Tensor  # uint8 [ceil(M'·K'·bits / 8)]
@@ -85,6 +85,25 @@ class BlockSparse:
     increasing block-row order given by ``row_indices``. Edge blocks of shapes that are not
     multiples of the block are stored zero-padded to the full block; the padding never shows in
     ``to_dense`` and is counted in ``nbytes`` (it is memory that is really held).
+
+    Attributes:
+        values: [nnz, bm, bk] kept blocks (int8 when ``scales`` is set).
+        row_indices: int32 [nnz], the block-row of each kept block.
+        ccol_indices: int32 [n_bc + 1], where each block-column's blocks start in ``values``.
+        shape: (M, K) of the dense tensor.
+        scales: float32 [nnz] per-block scales of int8 values, or None.
+        remainder: the whole tensor at low precision (``LowBitBlocks``), or None.
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, compress
+        >>> x = torch.zeros(64, 64)
+        >>> x[32:, :32] = 1.0                          # one loud 32x32 block
+        >>> packed = compress(x, PruneConfig(0.75, 32, selection="global"))
+        >>> packed.nnz_blocks, packed.row_indices.tolist(), packed.ccol_indices.tolist()
+        (1, [1], [0, 1, 1])
+        >>> torch.equal(packed.to_dense(), x)
+        True
     """
 
     values: torch.Tensor  # [nnz, bm, bk], dtype of the compressed tensor (int8 with scales)

@@ -33,7 +33,7 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
     A block holding NaN or ±Inf scores +inf, so it always ranks first and is kept: a non-finite
     activation is never dropped silently, it reaches the weight gradient as it would in dense.
     """
-    # Two single-dim reductions: several times faster on CPU than one over dims (1, 3).
+    # Two single-dim reductions: faster on CPU than one over dims (1, 3) (docs/design.md).
     acc = torch.promote_types(x.dtype, torch.float32)
     per_row = _REDUCE_COLS[criterion](blocked_view(x, block_shape), acc)
     return _REDUCE_ROWS[criterion](per_row).float().nan_to_num_(nan=math.inf)
@@ -69,10 +69,10 @@ def _weight_grad_by_blocks(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 def use_block_matmul(x: BlockSparse) -> bool:
     """CPU cost model: per-block matmuls beat one dense matmul only for big blocks at low density.
 
-    Measured on a 2-core x86 CPU (ResMLP shapes, blocks 8-64, sparsity 0.5-0.95): the per-block
-    path runs at about c / density of dense speed with c ≈ 0.2 · sqrt(bm·bk / 1024), while expanding
-    to a dense buffer costs 1.1-1.5× dense. Otherwise the kept blocks are expanded into a transient
-    dense buffer for this one layer (the saved activation stays compressed either way).
+    The per-block path runs at about c / density of dense speed with c = 0.2 · sqrt(bm·bk / 1024),
+    fitted to measurements (docs/design.md, "Kernels and dispatch"). Otherwise the kept blocks are
+    expanded into a transient dense buffer for this one layer (the saved activation stays
+    compressed either way).
     """
     bm, bk = x.block_shape
     return x.density <= 0.2 * math.sqrt(bm * bk / 1024)

@@ -44,6 +44,10 @@ class LayerScale(nn.Module):
 class PrunedAffine(PrunedChannelScale, Affine):
     """Affine keeping a compressed x for dα; output, dx and dβ exact (``--scope all``).
 
+    Attributes:
+        alpha, beta: as Affine (the same Parameter objects when built with ``from_module``).
+        config: the ``PruneConfig`` the saved input is compressed with.
+
     Example:
         >>> import torch
         >>> from actprune import PruneConfig
@@ -59,6 +63,10 @@ class PrunedAffine(PrunedChannelScale, Affine):
 @register_conversion(LayerScale)
 class PrunedLayerScale(PrunedChannelScale, LayerScale):
     """LayerScale keeping a compressed x for ds; output and dx exact (``--scope all``).
+
+    Attributes:
+        scale: as LayerScale (the same Parameter object when built with ``from_module``).
+        config: the ``PruneConfig`` the saved input is compressed with.
 
     Example:
         >>> import torch
