@@ -212,3 +212,17 @@ def test_remainder_rounding_noise_matches_the_documented_figures(bits, low, high
     decoded = coded.decode((32, 32), x.dtype)
     ratio = (decoded.reshape(x.shape) - x).pow(2).sum() / x.pow(2).sum()
     assert low < ratio < high
+
+
+def test_tie_slots_go_to_the_first_blocks_but_the_top_score_is_always_kept():
+    rows, cols, ccol = select_blocks(torch.tensor([[1.0, 1.0, 1.0, 5.0]]), 2)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 0), (0, 3)]  # 5 kept, then one tie
+    assert ccol.tolist() == [0, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("selection", ["column", "global"])
+def test_a_zero_tensor_keeps_its_only_non_zero_block_even_when_last(selection):
+    x = torch.zeros(320, 64)
+    x[-32:, -32:] = 1e-3  # the very last block, small
+    packed = compress(x, PruneConfig(0.9, 32, selection=selection))
+    assert torch.equal(packed.to_dense(), x)

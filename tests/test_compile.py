@@ -67,9 +67,9 @@ def test_registered_ops_pass_opcheck():
     key = PruneConfig(0.5, 8).to_json()
     torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, key))
     for bits in (2, 4):
-        codes = ops.gelu_code(x.detach(), bits, "none")
+        codes, nonfinite = ops.gelu_code(x.detach(), bits, "none")
         torch.library.opcheck(ops.gelu_code, (x.detach(), bits, "tanh"))
-        torch.library.opcheck(ops.coded_gelu, (x, codes, bits, "none"))
+        torch.library.opcheck(ops.coded_gelu, (x, codes, nonfinite, bits, "none"))
 
 
 def test_scope_all_compiles_without_graph_breaks():

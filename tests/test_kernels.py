@@ -64,9 +64,14 @@ def test_channel_scale_grad(m, k, n, block, selection, dtype):
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     dy = torch.randn(m, k, device=DEVICE).to(dtype)
     packed = compress(x, PruneConfig(0.6, block, selection=selection))
-    got = triton_blocks.channel_scale_grad(dy, packed)
-    ref = reference.channel_scale_grad(dy, packed)
+    # The reference first, then the kernel, then a check that the kernel wrote nothing but its
+    # output: this test once failed with the reference wrong in every element and never again
+    # (docs/reliability.md, item 29); if it recurs, these say which side went wrong.
     want = (dy.double() * packed.to_dense().double()).sum(0)
+    ref = reference.channel_scale_grad(dy, packed)
+    inputs = [t.clone() for t in (dy, *packed.tensors)]
+    got = triton_blocks.channel_scale_grad(dy, packed)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (dy, *packed.tensors)))
     assert got.dtype == dtype and got.shape == (k,)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)

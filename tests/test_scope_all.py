@@ -124,7 +124,8 @@ def test_coded_gelu_forward_exact_backward_is_the_code(bits, approximate, dtype)
     out = gelu(x)
     assert torch.equal(out, F.gelu(x.detach(), approximate=approximate))
     saved = saved_activation_bytes(gelu, x)
-    assert saved == math.ceil(x.numel() * bits / 8)  # 1/16 (2-bit) or 1/8 (4-bit) of fp32
+    rows = x.numel() // x.shape[-1]  # + 1 bit per row: does it hold a NaN/Inf
+    assert saved == math.ceil(x.numel() * bits / 8) + math.ceil(rows / 8)  # ~1/16 or 1/8 of fp32
     out.backward(dy)
     code = gelu_derivative_code(bits, approximate)
     bounds = torch.tensor(code.boundaries, dtype=torch.float64)
@@ -241,3 +242,79 @@ def test_int8_scope_all_trains_close_to_native():
     for name, g in grads[False].items():
         cos = F.cosine_similarity(g.flatten(), grads[True][name].flatten(), dim=0)
         assert cos > 0.999, name
+
+
+def _gelu_prime_and_weight(approximate: str):
+    """gelu' by autograd and the fit's weight (an equal mixture of N(0, 1), N(0, 2²), N(0, 4²)),
+    on [-6, 6] like the fit: written out here, independent of derivative_code."""
+    x = torch.linspace(-6, 6, 60001, dtype=torch.float64, requires_grad=True)
+    F.gelu(x, approximate=approximate).sum().backward()
+    w = sum(torch.exp(-0.5 * (x.detach() / s) ** 2) / s for s in (1.0, 2.0, 4.0))
+    return x.detach(), x.grad, w
+
+
+def _pieces(x, g, w, boundaries):
+    """(weighted mean of gelu', weighted squared error) of each piece, by the trapezoid rule."""
+    edges = [-6.0, *boundaries, 6.0]
+    out = []
+    for a, b in zip(edges, edges[1:]):
+        m = (x >= a) & (x < b)
+        mean = torch.trapezoid((w * g)[m], x[m]) / torch.trapezoid(w[m], x[m])
+        out.append((float(mean), float(torch.trapezoid((w * (g - mean) ** 2)[m], x[m]))))
+    return out
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gelu_code_values_are_the_weighted_means_of_gelu_prime(bits, approximate):
+    code = gelu_derivative_code(bits, approximate)
+    x, g, w = _gelu_prime_and_weight(approximate)
+    means = [mean for mean, _ in _pieces(x, g, w, code.boundaries)]
+    # within 1e-4: a piece changed by 10 % (0.0014 for the smallest, -0.0138) fails
+    assert max(abs(a - b) for a, b in zip(code.values, means)) < 1e-4
+    # and the boundaries are optimal: moving any one of them never lowers the squared error
+    best = sum(err for _, err in _pieces(x, g, w, code.boundaries))
+    for i in range(len(code.boundaries)):
+        for step in (-0.02, 0.02):
+            moved = list(code.boundaries)
+            moved[i] += step
+            assert sum(err for _, err in _pieces(x, g, w, moved)) >= best - 1e-12
+
+
+@pytest.mark.parametrize("kind", ["affine", "layerscale"])
+def test_channel_scale_gradient_with_remainder_is_dy_times_the_stored_approximation(kind):
+    from actprune import rng
+
+    config = PruneConfig(0.75, (8, 16), remainder_bits=2)
+    _, pruned = _scale_pair(kind, config)
+    x, dy = torch.randn(4, 20, 48), torch.randn(4, 20, 48)
+    rng.manual_seed(3)
+    pruned(x.requires_grad_()).backward(dy)
+    rng.manual_seed(3)  # the same stochastic rounding
+    from actprune import compress
+
+    stored = compress(as_rows(x.detach(), config.row_order), config).to_dense()
+    want = (as_rows(dy, config.row_order) * stored).sum(0)
+    scale = pruned.alpha if kind == "affine" else pruned.scale
+    torch.testing.assert_close(scale.grad, want, rtol=1e-5, atol=1e-5)
+    exact = (dy * x.detach()).sum((0, 1))
+    assert not torch.allclose(scale.grad, exact, atol=1e-3)  # the approximation is in use
+
+
+@pytest.mark.parametrize("row_order", ["token-major", "batch-major"])
+def test_row_order_decides_which_rows_share_a_block(row_order):
+    """Expected values by plain indexing (no as_rows): one block-row of 4 rows is kept of 8."""
+    batch, tokens, k = 4, 8, 32
+    x = torch.randn(batch, tokens, k) * 0.01
+    dy = torch.randn(batch, tokens, 8)
+    if row_order == "token-major":  # a block-row = one token position across the 4 samples
+        x[:, 3, :] += 10
+        want = dy[:, 3, :].t() @ x[:, 3, :]
+    else:  # a block-row = 4 consecutive tokens of one sample: sample 2, tokens 4-7
+        x[2, 4:8, :] += 10
+        want = dy[2, 4:8, :].t() @ x[2, 4:8, :]
+    layer = PrunedLinear.from_linear(
+        nn.Linear(k, 8), PruneConfig(7 / 8, (4, 32), row_order=row_order)
+    )
+    layer(x).backward(dy)
+    torch.testing.assert_close(layer.weight.grad, want, rtol=1e-5, atol=1e-5)

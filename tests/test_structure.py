@@ -37,6 +37,7 @@ CORE = {
     "actprune.layers",
     "actprune.memory",
     "actprune.ops",
+    "actprune.rng",
     "actprune.storage",
 }
 

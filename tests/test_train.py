@@ -118,3 +118,41 @@ def test_head_stays_dense_unless_exclude_is_cleared(tmp_path):
     assert type(model.blocks[1].tok) is nn.Linear and isinstance(model.blocks[1].fc2, PrunedLinear)
     model = build_model(config(tmp_path, "c", sparsity=0.9, exclude=()), ds, cpu)
     assert isinstance(model.head, PrunedLinear)
+
+
+def test_remainder_rounding_leaves_torch_rng_alone():
+    """Same seed: a model with Dropout gets the same masks compressed as dense, and the user's next
+    torch.rand is the same (the rounding draws from actprune.rng only)."""
+    import copy
+
+    from torch import nn
+
+    from actprune import prune_activations_
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 8))
+    pruned = prune_activations_(copy.deepcopy(dense), PruneConfig(0.5, 16, remainder_bits=4))
+    x = torch.randn(32, 64)
+    after = []
+    for model in (dense, pruned):
+        torch.manual_seed(1)
+        masks = []
+        model[1].register_forward_hook(lambda m, i, o, masks=masks: masks.append(o != 0))
+        model(x).sum().backward()
+        after.append((masks[0], torch.rand(5)))
+    assert torch.equal(after[0][0], after[1][0])  # identical dropout masks
+    assert torch.equal(after[0][1], after[1][1])  # the user's next random numbers
+
+
+def test_actprune_rng_state_round_trips():
+    from actprune import rng
+    from actprune.storage import LowBitBlocks, blocked_view
+
+    x = blocked_view(torch.randn(64, 64), (32, 32))
+    rng.manual_seed(5)
+    state = rng.get_state()
+    first = LowBitBlocks.quantize(x, 2).codes
+    second = LowBitBlocks.quantize(x, 2).codes
+    assert not torch.equal(first, second)  # a new draw each call
+    rng.set_state(state)
+    assert torch.equal(LowBitBlocks.quantize(x, 2).codes, first)  # the state is the whole story

@@ -8,11 +8,13 @@ and optionally quantises them (int8) and keeps a low-bit copy of everything (the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import kernels
 from .config import PruneConfig
-from .storage import BlockSparse, LowBitBlocks, blocked_view
+from .storage import BlockSparse, LowBitBlocks, blocked_view, quantize_int8
 
 
 def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
@@ -98,7 +100,7 @@ def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
     """
     if t.dim() >= 3 and row_order == "token-major":
         t = t.movedim(0, -2)
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # explicit rows: 0 columns work too
 
 
 def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
@@ -144,11 +146,3 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
         remainder = LowBitBlocks.quantize(blocked_view(x, block_shape), config.remainder_bits)
     return BlockSparse(values, rows, ccol, tuple(x.shape), scales, remainder)
 
-
-def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-block int8: (int8 [nnz, bm, bk], float32 [nnz] scale = max|block| / 127).
-
-    Error per element <= scale / 2. Non-finite values do not survive (int8 has no NaN/Inf)."""
-    scales = values.abs().amax(dim=(1, 2)).float().div_(127).clamp_min_(1e-30)
-    quantized = (values.float() / scales.view(-1, 1, 1)).round_().clamp_(-127, 127)
-    return quantized.to(torch.int8), scales

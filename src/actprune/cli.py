@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import models
 from .bench.kernels import linear_shapes, measure_kernels, write_results
 from .bench.memory import run_memory_bench, write_memory_results
 from .compare import compare, report_table
@@ -26,7 +27,7 @@ from .config import PRESETS, PruneConfig
 from .data import DATASETS, DataError
 from .methods import BASELINES, methods
 from .plan import largest_batch, parse_bytes, predict_step
-from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, train
+from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpoint, train
 
 EPILOG = """examples:
   actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs s=0.9
@@ -188,6 +189,12 @@ def train_config(args: argparse.Namespace, prune: PruneConfig | None) -> TrainCo
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.out) / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():  # the checkpoint's settings, then the given flags
+        saved = read_checkpoint(checkpoint, torch.device("cpu"))["config"]
+        argv = args.argv
+        args = build_parser(resume_defaults=_flag_values(saved)).parse_args(argv)
+        args.argv = argv
     prune = None if args.dense else _one(prune_configs(args))
     summary = train(train_config(args, prune))
     print(
@@ -197,6 +204,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{summary['images_per_s']:.0f} images/s -> {args.out}/summary.json"
     )
     return 0
+
+
+def _flag_values(saved: dict) -> dict:
+    """Parser defaults (argparse dests) that reproduce a checkpoint's TrainConfig."""
+    own = ("prune", "exclude", "model_overrides", "out", "resume", "overwrite", "progress")
+    values = {k: v for k, v in saved.items() if k not in own}
+    values["exclude"] = ",".join(saved.get("exclude", ()))
+    values.update(saved.get("model_overrides", {}))
+    prune = saved.get("prune")
+    values["dense"] = prune is None
+    if prune is not None:
+        values.update({**prune, "block_size": tuple(prune["block_size"])})
+    return values
 
 
 def _one(configs: list[PruneConfig]) -> PruneConfig:
@@ -216,7 +236,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device, out = _device(args.device), _out_folder(args.out)
+    _model(args.model)
     configs = methods(prune_configs(args), args.baselines, _exclude(args))
     rows = run_memory_bench(
         args.model,
@@ -236,12 +257,13 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     kind = device.split(":")[0]
     stem = args.stem or f"memory_{args.model}_{args.image_size}px_b{args.batch_size}_{kind}"
     command = "actprune " + shlex.join(args.argv)
-    print(write_memory_results(rows, Path(args.out), stem, command, setup))
+    print(write_memory_results(rows, out, stem, command, setup))
     return 0
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device, out = _device(args.device), _out_folder(args.out)
+    _model(args.model)
     shapes = linear_shapes(args.model, args.batch_size, args.image_size)
     rows = measure_kernels(
         shapes,
@@ -253,11 +275,13 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     )
     kind = device.split(":")[0]
     stem = args.stem or f"kernels_{args.model}_b{args.batch_size}_{kind}_{args.dtype}"
-    print(write_results(rows, device, Path(args.out), stem, "actprune " + shlex.join(args.argv)))
+    command = "actprune " + shlex.join(args.argv)
+    print(write_results(rows, device, out, stem, command))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    _model(args.model)
     try:
         budget = parse_bytes(args.memory)
     except ValueError as err:
@@ -287,9 +311,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA GPU is visible")
     return name
+
+
+def _model(name: str) -> None:
+    if name not in models.list_models():
+        raise UserError(f"unknown model {name!r}; available: {', '.join(models.list_models())}")
+
+
+def _out_folder(text: str) -> Path:
+    """--out of bench: an existing folder or one that can be created (nothing is removed)."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out cannot create {out}: {err.strerror or err}") from None
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _progress(message: str) -> None:
@@ -301,8 +358,8 @@ def _progress(message: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser, model: str, batch: int) -> None:
     p.add_argument("--model", default=model, help="registered model (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=224, help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=batch, help="default %(default)s")
+    p.add_argument("--image-size", type=_positive_int, default=224, help="default %(default)s")
+    p.add_argument("--batch-size", type=_positive_int, default=batch, help="default %(default)s")
 
 
 def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
@@ -317,7 +374,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         add_compression_args(p, sweep=True)
         p.set_defaults(func=func)
     p = commands.choices["memory"]
-    p.add_argument("--timing-steps", type=int, default=3)
+    p.add_argument("--timing-steps", type=_positive_int, default=3)
     p.add_argument(
         "--baselines",
         nargs="*",
@@ -327,7 +384,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p = commands.choices["kernels"]
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=_positive_int, default=10)
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -340,12 +397,13 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         default="cuda",
         help="the device the step would run on (AdamW's implementation differs)",
     )
-    p.add_argument("--max-batch", type=int, default=1 << 16)
+    p.add_argument("--max-batch", type=_positive_int, default=1 << 16)
     add_compression_args(p, sweep=True)
     p.set_defaults(func=cmd_plan)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(resume_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The parser; ``resume_defaults`` (argparse dests) replace the defaults of ``train``."""
     parser = _Parser(
         prog="actprune",
         description="Compress saved activations to cut training memory.",
@@ -363,7 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = training_command("train", "train one model", cmd_train)
     p.add_argument("--dense", action="store_true", help="train without compression")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt, with its settings (only --epochs, "
+        "--test-subset, --device and --data-dir may change)",
+    )
+    p.set_defaults(**(resume_defaults or {}))
     training_command("compare", "dense vs compressed, same seeds and data order", cmd_compare)
     _add_bench_parsers(sub)
     _add_plan_parser(sub)

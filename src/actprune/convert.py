@@ -9,10 +9,12 @@ a user. ``config.scope`` picks the registered conversions that apply.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .config import SCOPES, PruneConfig
 from .layers import CodedGELU, CompressedLayer, PrunedLinear, rebuild_as
@@ -179,13 +181,26 @@ def prune_activations_(
                 return None
             return _dense(module)
         compressed = _conversion(module, config.scope)
-        if compressed is None:
+        if compressed is None or _left_dense(name, module):
             return None
         new = compressed.from_module(module, config)
         new._actprune_dense_class = type(module)
         return new
 
     return _swap_(model, make)
+
+
+def _left_dense(name: str, module: nn.Module) -> bool:
+    """A lazy module cannot be converted before its first forward (its parameters have no shape
+    yet, and on that forward it turns itself into its dense class): warn and leave it."""
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        warnings.warn(
+            f"actprune: left {name or type(module).__name__} dense: {type(module).__name__} has "
+            "uninitialized parameters; run one forward pass before prune_activations_",
+            stacklevel=4,
+        )
+        return True
+    return False
 
 
 def _dense(module: nn.Module) -> nn.Module:

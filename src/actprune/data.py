@@ -17,6 +17,7 @@ import shutil
 import struct
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +112,15 @@ class Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is corrupt: {err}") from err
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header promises {ndim} dimensions")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -153,6 +159,12 @@ def _load_idx_folder(name: str, folder: Path) -> Dataset:
         for key, stem in IDX_FILES.items():
             _verify_md5(paths[key], stem)
     arrays = {k: torch.from_numpy(_read_idx(p).copy()) for k, p in paths.items()}
+    for key, array in arrays.items():
+        want = 3 if key.endswith("images") else 1
+        if array.dim() != want:
+            raise DataError(
+                f"{paths[key]} holds a {array.dim()}-D array; {key.replace('_', ' ')} are {want}-D"
+            )
     for split in ("train", "test"):
         if arrays[f"{split}_images"].shape[0] != arrays[f"{split}_labels"].shape[0]:
             raise DataError(f"{folder}: {split} images and labels differ in count")
@@ -206,14 +218,36 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> D
 # --- CIFAR (python pickle folders) --------------------------------------------------------------
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: dicts, lists, bytes, numbers and numpy arrays.
+
+    Any other global a pickle names (a function, a class with a side effect) is refused, so a file
+    someone hands you cannot run code when it is read."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (not CIFAR data)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"missing CIFAR file {path}")
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise DataError(f"{path} is not a CIFAR pickle: {err}") from err
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR pickle: it holds a {type(batch).__name__}")
+    return batch
 
 
 def _cifar_split(batches: list[dict], label_key: bytes, path: Path) -> tuple[torch.Tensor, ...]:
@@ -263,9 +297,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 def _load_image(path: Path, size: int) -> torch.Tensor:
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError
+        raise DataError(f"cannot read image {path}: {err}") from err
 
 
 def load_image_folder(data_dir: Path, image_size: int) -> Dataset:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .bitpack import pack_codes, unpack_codes
 from .config import GELU_BITS
@@ -127,6 +128,13 @@ def gelu_derivative_code(bits: int = 2, approximate: str = "none") -> Derivative
         raise ValueError(f"GELU code bits must be one of {GELU_BITS}, got {bits!r}")
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"GELU approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    # The fit computes with real tensors and reads values out of them; the first call may come
+    # from inside torch.compile's tracing of the backward, so it runs outside every active mode.
+    with _disable_current_modes():
+        return _fit(bits, approximate)
+
+
+def _fit(bits: int, approximate: str) -> DerivativeCode:
     x = torch.linspace(*_GRID, dtype=torch.float64)
     g = gelu_derivative(x, approximate)
     w = sum(torch.exp(-0.5 * (x / s) ** 2) / s for s in _FIT_SIGMAS)

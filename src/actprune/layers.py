@@ -10,30 +10,36 @@ torch.compile keeps them whole and saves only the compressed tensors.
 
 In eager mode a tensor is compressed once per config even when several layers read it (q, k and v
 projections of one input): the later layers reuse the first one's tensors, so autograd holds one
-copy (``SavedTensorLog.shared_bytes`` reports it).
+copy (``SavedTensorLog.shared_bytes`` reports it). The reuse is keyed by the tensor object and its
+version counter, so an in-place change between two readers (``add_``, ``mul_``, also on a view)
+makes the second compress again. A change through ``.data`` bypasses the version counter (as it
+bypasses autograd's own checks) and is not seen: the second layer would reuse the stale copy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import ops
 from .config import PruneConfig
 from .storage import Parts
 
-_exact = False  # set by exact_gradients(): every layer here runs its dense original
+_exact = threading.local()  # .on, set by exact_gradients(): every layer runs its dense original
 
 
 @contextlib.contextmanager
 def exact_gradients() -> Iterator[None]:
     """Within this block every actprune layer computes and saves exactly what its dense original
-    does: for measuring how far the compressed gradients are from the exact ones.
+    does: for measuring how far the compressed gradients are from the exact ones. It applies to
+    forward passes run in this thread only; other threads keep compressing.
 
     Returns:
         A context manager; nothing is yielded.
@@ -48,12 +54,11 @@ def exact_gradients() -> Iterator[None]:
         >>> torch.allclose(model.weight.grad, torch.ones(8, 32) @ x)
         True
     """
-    global _exact
-    previous, _exact = _exact, True
+    previous, _exact.on = getattr(_exact, "on", False), True
     try:
         yield
     finally:
-        _exact = previous
+        _exact.on = previous
 
 
 class _CompressionCache:
@@ -104,7 +109,7 @@ def _nothing_saved(x: torch.Tensor) -> Parts:
 
 def _needs_graph(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return (
-        not _exact
+        not getattr(_exact, "on", False)
         and torch.is_grad_enabled()
         and x.numel() > 0
         and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
@@ -127,7 +132,7 @@ class CompressedLayer:
                 f"{cls.__name__} is built from a {dense.__module__}.{dense.__qualname__} "
                 f"(or subclass), got {type(module).__name__}"
             )
-        new = rebuild_as(cls, module)
+        new = rebuild_as(_with_parametrizations(cls, module), module)
         new.config = _check_config(config)
         return new
 
@@ -261,7 +266,9 @@ class CodedGELU(CompressedLayer, nn.GELU):
     """nn.GELU that keeps a ``config.gelu_bits``-bit code of gelu'(x) instead of x.
 
     The output is exactly nn.GELU's; dx = dy ⊙ q(x), q the piecewise-constant derivative of
-    ``actprune.derivative_code`` (error bounds there). 2 bits keep 1/16 of fp32 x, 4 bits 1/8.
+    ``actprune.derivative_code`` (error bounds there). 2 bits keep 1/16 of fp32 x, 4 bits 1/8,
+    plus one bit per row (last dim) marking rows that hold a NaN or ±Inf: their dx is NaN, as
+    dense gelu' is NaN at such inputs, so a non-finite value is never hidden.
 
     Attributes:
         approximate: as ``nn.GELU``.
@@ -271,8 +278,9 @@ class CodedGELU(CompressedLayer, nn.GELU):
         >>> import torch
         >>> from actprune import CodedGELU, PruneConfig, saved_activation_bytes
         >>> gelu = CodedGELU.from_module(torch.nn.GELU(), PruneConfig(0.9, scope="all"))
-        >>> saved_activation_bytes(gelu, torch.randn(64, 64, requires_grad=True))  # 2 bits each
-        1024
+        >>> x = torch.randn(64, 64, requires_grad=True)
+        >>> saved_activation_bytes(gelu, x)  # 2 bits per element + 1 bit per row: 1024 + 8
+        1032
     """
 
     dense_class = nn.GELU
@@ -282,8 +290,8 @@ class CodedGELU(CompressedLayer, nn.GELU):
         if not _needs_graph(x):
             return F.gelu(x, approximate=self.approximate)
         gelu_bits = self.config.gelu_bits
-        codes = ops.gelu_code(x, gelu_bits, self.approximate)
-        return ops.coded_gelu(x, codes, gelu_bits, self.approximate)
+        codes, nonfinite = ops.gelu_code(x, gelu_bits, self.approximate)
+        return ops.coded_gelu(x, codes, nonfinite, gelu_bits, self.approximate)
 
     def describe(self) -> str:
         return f"{self.config.gelu_bits}-bit code of gelu'"
@@ -303,12 +311,31 @@ def _describe(config: PruneConfig) -> str:
 
 
 def rebuild_as(cls: type[nn.Module], module: nn.Module, drop: tuple[str, ...] = ()) -> nn.Module:
-    """A ``cls`` instance with module's state: the same Parameters, buffers, children and hooks in
-    fresh containers (so the two modules can diverge), minus the attributes named in ``drop``."""
+    """A ``cls`` instance with module's state, minus the attributes named in ``drop``.
+
+    Parameters, buffers and children are the same objects in fresh containers, so the two modules
+    can diverge. The hook dicts are shared, not copied: a handle taken before the swap
+    (``h = layer.register_forward_hook(...)``) still removes its hook from the new module."""
     new = cls.__new__(cls)
-    state = {k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+    state = {
+        k: v.copy() if isinstance(v, dict) and "hooks" not in k else v
+        for k, v in module.__dict__.items()
+    }
     new.__dict__.update({k: v for k, v in state.items() if k not in drop})
     return new
+
+
+def _with_parametrizations(cls: type[nn.Module], module: nn.Module) -> type[nn.Module]:
+    """``cls``, or for a module under ``torch.nn.utils.parametrize`` (weight_norm, spectral_norm)
+    a subclass of ``cls`` carrying the parametrized properties of the module's own class."""
+    if not parametrize.is_parametrized(module):
+        return cls
+    injected = {
+        k: v
+        for k, v in type(module).__dict__.items()
+        if isinstance(v, property) or k in ("__getstate__", "__deepcopy__")
+    }
+    return type(f"Parametrized{cls.__name__}", (cls,), injected)
 
 
 def _check_config(config: object) -> PruneConfig:

@@ -15,7 +15,8 @@ Every op that compresses or reads compressed tensors takes the configuration as 
 - ``actprune::pruned_channel_scale`` — x ⊙ scale (+ shift) per channel (Affine, LayerScale);
   backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
 - ``actprune::gelu_code`` / ``actprune::coded_gelu`` — the packed derivative code of a GELU input
-  (``derivative_code``) and GELU itself, whose backward is dy ⊙ q(x).
+  (``derivative_code``) plus one bit per row marking non-finite inputs, and GELU itself, whose
+  backward is dy ⊙ q(x) (NaN in the marked rows).
 - ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
   dyᵀ·X̃ for a weight (``param="weight"``), Σ_rows dy ⊙ X̃ for a per-channel scale
   (``param="channel_scale"``).
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .bitpack import pack_codes, unpack_codes
 from .blocksparse import as_rows, compress
 from .config import PruneConfig
 from .derivative_code import gelu_derivative_code
@@ -102,7 +104,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, dy):
     weight, *parts = ctx.saved_tensors
-    dy2d = dy.reshape(-1, dy.shape[-1])
+    dy2d = dy.reshape(math.prod(ctx.x_shape[:-1]), dy.shape[-1])  # also when dy has 0 columns
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = dy2d.mm(weight).view(ctx.x_shape)
@@ -194,40 +196,55 @@ def _(dy, *parts_and_args):
 # --- GELU with a low-bit derivative code ---------------------------------------------------------
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 1
+
+
 @torch.library.custom_op("actprune::gelu_code", mutates_args=())
-def gelu_code(x: torch.Tensor, gelu_bits: int, approximate: str) -> torch.Tensor:
-    """uint8: the packed ``gelu_bits``-bit derivative code of every element of x."""
-    return gelu_derivative_code(gelu_bits, approximate).encode(x.detach())
+def gelu_code(
+    x: torch.Tensor, gelu_bits: int, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, nonfinite): uint8, the packed ``gelu_bits``-bit derivative code of every element
+    of x, and one bit per row (last dim) set where the row holds a NaN or ±Inf."""
+    x = x.detach()
+    nonfinite = ~torch.isfinite(x.reshape(_rows(x), -1)).all(dim=1)
+    codes = gelu_derivative_code(gelu_bits, approximate).encode(x)
+    return codes, pack_codes(nonfinite.to(torch.uint8), 1)
 
 
 @gelu_code.register_fake
 def _(x, gelu_bits, approximate):
-    return x.new_empty(-(-x.numel() * gelu_bits // 8), dtype=torch.uint8)
+    codes = x.new_empty(-(-x.numel() * gelu_bits // 8), dtype=torch.uint8)
+    return codes, x.new_empty(-(-_rows(x) // 8), dtype=torch.uint8)
 
 
 @torch.library.custom_op("actprune::coded_gelu", mutates_args=())
 def coded_gelu(
-    x: torch.Tensor, codes: torch.Tensor, gelu_bits: int, approximate: str
+    x: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, gelu_bits: int, approximate: str
 ) -> torch.Tensor:
-    """F.gelu(x); backward reads only ``codes`` (dx = dy ⊙ q(x))."""
+    """F.gelu(x); backward reads only ``codes`` and ``nonfinite`` (dx = dy ⊙ q(x), NaN in every
+    row that held a non-finite x: gelu' is NaN there in dense training too)."""
     return F.gelu(x, approximate=approximate)
 
 
 @coded_gelu.register_fake
-def _(x, codes, gelu_bits, approximate):
+def _(x, codes, nonfinite, gelu_bits, approximate):
     return torch.empty_like(x)
 
 
 def _gelu_setup(ctx, inputs, output) -> None:
-    x, codes, ctx.gelu_bits, ctx.approximate = inputs
-    ctx.save_for_backward(codes)
+    x, codes, nonfinite, ctx.gelu_bits, ctx.approximate = inputs
+    ctx.rows = _rows(x)
+    ctx.save_for_backward(codes, nonfinite)
 
 
 def _gelu_backward(ctx, dy):
-    (codes,) = ctx.saved_tensors
+    codes, nonfinite = ctx.saved_tensors
     code = gelu_derivative_code(ctx.gelu_bits, ctx.approximate)
     dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
-    return dx, None, None, None
+    bad_rows = unpack_codes(nonfinite, 1, ctx.rows).bool().view(-1, 1)
+    dx = dx.reshape(ctx.rows, -1).masked_fill(bad_rows, torch.nan).view(dy.shape)
+    return dx, None, None, None, None
 
 
 coded_gelu.register_autograd(_gelu_backward, setup_context=_gelu_setup)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import rng
 from .bitpack import pack_codes, unpack_codes
 
 # The tensors of a BlockSparse as the registered operators pass them: values, row_indices,
@@ -33,11 +34,48 @@ def blocked_view(x: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
     return x.view((m + pad_m) // bm, bm, (k + pad_k) // bk, bk)
 
 
+# int8 codes of the non-finite values of a kept block (its scale is stored negated as the mark).
+INT8_NAN, INT8_POS_INF, INT8_NEG_INF = -128, 127, -127
+
+
+def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-block int8: (int8 [nnz, bm, bk], float32 [nnz] scale = max |block| / 127).
+
+    Error per element <= scale / 2. A block holding NaN or ±Inf (such blocks are always kept:
+    they score +inf) is scaled by its finite values over ±126 and codes its non-finite ones as
+    ``INT8_NAN`` / ``INT8_POS_INF`` / ``INT8_NEG_INF``; its scale is stored negated to mark it.
+    So non-finite values come back exactly (``dequantize_int8``) and reach the gradient where
+    dense training would put them, and only there."""
+    v = values.float()
+    finite = torch.isfinite(v)
+    marked = ~finite.all(dim=2).all(dim=1)  # [nnz]
+    limit = torch.where(marked, 126.0, 127.0)
+    absmax = torch.where(finite, v, 0.0).abs().amax(dim=(1, 2))
+    scales = (absmax / limit).clamp_min_(1e-30)
+    q = (torch.where(finite, v, 0.0) / scales.view(-1, 1, 1)).round_()
+    q = torch.minimum(torch.maximum(q, -limit.view(-1, 1, 1)), limit.view(-1, 1, 1))
+    q = torch.where(v.isnan(), INT8_NAN, q)
+    q = torch.where(v == torch.inf, INT8_POS_INF, torch.where(v == -torch.inf, INT8_NEG_INF, q))
+    return q.to(torch.int8), torch.where(marked, -scales, scales)
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [nnz, bm, bk] of ``quantize_int8``'s output, non-finite values restored."""
+    values = q.float() * scales.abs().view(-1, 1, 1)
+    marked = (scales < 0).view(-1, 1, 1)
+    specials = ((q == INT8_NAN, torch.nan), (q == INT8_POS_INF, torch.inf),
+                (q == INT8_NEG_INF, -torch.inf))  # fmt: skip
+    for where, value in specials:
+        values = torch.where(marked & where, value, values)
+    return values
+
+
 def _random_bytes(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Uniform random uint8 of ``shape``, drawn 8 at a time as int64 from the global generator."""
+    """Uniform random uint8 of ``shape``, drawn 8 at a time as int64 from actprune's own stream
+    (``rng``: torch's global generator is never touched)."""
     numel = shape.numel()
     words = torch.empty(-(-numel // 8), dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1)
+    words.random_(-(2**63), 2**63 - 1, generator=rng.generator(device))
     return words.view(torch.uint8)[:numel].view(shape)
 
 
@@ -158,7 +196,7 @@ class BlockSparse:
             return self
         values = self.values
         if self.scales is not None:
-            values = values.float() * self.scales.view(-1, 1, 1)
+            values = dequantize_int8(values, self.scales)
         return BlockSparse(
             values.to(dtype), self.row_indices, self.ccol_indices, self.shape,
             remainder=self.remainder,

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as data_lib
-from . import models
+from . import models, rng
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_
 from .layers import exact_gradients
@@ -82,9 +83,23 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise TrainError for anything that would fail later."""
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise TrainError(f"must be positive, got {getattr(self, name)}", name)
+        for name in ("epochs", "batch_size", "train_subset", "test_subset", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TrainError(f"must be positive, got {value}", name)
+        ranges = {  # (low, high, low allowed): finite numbers only
+            "lr": (0.0, math.inf, False),
+            "weight_decay": (0.0, math.inf, True),
+            "warmup_epochs": (0.0, math.inf, True),
+            "label_smoothing": (0.0, 1.0, True),
+        }
+        for name, (low, high, closed) in ranges.items():
+            value = getattr(self, name)
+            if not (
+                math.isfinite(value) and (value >= low if closed else value > low) and value < high
+            ):
+                bounds = f"{'[' if closed else '('}{low:g}, {high:g})"
+                raise TrainError(f"must be a finite number in {bounds}, got {value}", name)
         choices = {"optimizer": OPTIMIZERS, "amp": tuple(AMP_DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -112,7 +127,12 @@ class TrainConfig:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TrainError(f"must be auto, cpu, cuda or cuda:N, got {name!r}", "device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"must be auto, cpu, cuda or cuda:N, got {name!r}", "device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError("cuda requested but no CUDA GPU is visible", "device")
     return device
@@ -150,6 +170,8 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 
 def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """Never clobber earlier results: an existing non-empty folder needs --overwrite or --resume."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out} is a file, not a folder", "out")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise TrainError(
             f"output folder {out} exists and is not empty; pass --overwrite (or --resume)"
@@ -159,16 +181,22 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """check_out_dir, then clear our own files (only those) when overwriting, and create it."""
     check_out_dir(out, overwrite, resume)
-    if overwrite and not resume and out.exists():
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainError(f"cannot create {out}: {err.strerror or err}", "out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise TrainError(f"cannot write in {out} (permission denied)", "out")
+    if overwrite and not resume:
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def build_model(cfg: TrainConfig, dataset: data_lib.Dataset, device: torch.device) -> nn.Module:
     """Initial weights depend only on cfg.seed; pruning converts layers without touching them."""
     c, h, _ = dataset.image_shape
     torch.manual_seed(cfg.seed)
+    rng.manual_seed(cfg.seed)  # the remainder's rounding: a stream of its own
     overrides = {"img_size": h, "in_chans": c, "num_classes": dataset.num_classes}
     try:
         model = models.create(cfg.model, **{**overrides, **cfg.model_overrides})
@@ -381,6 +409,7 @@ def save_checkpoint(run: Run, progress: Progress) -> None:
         "rng": {
             "cpu": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {}),
+            "actprune": rng.get_state(),
         },
         "config": run.cfg.to_dict(),
     }
@@ -391,15 +420,91 @@ def save_checkpoint(run: Run, progress: Progress) -> None:
     run.dist.barrier()
 
 
+# Settings a resumed run may change: where it writes and reads, how long it runs, what it shows.
+RESUMABLE_CHANGES = (
+    "out",
+    "data_dir",
+    "epochs",
+    "resume",
+    "overwrite",
+    "progress",
+    "device",
+    "test_subset",
+)
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict:
+    """``torch.load(weights_only=True)`` of an actprune checkpoint, or TrainError in one line.
+
+    Only tensors and plain values load: a checkpoint holding anything else (a pickled callable)
+    is refused, because unpickling it could run code."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise TrainError(
+                f"refused {path}: it holds objects other than tensors and plain "
+                "values, and loading them could run code",
+                "resume",
+            ) from None
+        raise TrainError(f"cannot read {path}: {str(err).splitlines()[0]}", "resume") from None
+    except Exception as err:  # a file from outside: any failure to parse means corrupt
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainError(
+            f"cannot read {path} (corrupt or not a checkpoint: {reason})", "resume"
+        ) from None
+    keys = {"model", "optimizer", "scaler", "epoch", "history", "step_times", "rng", "config"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        raise TrainError(f"{path} is not an actprune training checkpoint", "resume")
+    return ckpt
+
+
+def check_resumable(cfg: TrainConfig, ckpt: dict) -> None:
+    """A resumed run continues the same run: refuse changed settings and fewer epochs."""
+    saved, now = ckpt["config"], cfg.to_dict()
+    changed = [
+        f"{k} {saved.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
+    ]
+    if changed:
+        raise TrainError(
+            f"the checkpoint was made with other settings ({'; '.join(changed)}); "
+            "resume with the same ones or start afresh with --overwrite",
+            "resume",
+        )
+    done = ckpt["epoch"] + 1
+    if cfg.epochs < done:
+        raise TrainError(
+            f"the checkpoint has {done} epochs done; --epochs {cfg.epochs} would "
+            f"undo them (pass --epochs {done} or more)",
+            "resume",
+        )
+
+
+def append_metrics(run: Run, record: dict) -> None:
+    """One line of metrics.jsonl (rank 0)."""
+    if run.dist.main:
+        with (run.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def load_checkpoint(run: Run) -> Progress:
-    """Restore weights, optimizer, scaler and RNG state; return the progress to continue from."""
-    ckpt = torch.load(run.checkpoint_path, map_location=run.device, weights_only=True)
+    """Restore weights, optimizer, scaler and RNG state; return the progress to continue from.
+
+    metrics.jsonl is rewritten from the checkpoint's history, the record of what was done."""
+    ckpt = read_checkpoint(run.checkpoint_path, run.device)
+    check_resumable(run.cfg, ckpt)
     run.core.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])  # stochastic rounding (remainder_bits) draws
+    torch.set_rng_state(ckpt["rng"]["cpu"])
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    rng.set_state(ckpt["rng"]["actprune"])  # the remainder's stochastic rounding
+    if run.dist.main:
+        lines = "".join(json.dumps(record) + "\n" for record in ckpt["history"])
+        (run.out / "metrics.jsonl").write_text(lines)
     return Progress(ckpt["epoch"] + 1, ckpt["history"], ckpt["step_times"])
 
 
@@ -416,8 +521,14 @@ def train_one_epoch(run: Run, epoch: int, step_times: list[float]) -> dict[str, 
         int(cfg.warmup_epochs * run.steps_per_epoch),
     )
     seen, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-               disable=not (cfg.progress and dist.main), file=sys.stderr, leave=False)  # fmt: skip
+    bar = tqdm(
+        range(run.steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="step",
+        disable=not (cfg.progress and dist.main),
+        file=sys.stderr,
+        leave=False,
+    )
     for i in bar:
         batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         x, y = run.dataset.train.batch(batch[dist.rank :: dist.world])  # this rank's share
@@ -437,8 +548,11 @@ def train_one_epoch(run: Run, epoch: int, step_times: list[float]) -> dict[str, 
         step_times.append(time.perf_counter() - t0)
         seen, loss_sum = seen + y.numel(), loss_sum + ce.item()
         correct += (logits.argmax(1) == y).sum().item()
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                        img_s=f"{y.numel() / step_times[-1]:.0f}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{loss_sum / seen:.3f}",
+            acc=f"{100 * correct / seen:.1f}",
+            img_s=f"{y.numel() / step_times[-1]:.0f}",
+        )
     bar.close()
     if dist.world > 1:  # epoch totals over all ranks
         totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
@@ -453,20 +567,24 @@ def _sync(device: torch.device) -> None:
 
 
 def end_of_epoch(run: Run, epoch: int, train_stats: dict, probe: tuple) -> dict:
-    """The epoch's record, appended to metrics.jsonl: train figures, test accuracy and loss, lr,
+    """The epoch's record (for metrics.jsonl): train figures, test accuracy and loss, lr,
     and (compressed runs) each parameter's gradient cosine to the exact one on a fixed batch."""
     test_acc, test_loss = evaluate(run.core, run.dataset.test, run.cfg, run.device)
-    record = {"epoch": epoch + 1, **train_stats, "test_loss": test_loss, "test_acc": test_acc,
-              "lr": run.opt.param_groups[0]["lr"]}  # fmt: skip
+    record = {
+        "epoch": epoch + 1,
+        **train_stats,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "lr": run.opt.param_groups[0]["lr"],
+    }
     if run.cfg.prune is not None:
         record["grad_cosine"] = gradient_cosines(run.core, run.cfg, *probe)
-    if run.dist.main:
-        with (run.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if run.cfg.progress:
-            print(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%",
-                  file=sys.stderr)  # fmt: skip
+    if run.dist.main and run.cfg.progress:
+        print(
+            f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {test_acc:.2f}%",
+            file=sys.stderr,
+        )
     return record
 
 
@@ -522,7 +640,8 @@ def train(
         stats = train_one_epoch(run, epoch, progress.step_times)
         progress.history.append(end_of_epoch(run, epoch, stats, probe))
         progress.epoch = epoch + 1
-        save_checkpoint(run, progress)
+        save_checkpoint(run, progress)  # first the checkpoint, then the record it vouches for
+        append_metrics(run, progress.history[-1])
         if on_epoch_end:
             on_epoch_end(epoch, progress.history[-1])
     summary = summarize(run, progress)
