@@ -120,8 +120,8 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
     Example:
         >>> import torch
         >>> from actprune import PruneConfig, compress
-        >>> packed = compress(torch.randn(256, 128), PruneConfig(0.9, 32))
-        >>> packed.nnz_blocks, packed.density                  # 1 of 8 block-rows per column
+        >>> blocks = compress(torch.randn(256, 128), PruneConfig(0.9, 32))
+        >>> blocks.nnz_blocks, blocks.density                  # 1 of 8 block-rows per column
         (4, 0.125)
     """
     if not isinstance(x, torch.Tensor):

@@ -137,10 +137,10 @@ class BlockSparse:
         >>> from actprune import PruneConfig, compress
         >>> x = torch.zeros(64, 64)
         >>> x[32:, :32] = 1.0                          # one loud 32x32 block
-        >>> packed = compress(x, PruneConfig(0.75, 32, selection="global"))
-        >>> packed.nnz_blocks, packed.row_indices.tolist(), packed.ccol_indices.tolist()
+        >>> blocks = compress(x, PruneConfig(0.75, 32, selection="global"))
+        >>> blocks.nnz_blocks, blocks.row_indices.tolist(), blocks.ccol_indices.tolist()
         (1, [1], [0, 1, 1])
-        >>> torch.equal(packed.to_dense(), x)
+        >>> torch.equal(blocks.to_dense(), x)
         True
     """
 
