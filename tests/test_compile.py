@@ -13,7 +13,7 @@ from actprune import PruneConfig, models, ops, prune_activations_, saved_activat
 @pytest.fixture(scope="module")
 def models_and_batch():
     torch.manual_seed(0)
-    dense = models.create("resmlp_tiny", width=32, depth=2)
+    dense = models.create("resmlp_tiny", width=32, depth=1)
     pruned = prune_activations_(copy.deepcopy(dense), PruneConfig(0.5, 16), exclude="head")
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     return dense, pruned, x, y
@@ -74,7 +74,7 @@ def test_registered_ops_pass_opcheck():
 
 def test_scope_all_compiles_without_graph_breaks():
     torch.manual_seed(0)
-    model = models.create("resmlp_tiny", width=32, depth=2)
+    model = models.create("resmlp_tiny", width=32, depth=1)
     prune_activations_(model, PruneConfig(0.5, 16, scope="all"), exclude="head")
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     eager = copy.deepcopy(model)
