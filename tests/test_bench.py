@@ -49,7 +49,7 @@ def test_memory_bench_small(tmp_path):
         MemoryConfig.actprune(PruneConfig(0.9, 16)),
         MemoryConfig("all", "actprune", PruneConfig(0.9, 16, scope="all")),
     ]
-    rows = run_memory_bench("resmlp_tiny", 28, 32, configs, num_classes=10, timing_steps=1)
+    rows = run_memory_bench("resmlp_tiny", 32, configs, image_size=28, timing_steps=1)
     by = {r.config.name: r for r in rows}
     assert by["dense"].ratios == {"saved": 1.0, "peak": 1.0, "step_time": 1.0}
     assert by["checkpoint"].saved_bytes < by["dense"].saved_bytes
@@ -63,7 +63,7 @@ def test_memory_bench_small(tmp_path):
     assert every.saved_bytes < 0.2 * by["dense"].saved_bytes
     for r in rows:
         assert sum(r.saved_by_kind.values()) == r.saved_bytes
-    setup = {"model": "resmlp_tiny", "image_size": 28, "batch": 32, "device": "cpu"}
+    setup = {"model": "resmlp_tiny", "input": "28px", "batch": 32, "device": "cpu"}
     md = write_memory_results(rows, tmp_path, "mem", "test", setup)
     assert "| actprune_s0.9_b16 |" in md and (tmp_path / "mem.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "mem.json").read_text())["rows"]) == 5

@@ -45,10 +45,19 @@ def test_invalid_values_name_field_value_and_allowed(kwargs, field, shown):
 
 @pytest.mark.parametrize(
     "sparsity, n, k",
-    [(0.0, 10, 10), (0.9, 100, 10), (0.7, 10, 3), (0.5, 7, 4), (0.95, 3, 1), (0.999999, 10, 1),
-     # s·n just below a whole number in floating point (0.7·90 = 62.99999999999999): the guard
-     # in kept_blocks keeps the true ceil((1 - s)·n), not one block more
-     (0.7, 90, 27), (0.29, 100, 71), (0.57, 100, 43)],  # fmt: skip
+    [
+        (0.0, 10, 10),
+        (0.9, 100, 10),
+        (0.7, 10, 3),
+        (0.5, 7, 4),
+        (0.95, 3, 1),
+        (0.999999, 10, 1),
+        # s·n just below a whole number in floating point (0.7·90 = 62.99999999999999): the guard
+        # in kept_blocks keeps the true ceil((1 - s)·n), not one block more
+        (0.7, 90, 27),
+        (0.29, 100, 71),
+        (0.57, 100, 43),
+    ],  # fmt: skip
 )
 def test_kept_blocks_is_ceil_of_density(sparsity, n, k):
     assert PruneConfig(sparsity).kept_blocks(n) == k

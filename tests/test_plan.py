@@ -16,8 +16,10 @@ CONFIGS = [
 ]
 
 
-def measured_peak(name, batch, config, **overrides):
+def measured_peak(name, batch, config, image_size=None, **overrides):
     torch.manual_seed(0)
+    if image_size:
+        overrides["img_size"] = image_size
     model = apply_method(models.create(name, **overrides), config)
     c, s = model.config.in_chans, model.config.img_size
     x, y = torch.randn(batch, c, s, s), torch.randint(0, model.config.num_classes, (batch,))
@@ -28,7 +30,7 @@ def measured_peak(name, batch, config, **overrides):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize(
     "name, batch, overrides",
-    [("resmlp_tiny", 64, {}), ("resmlp_s12", 4, {"img_size": 64, "depth": 4})],
+    [("resmlp_tiny", 64, {}), ("resmlp_s12", 4, {"image_size": 64, "depth": 4})],
 )
 def test_prediction_within_10_percent_of_cpu_measurement(name, batch, overrides, config):
     predicted = predict_step(name, batch, config, foreach=False, **overrides)

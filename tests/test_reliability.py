@@ -63,9 +63,9 @@ def test_01_parametrized_linear_converts_and_trains_like_dense(wrap):
 COMPILE_IN_A_FRESH_PROCESS = """
 import torch, torch.nn.functional as F
 from torch._dynamo.utils import counters
-from actprune import PruneConfig, gelu_derivative_code, models, prune_activations_
+from actprune import PruneConfig, derivative_code, models, prune_activations_
 for fullgraph in (True, False):
-    gelu_derivative_code.cache_clear()  # as in a fresh process: the code is fitted on first use
+    derivative_code.cache_clear()  # as in a fresh process: the code is fitted on first use
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)

@@ -10,8 +10,16 @@ Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 from .blocksparse import compress, select_blocks
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
-from .derivative_code import DerivativeCode, gelu_derivative_code
-from .layers import CodedGELU, PrunedChannelScale, PrunedLinear, exact_gradients
+from .derivative_code import DerivativeCode, activation_derivative, derivative_code
+from .layers import (
+    CodedActivation,
+    CodedGELU,
+    CodedReLU,
+    CodedSiLU,
+    PrunedChannelScale,
+    PrunedLinear,
+    exact_gradients,
+)
 from .memory import (
     SavedTensorLog,
     StepMemory,
@@ -26,7 +34,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparse",
+    "CodedActivation",
     "CodedGELU",
+    "CodedReLU",
+    "CodedSiLU",
     "DerivativeCode",
     "PruneConfig",
     "PrunedAffine",
@@ -35,10 +46,11 @@ __all__ = [
     "PrunedLinear",
     "SavedTensorLog",
     "StepMemory",
+    "activation_derivative",
     "compress",
+    "derivative_code",
     "describe_compression",
     "exact_gradients",
-    "gelu_derivative_code",
     "measure_training_step",
     "peak_memory",
     "prune_activations_",

@@ -145,4 +145,3 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
     if config.remainder_bits:
         remainder = LowBitBlocks.quantize(blocked_view(x, block_shape), config.remainder_bits)
     return BlockSparse(values, rows, ccol, tuple(x.shape), scales, remainder)
-

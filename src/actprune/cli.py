@@ -25,9 +25,11 @@ from .bench.memory import run_memory_bench, write_memory_results
 from .compare import compare, report_table
 from .config import PRESETS, PruneConfig
 from .data import DATASETS, DataError
+from .lm import LMConfig, compare_lm, lm_table
 from .methods import BASELINES, methods
 from .plan import largest_batch, parse_bytes, predict_step
 from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpoint, train
+from .workloads import Workload, WorkloadError, build_workload
 
 EPILOG = """examples:
   actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs s=0.9
@@ -226,10 +228,67 @@ def _one(configs: list[PruneConfig]) -> PruneConfig:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     command = "actprune " + shlex.join(args.argv)
-    runs = compare(train_config(args, None), prune_configs(args), command=command)
+    if args.task == "lm":
+        runs = compare_lm(lm_config(args), prune_configs(args), command=command)
+        print(lm_table(runs))
+        print(f"\nreport: {runs[0]['config']['out'].rsplit('/', 1)[0]}/report.md")
+        return 0
+    _refuse_flags(args, _LM_ONLY, "image")
+    runs = compare(train_config(_with_defaults(args, TrainConfig()), None), prune_configs(args),
+                   command=command)  # fmt: skip
     print(report_table(runs))
-    print(f"\nreport: {args.out}/report.md, plots: {args.out}/*.png")
+    print(f"\nreport: {args.out or 'runs/compare'}/report.md, plots: *.png there")
     return 0
+
+
+# Flags both tasks of compare take, whose defaults differ by task (None on the parser).
+_SHARED = ("model", "out", "batch_size", "lr", "weight_decay")
+_LM_ONLY = ("steps", "seq_len", "eval_every", "eval_windows")
+_IMAGE_ONLY = ("dataset", "data_dir", "epochs", "warmup_epochs", "label_smoothing", "optimizer",
+               "amp", "image_size", "patch_size", "width", "depth", "train_subset",
+               "test_subset")  # fmt: skip
+
+
+def _add_lm_args(p: argparse.ArgumentParser) -> None:
+    """compare's --task and the language-model flags; the shared flags' defaults become None."""
+    p.add_argument("--task", choices=["image", "lm"], default="image",
+                   help="image: classification (default); lm: byte-level causal LM on the "
+                   "Python standard library's source")  # fmt: skip
+    lm = LMConfig()
+    for name in _LM_ONLY:
+        p.add_argument(_flag(name), type=_positive_int, default=None,
+                       help=f"--task lm only (default {getattr(lm, name)})")  # fmt: skip
+    image = TrainConfig(out="runs/compare")
+    for action in p._actions:
+        if action.dest in _SHARED:
+            action.help = (f"image default {getattr(image, action.dest)}, lm default "
+                           f"{getattr(lm, action.dest)}")  # fmt: skip
+            action.default = None
+    p.set_defaults(parser=p)
+
+
+def _with_defaults(args: argparse.Namespace, defaults: object) -> argparse.Namespace:
+    """args with every None of a shared or --task lm flag replaced by the task's default."""
+    filled = {k: getattr(defaults, k) for k in (*_SHARED, *_LM_ONLY) if hasattr(defaults, k)}
+    filled = {k: v for k, v in filled.items() if getattr(args, k, None) is None}
+    if "out" in filled and isinstance(defaults, TrainConfig):
+        filled["out"] = "runs/compare"
+    return argparse.Namespace(**{**vars(args), **filled})
+
+
+def _refuse_flags(args: argparse.Namespace, names: tuple[str, ...], task: str) -> None:
+    """A UserError for any of ``names`` given a value other than its default."""
+    for name in names:
+        if getattr(args, name) != args.parser.get_default(name):
+            raise UserError(f"{_flag(name)} does not apply to --task {task}")
+
+
+def lm_config(args: argparse.Namespace) -> LMConfig:
+    """The LMConfig of compare's parsed flags (--task lm)."""
+    _refuse_flags(args, _IMAGE_ONLY, "lm")
+    args = _with_defaults(args, LMConfig())
+    given = {k: getattr(args, k) for k in ("seed", "device", "overwrite", *_SHARED, *_LM_ONLY)}
+    return LMConfig(**given, exclude=_exclude(args) + ("lm_head",), progress=not args.no_progress)
 
 
 # --- benchmarks and the planner -----------------------------------------------------------------
@@ -237,28 +296,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     device, out = _device(args.device), _out_folder(args.out)
-    _model(args.model)
+    work = _workload(args)
     configs = methods(prune_configs(args), args.baselines, _exclude(args))
     rows = run_memory_bench(
         args.model,
-        args.image_size,
         args.batch_size,
         configs,
         device=device,
         timing_steps=args.timing_steps,
+        image_size=args.image_size,
+        seq_len=args.seq_len,
         progress=_progress,
     )
     setup = {
         "model": args.model,
-        "image_size": args.image_size,
+        "input": work.shape_label,
         "batch": args.batch_size,
         "device": device,
     }
-    kind = device.split(":")[0]
-    stem = args.stem or f"memory_{args.model}_{args.image_size}px_b{args.batch_size}_{kind}"
+    kind, name = device.split(":")[0], re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
+    stem = args.stem or f"memory_{name}_{work.shape_label}_b{args.batch_size}_{kind}"
     command = "actprune " + shlex.join(args.argv)
     print(write_memory_results(rows, out, stem, command, setup))
     return 0
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    """The model spec of --model, built on the meta device (validates it before any run)."""
+    return build_workload(args.model, args.image_size, args.seq_len, device="meta")
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -281,7 +346,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    _model(args.model)
+    work = _workload(args)
     try:
         budget = parse_bytes(args.memory)
     except ValueError as err:
@@ -289,7 +354,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     configs = methods(prune_configs(args), ["checkpoint"], _exclude(args))
     foreach = args.device != "cpu"  # AdamW's default implementation on each device
     print(
-        f"{args.model}, {args.image_size} px, AdamW; budget {args.memory} = "
+        f"{args.model}, {work.shape_label}, AdamW; budget {args.memory} = "
         f"{budget / 2**30:.2f} GiB; predicted on the meta device (nothing is allocated)\n"
     )
     print(f"| config | peak at batch {args.batch_size} | fits | largest batch that fits |")
@@ -297,7 +362,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for config in configs:
 
         def peak(batch: int, config=config) -> int:
-            plan = predict_step(args.model, batch, config, foreach, img_size=args.image_size)
+            plan = predict_step(args.model, batch, config, foreach, args.image_size, args.seq_len)
             return plan.peak_step_bytes
 
         _progress(f"{config.name}: predicting ...")
@@ -356,9 +421,18 @@ def _progress(message: str) -> None:
 # --- the parser ---------------------------------------------------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser, model: str, batch: int) -> None:
-    p.add_argument("--model", default=model, help="registered model (default %(default)s)")
-    p.add_argument("--image-size", type=_positive_int, default=224, help="default %(default)s")
+def _add_model_args(p: argparse.ArgumentParser, model: str, batch: int, specs: bool) -> None:
+    """--model, --image-size, --batch-size; with ``specs`` also timm:/hf: models and --seq-len."""
+    if specs:
+        help = "zoo model, timm:NAME or hf:TYPE[:key=value,...] (default %(default)s)"
+        p.add_argument("--model", default=model, help=help)
+        p.add_argument("--image-size", type=_positive_int, default=None,
+                       help="image side (default: the model's own)")  # fmt: skip
+        p.add_argument("--seq-len", type=_positive_int, default=None,
+                       help="language model sequence length (default: its longest)")  # fmt: skip
+    else:
+        p.add_argument("--model", default=model, help="registered model (default %(default)s)")
+        p.add_argument("--image-size", type=_positive_int, default=224, help="default %(default)s")
     p.add_argument("--batch-size", type=_positive_int, default=batch, help="default %(default)s")
 
 
@@ -367,7 +441,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     commands = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     for name, func in (("memory", cmd_bench_memory), ("kernels", cmd_bench_kernels)):
         p = commands.add_parser(name, help=f"{name} benchmark (writes JSON, markdown, PNG)")
-        _add_model_args(p, "resmlp_s24", 8)
+        _add_model_args(p, "resmlp_s24", 8, specs=name == "memory")
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", default="docs/results")
         p.add_argument("--stem", default=None, help="output file name stem")
@@ -389,7 +463,7 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict peak memory and the largest batch that fits")
-    _add_model_args(p, "resmlp_b24", 256)
+    _add_model_args(p, "resmlp_b24", 256, specs=True)
     p.add_argument("--memory", default="80GB", help="budget: 80GB (10^9), 80GiB (2^30), 512MiB")
     p.add_argument(
         "--device",
@@ -428,7 +502,8 @@ def build_parser(resume_defaults: dict | None = None) -> argparse.ArgumentParser
         "--test-subset, --device and --data-dir may change)",
     )
     p.set_defaults(**(resume_defaults or {}))
-    training_command("compare", "dense vs compressed, same seeds and data order", cmd_compare)
+    p = training_command("compare", "dense vs compressed, same seeds and data order", cmd_compare)
+    _add_lm_args(p)
     _add_bench_parsers(sub)
     _add_plan_parser(sub)
     return parser
@@ -447,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = argv
         return args.func(args)
-    except (UserError, TrainError, DataError) as err:
+    except (UserError, TrainError, DataError, WorkloadError) as err:
         print(f"actprune: error: {_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

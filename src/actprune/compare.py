@@ -89,7 +89,8 @@ def cosine_by_layer(grad_cosine: dict[str, float]) -> dict[str, tuple[float, flo
     return {g: (sum(v) / len(v), min(v)) for g, v in groups.items()}
 
 
-def _compression_section(runs: list[dict]) -> str:
+def compression_section(runs: list[dict]) -> str:
+    """Markdown: per compressed run, what each kind of layer saves and how it is kept."""
     parts = []
     for r in runs[1:]:
         lines = [
@@ -100,7 +101,7 @@ def _compression_section(runs: list[dict]) -> str:
         lines.append("|---|---|---|---|")
         lines += [
             f"| {c['layer']} | {c['count']} | {c['saved']} | {c['kept_as']} |"
-            for c in r["compressed"]
+            for c in r["saved_tensors"]
         ]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -135,7 +136,7 @@ def _report(runs: list[dict], table: str, command: str) -> str:
         "step (forward, backward, optimizer step). Saved activations: bytes autograd holds for "
         "backward after the forward. Both from `actprune.memory` (method: docs/design.md).\n\n"
         "## What was compressed\n\n"
-        f"{_compression_section(runs)}\n\n"
+        f"{compression_section(runs)}\n\n"
         f"{_cosine_section(runs)}"
     )
 

@@ -20,7 +20,7 @@ CRITERIA = ("l2", "l1", "max")
 ROW_ORDERS = ("token-major", "batch-major")
 SELECTIONS = ("column", "global")
 SCOPES = ("linear", "all")
-GELU_BITS = (2, 4)
+ACTIVATION_BITS = (2, 4)
 REMAINDER_BITS = (0, 1, 2, 4)
 
 
@@ -47,7 +47,8 @@ class PruneConfig:
         row_order: how an N-D activation becomes rows, one of ``ROW_ORDERS``.
         selection: top-k per block-column or over the whole tensor, one of ``SELECTIONS``.
         scope: which saved tensors are compressed, one of ``SCOPES``.
-        gelu_bits: bits of the GELU derivative code (``scope="all"``), one of ``GELU_BITS``.
+        activation_bits: bits of the activations' derivative codes (GELU, SiLU; ``scope="all"``),
+            one of ``ACTIVATION_BITS``.
         int8: keep the kept blocks as int8 with one float32 scale per block.
         remainder_bits: bits per element of the dropped blocks, one of ``REMAINDER_BITS``.
 
@@ -79,11 +80,12 @@ class PruneConfig:
     selection: str = _option("top-k within each block-column or over the whole tensor",
                              SELECTIONS, default="column")  # fmt: skip
     # "linear": Linear inputs only (the seed paper). "all": also every registered layer whose
-    # saved input feeds only a parameter gradient (per-channel scales) and GELU inputs, kept as a
-    # `gelu_bits` code of gelu'.
+    # saved input feeds only a parameter gradient (per-channel scales, GPT-2's Conv1D) and the
+    # inputs of activations (GELU, SiLU: an `activation_bits` code of f'; ReLU: a 1-bit mask).
     scope: str = _option("linear = Linear inputs (the paper); all = also per-channel scale inputs "
-                         "and GELU inputs", SCOPES, default="linear")  # fmt: skip
-    gelu_bits: int = _option("bits of the GELU derivative code (scope all)", GELU_BITS, default=2)
+                         "and activation inputs", SCOPES, default="linear")  # fmt: skip
+    activation_bits: int = _option("bits of the GELU / SiLU derivative codes (scope all)",
+                                   ACTIVATION_BITS, default=2)  # fmt: skip
     # Backward dequantises one layer at a time.
     int8: bool = _option("keep the kept blocks as int8 with a per-block scale", default=False)
     # 0: dropped blocks are zero (the seed paper). 1, 2, 4: the whole tensor is also kept at that
@@ -159,7 +161,7 @@ class PruneConfig:
             "all" if self.scope == "all" else "",
             "int8" if self.int8 else "",
             f"r{self.remainder_bits}" if self.remainder_bits else "",
-            f"g{self.gelu_bits}" if self.scope == "all" and self.gelu_bits != 2 else "",
+            f"a{self.activation_bits}" if self.scope == "all" and self.activation_bits != 2 else "",
             "global" if self.selection == "global" else "",
             self.criterion if self.criterion != "l2" else "",
             "batchmajor" if self.row_order == "batch-major" else "",
@@ -176,7 +178,9 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
-        """The inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        """The inverse of ``to_dict``; unknown keys raise ``ValueError``. Reads the old name
+        ``gelu_bits`` (checkpoints of versions before the SiLU code) as ``activation_bits``."""
+        d = {_RENAMED.get(k, k): v for k, v in d.items()}
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown PruneConfig fields: {', '.join(sorted(unknown))}")
@@ -190,6 +194,9 @@ class PruneConfig:
     def from_json(text: str) -> PruneConfig:
         """The inverse of ``to_json`` (cached: the operators call it on every step)."""
         return _from_json(text)
+
+
+_RENAMED = {"gelu_bits": "activation_bits"}
 
 
 @lru_cache(maxsize=256)

@@ -1,14 +1,19 @@
 """In-place model conversion: swap layers for their compressing versions (``layers``) and back.
 
 Which dense class becomes which compressing class is a registry (``register_conversion``): actprune
-registers nn.Linear (scopes "linear" and "all") and nn.GELU ("all"); a model family registers its
-own layers where it defines them (ResMLP's Affine and LayerScale, in ``models.resmlp``), and so can
-a user. ``config.scope`` picks the registered conversions that apply.
+registers nn.Linear (scopes "linear" and "all") and nn.GELU, nn.SiLU, nn.ReLU ("all"); a model
+family registers its own layers where it defines them (ResMLP's Affine and LayerScale, in
+``models.resmlp``), and so can a user. The layers of timm and Hugging Face transformers are
+registered in ``actprune.integrations``, imported on the first conversion after the library
+itself was imported (actprune never imports them). ``config.scope`` picks the registered
+conversions that apply.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -17,7 +22,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .config import SCOPES, PruneConfig
-from .layers import CodedGELU, CompressedLayer, PrunedLinear, rebuild_as
+from .layers import CodedGELU, CodedReLU, CodedSiLU, CompressedLayer, PrunedLinear, rebuild_as
 
 LayerFilter = Callable[[str, nn.Module], bool]
 C = TypeVar("C", bound=type)
@@ -71,7 +76,17 @@ def register_conversion(
 
 
 register_conversion(nn.Linear, scopes=("linear", "all"))(PrunedLinear)
-register_conversion(nn.GELU)(CodedGELU)
+for _coded in (CodedGELU, CodedSiLU, CodedReLU):
+    register_conversion(_coded.dense_class)(_coded)
+
+# library -> the actprune module registering its layers; imported once the library is
+_INTEGRATIONS = {"timm": "actprune.integrations.timm", "transformers": "actprune.integrations.hf"}
+
+
+def _register_integrations() -> None:
+    for library, integration in _INTEGRATIONS.items():
+        if library in sys.modules and integration not in sys.modules:
+            importlib.import_module(integration)
 
 
 def _conversion(module: nn.Module, scope: str) -> type[nn.Module] | None:
@@ -83,7 +98,8 @@ def _conversion(module: nn.Module, scope: str) -> type[nn.Module] | None:
         if klass in _REGISTRY:
             compressed, scopes = _REGISTRY[klass]
             same_forward = type(module).forward is klass.forward
-            return compressed if scope in scopes and same_forward else None
+            ok = scope in scopes and same_forward and compressed.convertible(module)
+            return compressed if ok else None
     return None
 
 
@@ -140,11 +156,11 @@ def prune_activations_(
     """Make the layers of ``model`` save compressed activations for backward, in place.
 
     Every module whose class is registered for ``config.scope`` (``register_conversion``) becomes
-    its compressing version: nn.Linear a PrunedLinear; with ``scope="all"`` also nn.GELU a
-    CodedGELU and registered per-channel scales (ResMLP's Affine and LayerScale) their pruned
-    versions. Each holds the same Parameter objects, so state_dict keys and optimizer references
-    stay valid. Layers converted before get the new config (or go back to dense when the new
-    scope leaves them out).
+    its compressing version: nn.Linear a PrunedLinear (and GPT-2's Conv1D a PrunedConv1D); with
+    ``scope="all"`` also activations (nn.GELU, nn.SiLU, nn.ReLU, Hugging Face's) their coded
+    versions and registered per-channel scales (ResMLP's, timm's) their pruned versions. Each
+    holds the same Parameter objects, so state_dict keys and optimizer references stay valid.
+    Layers converted before get the new config (or back to dense when the scope leaves them out).
 
     Args:
         model: the model (or a single layer) to convert.
@@ -169,6 +185,7 @@ def prune_activations_(
     """
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be an actprune.PruneConfig, got {type(config).__name__}")
+    _register_integrations()
     selected = _selector(filter, include, exclude)
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
@@ -229,35 +246,71 @@ def restore_dense_(model: nn.Module) -> nn.Module:
 
 
 def describe_compression(model: nn.Module) -> list[dict]:
-    """What each kind of converted layer saves for backward, and how it keeps it.
+    """What each kind of layer saves for backward, how it keeps it, and what stays dense and why.
 
     Args:
         model: any module.
 
     Returns:
-        One dict per dense class converted, in first-seen order: ``layer`` (the dense class's
-        name), ``count``, ``saved`` (which tensor, and what backward reads it for) and
-        ``kept_as``.
+        One dict per layer class, converted ones first, each in first-seen order: ``layer`` (the
+        dense class's name), ``count``, ``compressed`` (bool), ``saved`` (which tensor, and what
+        backward reads it for) and ``kept_as`` (how it is kept; for a dense layer, why it is
+        not compressed). Tensors a model's own forward code saves (a product with a bare
+        Parameter, a gate times an up-projection) belong to no layer and are not listed:
+        ``SavedTensorLog(by_kind=True)`` attributes them to the module whose forward ran.
 
     Example:
         >>> import torch
         >>> from actprune import PruneConfig, describe_compression, prune_activations_
-        >>> model = prune_activations_(torch.nn.Linear(8, 8), PruneConfig(0.5, 4))
-        >>> describe_compression(model)[0]["kept_as"]
-        'sparsity 0.5, 4x4 blocks, column top-k, native dtype'
+        >>> model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+        >>> model = prune_activations_(model, PruneConfig(0.5, 4))
+        >>> [(r["layer"], r["compressed"], r["kept_as"]) for r in describe_compression(model)]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [('Linear', True, 'sparsity 0.5, 4x4 blocks, column top-k, native dtype'),
+         ('LayerNorm', False, 'dense: on the input-gradient path (dx reads it)')]
     """
     rows: dict[str, dict] = {}
+    dense_rows: dict[str, dict] = {}
     for module in model.modules():
         if isinstance(module, CompressedLayer):
             name = module.dense_class.__name__
-            row = rows.setdefault(
-                name,
-                {
-                    "layer": name,
-                    "count": 0,
-                    "saved": module.saved_for,
-                    "kept_as": module.describe(),
-                },
-            )
-            row["count"] += 1
-    return list(rows.values())
+            row = rows.setdefault(name, _row(name, True, module.saved_for, module.describe()))
+        else:
+            found = _why_dense(module)
+            if found is None:
+                continue
+            name = type(module).__name__
+            row = dense_rows.setdefault(name, _row(name, False, *found))
+        row["count"] += 1
+    return [*rows.values(), *dense_rows.values()]
+
+
+def _row(layer: str, compressed: bool, saved: str, kept_as: str) -> dict:
+    return {"layer": layer, "count": 0, "compressed": compressed, "saved": saved,
+            "kept_as": kept_as}  # fmt: skip
+
+
+_INPUT_GRADIENT_PATH = "dense: on the input-gradient path (dx reads it)"
+_SAVES_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.ModuleList, nn.ModuleDict)
+
+
+def _why_dense(module: nn.Module) -> tuple[str, str] | None:
+    """(what it saves, why it stays dense) for a module that is not converted, or None when it
+    saves nothing of its own (containers, identities)."""
+    kind = type(module).__name__.lower()
+    if any(k in _REGISTRY for k in type(module).__mro__):
+        return "as its dense class", "dense: excluded, not selected, or outside config.scope"
+    if "norm" in kind:
+        return "input and statistics (normalisation)", _INPUT_GRADIENT_PATH
+    if "attention" in kind:
+        return "queries, keys, values, attention probabilities", _INPUT_GRADIENT_PATH
+    if isinstance(module, nn.Dropout):
+        return "mask", "dense: exact and already 1 byte per element"
+    if isinstance(module, nn.Embedding):
+        return "token indices", "dense: integers, small"
+    has_children = next(module.children(), None) is not None
+    if has_children or isinstance(module, _SAVES_NOTHING):
+        return None
+    if next(module.parameters(recurse=False), None) is not None:
+        return "input", "dense: no conversion registered for this class"
+    return "input or output", "dense: no conversion registered (register_conversion adds one)"

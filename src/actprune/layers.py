@@ -4,9 +4,10 @@ For y = x·Wᵀ + b, backward needs x only for dW = dyᵀ·x; dx = dy·W and db 
 The same holds for a per-channel scale y = α ⊙ x (+ β): dx = dy ⊙ α, and only dα = Σ dy ⊙ x reads
 x. So those inputs are kept block-sparse (``actprune.compress``): the output and the input
 gradient stay exact and only the parameter gradient sees the pruned input (Barley & Fröning 2023,
-arXiv 2311.16883). GELU's input is on the input-gradient path; it is kept as a low-bit code of
-gelu' (``derivative_code``). The computations are registered operators (``ops.py``), so
-torch.compile keeps them whole and saves only the compressed tensors.
+arXiv 2311.16883). An activation's input is on the input-gradient path; it is kept as a low-bit
+code of the derivative (``derivative_code``; ReLU: an exact 1-bit mask). The computations are
+registered operators (``ops.py``), so torch.compile keeps them whole and saves only the compressed
+tensors.
 
 In eager mode a tensor is compressed once per config even when several layers read it (q, k and v
 projections of one input): the later layers reuse the first one's tensors, so autograd holds one
@@ -136,6 +137,12 @@ class CompressedLayer:
         new.config = _check_config(config)
         return new
 
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        """Whether this dense ``module`` (an instance of ``dense_class``) can be converted
+        without changing its output; a subclass refuses configurations it cannot reproduce."""
+        return True
+
     def describe(self) -> str:
         """How this layer keeps its saved tensor (``describe_compression``)."""
         c = self.config
@@ -262,17 +269,69 @@ class PrunedChannelScale(CompressedLayer):
         return _describe(self.config)
 
 
-class CodedGELU(CompressedLayer, nn.GELU):
-    """nn.GELU that keeps a ``config.gelu_bits``-bit code of gelu'(x) instead of x.
+class CodedActivation(CompressedLayer):
+    """Base of the activations that keep a low-bit code of their derivative instead of the input.
 
-    The output is exactly nn.GELU's; dx = dy ⊙ q(x), q the piecewise-constant derivative of
-    ``actprune.derivative_code`` (error bounds there). 2 bits keep 1/16 of fp32 x, 4 bits 1/8,
-    plus one bit per row (last dim) marking rows that hold a NaN or ±Inf: their dx is NaN, as
-    dense gelu' is NaN at such inputs, so a non-finite value is never hidden.
+    The output is exactly the dense module's; dx = dy ⊙ q(x), q the piecewise-constant derivative
+    of ``actprune.derivative_code`` with ``config.activation_bits`` bits (error bounds there;
+    2 bits keep 1/16 of fp32 x, 4 bits 1/8), plus one bit per row (last dim) marking rows that
+    hold a NaN or ±Inf: their dx is NaN, as the dense derivative is NaN at such inputs, so a
+    non-finite value is never hidden. ReLU keeps an exact 1-bit mask and no row bits (its dx is
+    dense ReLU's, bit for bit). An in-place dense module (``inplace=True``) becomes out-of-place
+    while training: the code replaces the output autograd would otherwise hold.
+
+    A subclass names its dense class (second base), whose forward must compute exactly that
+    function, and says which function it computes (``function``: a key of
+    ``derivative_code.ACTIVATIONS``, or "relu").
+
+    Attributes:
+        config: its ``activation_bits`` pick the code.
+        dense_class: the class it is built from and restored to (set by ``register_conversion``).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from actprune import CodedActivation, PruneConfig, register_conversion
+        >>> class Swish(nn.Module):                     # a user's own activation module
+        ...     def forward(self, x):
+        ...         return F.silu(x)
+        >>> @register_conversion(Swish)
+        ... class CodedSwish(CodedActivation, Swish):
+        ...     def function(self):
+        ...         return "silu"
+        >>> layer = CodedSwish.from_module(Swish(), PruneConfig(0.9, scope="all"))
+        >>> layer(torch.randn(8, 64, requires_grad=True)).shape
+        torch.Size([8, 64])
+    """
+
+    saved_for = "input (for dx)"
+
+    def function(self) -> str:
+        """The activation this module computes (``derivative_code.ACTIVATIONS`` key or "relu")."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _needs_graph(x):
+            return self.dense_class.forward(self, x)
+        function = self.function()
+        bits = 1 if function == "relu" else self.config.activation_bits
+        codes, nonfinite = ops.activation_code(x, bits, function)
+        return ops.coded_activation(x, codes, nonfinite, bits, function)
+
+    def describe(self) -> str:
+        if self.function() == "relu":
+            return "1-bit mask of relu' (exact)"
+        return f"{self.config.activation_bits}-bit code of {self.function()}'"
+
+
+class CodedGELU(CodedActivation, nn.GELU):
+    """nn.GELU (either ``approximate``) that keeps a ``config.activation_bits``-bit code of
+    gelu'(x) instead of x (``CodedActivation``).
 
     Attributes:
         approximate: as ``nn.GELU``.
-        config: its ``gelu_bits`` pick the code (``CodedGELU.from_module(gelu, config)``).
+        config: its ``activation_bits`` pick the code (``CodedGELU.from_module(gelu, config)``).
 
     Example:
         >>> import torch
@@ -284,20 +343,52 @@ class CodedGELU(CompressedLayer, nn.GELU):
     """
 
     dense_class = nn.GELU
-    saved_for = "input (for dx)"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _needs_graph(x):
-            return F.gelu(x, approximate=self.approximate)
-        gelu_bits = self.config.gelu_bits
-        codes, nonfinite = ops.gelu_code(x, gelu_bits, self.approximate)
-        return ops.coded_gelu(x, codes, nonfinite, gelu_bits, self.approximate)
-
-    def describe(self) -> str:
-        return f"{self.config.gelu_bits}-bit code of gelu'"
+    def function(self) -> str:
+        return "gelu" if self.approximate == "none" else "gelu_tanh"
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gelu_bits={self.config.gelu_bits}"
+        return f"{super().extra_repr()}, activation_bits={self.config.activation_bits}"
+
+
+class CodedSiLU(CodedActivation, nn.SiLU):
+    """nn.SiLU that keeps a ``config.activation_bits``-bit code of silu'(x) instead of x.
+
+    Attributes:
+        config: its ``activation_bits`` pick the code (``CodedSiLU.from_module(silu, config)``).
+
+    Example:
+        >>> import torch
+        >>> from actprune import CodedSiLU, PruneConfig, saved_activation_bytes
+        >>> silu = CodedSiLU.from_module(torch.nn.SiLU(), PruneConfig(0.9, scope="all"))
+        >>> saved_activation_bytes(silu, torch.randn(64, 64, requires_grad=True))
+        1032
+    """
+
+    dense_class = nn.SiLU
+
+    def function(self) -> str:
+        return "silu"
+
+
+class CodedReLU(CodedActivation, nn.ReLU):
+    """nn.ReLU that keeps a 1-bit mask of where x > 0 instead of its output: exact.
+
+    Attributes:
+        inplace: as ``nn.ReLU``; converted, it computes out of place while training.
+
+    Example:
+        >>> import torch
+        >>> from actprune import CodedReLU, PruneConfig, saved_activation_bytes
+        >>> relu = CodedReLU.from_module(torch.nn.ReLU(), PruneConfig(0.9, scope="all"))
+        >>> saved_activation_bytes(relu, torch.randn(64, 64, requires_grad=True))  # 1 bit each
+        512
+    """
+
+    dense_class = nn.ReLU
+
+    def function(self) -> str:
+        return "relu"
 
 
 def _describe(config: PruneConfig) -> str:

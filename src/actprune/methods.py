@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -33,8 +32,8 @@ class Checkpointed(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ Every op that compresses or reads compressed tensors takes the configuration as 
 - ``actprune::pruned_linear`` — F.linear; backward dx = dy·W and db exact, dW = dyᵀ·X̃.
 - ``actprune::pruned_channel_scale`` — x ⊙ scale (+ shift) per channel (Affine, LayerScale);
   backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
-- ``actprune::gelu_code`` / ``actprune::coded_gelu`` — the packed derivative code of a GELU input
-  (``derivative_code``) plus one bit per row marking non-finite inputs, and GELU itself, whose
-  backward is dy ⊙ q(x) (NaN in the marked rows).
+- ``actprune::activation_code`` / ``actprune::coded_activation`` — the packed derivative code of
+  an activation's input (``derivative_code``; ReLU: an exact 1-bit mask) plus one bit per row
+  marking non-finite inputs, and the activation itself, whose backward is dy ⊙ q(x) (NaN in the
+  marked rows).
 - ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
   dyᵀ·X̃ for a weight (``param="weight"``), Σ_rows dy ⊙ X̃ for a per-channel scale
   (``param="channel_scale"``).
@@ -32,7 +33,7 @@ from . import kernels
 from .bitpack import pack_codes, unpack_codes
 from .blocksparse import as_rows, compress
 from .config import PruneConfig
-from .derivative_code import gelu_derivative_code
+from .derivative_code import ACTIVATIONS, derivative_code
 from .storage import BlockSparse, Parts
 
 
@@ -193,58 +194,69 @@ def _(dy, *parts_and_args):
     return dy.new_empty((dy.shape[1], cols) if param == "weight" else (cols,))
 
 
-# --- GELU with a low-bit derivative code ---------------------------------------------------------
+# --- activations with a low-bit derivative code ---------------------------------------------------
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 1
 
 
-@torch.library.custom_op("actprune::gelu_code", mutates_args=())
-def gelu_code(
-    x: torch.Tensor, gelu_bits: int, approximate: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, nonfinite): uint8, the packed ``gelu_bits``-bit derivative code of every element
-    of x, and one bit per row (last dim) set where the row holds a NaN or ±Inf."""
+def _forward(function: str):
+    return F.relu if function == "relu" else ACTIVATIONS[function][0]
+
+
+@torch.library.custom_op("actprune::activation_code", mutates_args=())
+def activation_code(x: torch.Tensor, bits: int, function: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, nonfinite): uint8, the packed ``bits``-bit code of ``function``'s derivative at
+    every element of x, and one bit per row (last dim) set where the row holds a NaN or ±Inf.
+    ``function="relu"`` (bits 1): the exact mask of where dense ReLU passes the gradient
+    (x > 0 or NaN), and no rows (dense ReLU's dx stays finite at a NaN input)."""
     x = x.detach()
+    if function == "relu":
+        codes = pack_codes((~(x <= 0)).reshape(-1).to(torch.uint8), 1)
+        return codes, x.new_empty(0, dtype=torch.uint8)
     nonfinite = ~torch.isfinite(x.reshape(_rows(x), -1)).all(dim=1)
-    codes = gelu_derivative_code(gelu_bits, approximate).encode(x)
+    codes = derivative_code(function, bits).encode(x)
     return codes, pack_codes(nonfinite.to(torch.uint8), 1)
 
 
-@gelu_code.register_fake
-def _(x, gelu_bits, approximate):
-    codes = x.new_empty(-(-x.numel() * gelu_bits // 8), dtype=torch.uint8)
-    return codes, x.new_empty(-(-_rows(x) // 8), dtype=torch.uint8)
+@activation_code.register_fake
+def _(x, bits, function):
+    codes = x.new_empty(-(-x.numel() * bits // 8), dtype=torch.uint8)
+    return codes, x.new_empty(0 if function == "relu" else -(-_rows(x) // 8), dtype=torch.uint8)
 
 
-@torch.library.custom_op("actprune::coded_gelu", mutates_args=())
-def coded_gelu(
-    x: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, gelu_bits: int, approximate: str
+@torch.library.custom_op("actprune::coded_activation", mutates_args=())
+def coded_activation(
+    x: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int, function: str
 ) -> torch.Tensor:
-    """F.gelu(x); backward reads only ``codes`` and ``nonfinite`` (dx = dy ⊙ q(x), NaN in every
-    row that held a non-finite x: gelu' is NaN there in dense training too)."""
-    return F.gelu(x, approximate=approximate)
+    """``function``(x), computed as the dense module computes it; backward reads only ``codes``
+    and ``nonfinite`` (dx = dy ⊙ q(x), NaN in every row that held a non-finite x: f' is NaN
+    there in dense training too; for ReLU dx = dy where the mask is set, else 0, exactly)."""
+    return _forward(function)(x)
 
 
-@coded_gelu.register_fake
-def _(x, codes, nonfinite, gelu_bits, approximate):
+@coded_activation.register_fake
+def _(x, codes, nonfinite, bits, function):
     return torch.empty_like(x)
 
 
-def _gelu_setup(ctx, inputs, output) -> None:
-    x, codes, nonfinite, ctx.gelu_bits, ctx.approximate = inputs
+def _activation_setup(ctx, inputs, output) -> None:
+    x, codes, nonfinite, ctx.bits, ctx.function = inputs
     ctx.rows = _rows(x)
     ctx.save_for_backward(codes, nonfinite)
 
 
-def _gelu_backward(ctx, dy):
+def _activation_backward(ctx, dy):
     codes, nonfinite = ctx.saved_tensors
-    code = gelu_derivative_code(ctx.gelu_bits, ctx.approximate)
+    if ctx.function == "relu":
+        mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
+        return torch.where(mask, dy, 0), None, None, None, None
+    code = derivative_code(ctx.function, ctx.bits)
     dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
     bad_rows = unpack_codes(nonfinite, 1, ctx.rows).bool().view(-1, 1)
     dx = dx.reshape(ctx.rows, -1).masked_fill(bad_rows, torch.nan).view(dy.shape)
     return dx, None, None, None, None
 
 
-coded_gelu.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+coded_activation.register_autograd(_activation_backward, setup_context=_activation_setup)

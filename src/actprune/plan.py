@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import models
 from .methods import MemoryConfig, apply_method
+from .workloads import build_workload
 
 
 class LiveStorageBytes(TorchDispatchMode):
@@ -68,33 +67,35 @@ class StepPlan:
 
 
 def predict_step(
-    model_name: str,
+    spec: str,
     batch: int,
     config: MemoryConfig,
     foreach: bool | None = None,
+    image_size: int | None = None,
+    seq_len: int | None = None,
     **overrides: object,
 ) -> StepPlan:
-    """Peak bytes of one AdamW training step of ``model_name`` under ``config``, on "meta".
+    """Peak bytes of one AdamW training step of the model of ``spec`` under ``config``, on
+    "meta".
 
-    ``overrides`` go to ``models.create`` (img_size, width, ...). ``foreach``: AdamW's
+    ``spec``, ``image_size``, ``seq_len`` and ``overrides`` (zoo models' arguments: width, depth,
+    ...) build the model as ``workloads.build_workload`` does. ``foreach``: AdamW's
     implementation; None = what torch picks on CUDA (foreach), False = what it picks on CPU (one
     tensor at a time). It only changes the optimizer step's transients.
     """
-    overrides["device"] = "meta"
-    model = apply_method(models.create(model_name, **overrides), config)
-    c, size = model.config.in_chans, model.config.img_size
-    x = torch.empty(batch, c, size, size, device="meta")
-    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    work = build_workload(spec, image_size, seq_len, device="meta", **overrides)
+    model = apply_method(work.model, config)
+    data = work.empty_batch(batch, "meta")
     opt = torch.optim.AdamW(model.parameters(), foreach=True if foreach is None else foreach)
 
     def step() -> None:
-        F.cross_entropy(model(x), y).backward()
+        work.loss(model, data).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state, as the measured step's warm-up does
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    resident = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *state, x, y])
+    resident = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *state, *data])
     with LiveStorageBytes() as tracker:
         step()
     return StepPlan(config.name, batch, resident, resident + tracker.peak)

@@ -309,15 +309,14 @@ def measure_step(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.T
     return {k: v for k, v in asdict(m).items() if k != "median_step_s"}
 
 
-def gradient_cosines(
-    model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor
-) -> dict[str, float]:
-    """Cosine similarity of each parameter's gradient on one batch to the exact gradient (the same
-    model with every actprune layer computing densely, ``exact_gradients``). Leaves .grad unset."""
+def gradient_cosines(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> dict[str, float]:
+    """Cosine similarity of each parameter's gradient of ``loss_fn()`` (one fixed batch) to the
+    exact gradient (the same model with every actprune layer computing densely,
+    ``exact_gradients``). Leaves .grad unset."""
     grads = []
     for exact in (False, True):
-        with exact_gradients() if exact else contextlib.nullcontext(), _autocast(cfg, x.device):
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+        with exact_gradients() if exact else contextlib.nullcontext():
+            loss = loss_fn()
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         grads.append(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
     out = {}
@@ -578,7 +577,7 @@ def end_of_epoch(run: Run, epoch: int, train_stats: dict, probe: tuple) -> dict:
         "lr": run.opt.param_groups[0]["lr"],
     }
     if run.cfg.prune is not None:
-        record["grad_cosine"] = gradient_cosines(run.core, run.cfg, *probe)
+        record["grad_cosine"] = gradient_cosines(run.core, lambda: _probe_loss(run, *probe))
     if run.dist.main and run.cfg.progress:
         print(
             f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
@@ -586,6 +585,11 @@ def end_of_epoch(run: Run, epoch: int, train_stats: dict, probe: tuple) -> dict:
             file=sys.stderr,
         )
     return record
+
+
+def _probe_loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with _autocast(run.cfg, x.device):
+        return F.cross_entropy(run.core(x), y, label_smoothing=run.cfg.label_smoothing)
 
 
 def summarize(run: Run, progress: Progress) -> dict:
@@ -603,7 +607,7 @@ def summarize(run: Run, progress: Progress) -> dict:
         "device": str(run.device),
         "processes": dist.world,
         "prune": None if cfg.prune is None else cfg.prune.to_dict(),
-        "compressed": describe_compression(run.core),
+        "saved_tensors": describe_compression(run.core),
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "test_acc": history[-1]["test_acc"],

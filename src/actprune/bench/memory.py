@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .. import models
 from ..config import PruneConfig
 from ..memory import measure_training_step
 from ..methods import MemoryConfig, apply_method, methods
+from ..workloads import build_workload
 from . import device_name
 
 
@@ -36,34 +35,33 @@ class MemoryRow:
 
 
 def run_memory_bench(
-    model_name: str = "resmlp_s24",
-    image_size: int = 224,
+    spec: str = "resmlp_s24",
     batch: int = 8,
     configs: Iterable[MemoryConfig] | None = None,
     device: str = "cpu",
     timing_steps: int = 3,
-    num_classes: int = 1000,
+    image_size: int | None = None,
+    seq_len: int | None = None,
+    num_classes: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[MemoryRow]:
-    """Measure every configuration; ratios are to the dense row of this same run."""
+    """Measure every configuration on the model of ``spec`` (``workloads.build_workload``: a zoo
+    name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``); ratios are to the dense row of this run."""
     configs = list(configs or methods([PruneConfig.preset("recommended")]))
     if configs[0].method != "dense":
         raise ValueError("the first configuration must be dense: it is every ratio's baseline")
     torch.manual_seed(0)
-    base = models.create(model_name, img_size=image_size, num_classes=num_classes)
-    gen = torch.Generator().manual_seed(0)
-    c = base.config.in_chans
-    x = torch.randn(batch, c, image_size, image_size, generator=gen).to(device)
-    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    work = build_workload(spec, image_size, seq_len, num_classes)
+    data = work.batch(batch, device)
     rows = []
     for i, config in enumerate(configs):
-        model = apply_method(copy.deepcopy(base), config).to(device)
+        model = apply_method(copy.deepcopy(work.model), config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         m = measure_training_step(
             model,
             optimizer,
-            lambda: F.cross_entropy(model(x), y),  # noqa: B023 - used within this iteration
-            resident=(x, y),
+            lambda: work.loss(model, data),  # noqa: B023 - used within this iteration
+            resident=data,
             timing_steps=timing_steps,
         )
         rows.append(
@@ -189,7 +187,7 @@ def write_memory_results(
     table = memory_table(rows)
     dev = device_name(setup["device"])
     md = (
-        f"# Training-step memory: {setup['model']} at {setup['image_size']} px, batch "
+        f"# Training-step memory: {setup['model']} at {setup['input']}, batch "
         f"{setup['batch']}, on {dev}\n\n"
         f"torch {torch.__version__}. Command: `{command}`\n\n"
         "saved = bytes autograd holds for backward after the forward (by kind of layer that saved "

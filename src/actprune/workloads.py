@@ -1,0 +1,194 @@
+"""What ``bench memory`` and ``plan`` train: a model from a spec, a batch for it and its loss.
+
+A spec is one of
+- a name of actprune's zoo (``actprune.models``): ResMLP image classifiers, the byte-level GPTs;
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (random init; no download);
+- ``hf:TYPE[:key=value,...]``: a Hugging Face model of ``model_type`` TYPE from its default
+  config with the overrides given (``AutoConfig.for_model``; random init; no download), with its
+  language-modelling head: masked where the type has one (bert), else causal (gpt2, llama, ...).
+  Example: ``hf:llama:hidden_size=768,intermediate_size=2048,num_hidden_layers=12``.
+Image models get a batch of random images and class labels (cross-entropy); language models random
+token ids, with next-token labels (causal) or 15 % of positions as labels (masked). Memory and step
+time do not depend on the values, only on the shapes.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import models
+
+TASKS = ("image", "causal_lm", "masked_lm")
+
+
+class WorkloadError(ValueError):
+    """A model spec that cannot be built (unknown name, missing library, bad override)."""
+
+
+@dataclass
+class Workload:
+    """A model and what one of its training steps consumes.
+
+    Attributes:
+        spec: the spec it was built from.
+        model: the model (random init).
+        task: one of ``TASKS``.
+        size: image side (image) or sequence length (language models).
+        classes: number of classes, or the vocabulary size.
+    """
+
+    spec: str
+    model: nn.Module
+    task: str
+    size: int
+    classes: int
+
+    @property
+    def shape_label(self) -> str:
+        """ "224px" or "seq512": for tables and file names."""
+        return f"{self.size}px" if self.task == "image" else f"seq{self.size}"
+
+    def batch(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+        """A fixed random batch of n examples (inputs, labels), the same on every call."""
+        gen = torch.Generator().manual_seed(0)
+        if self.task == "image":
+            chans = _in_chans(self.model)
+            x = torch.randn(n, chans, self.size, self.size, generator=gen)
+            y = torch.randint(0, self.classes, (n,), generator=gen)
+        else:
+            x = torch.randint(0, self.classes, (n, self.size), generator=gen)
+            y = x.clone()
+            if self.task == "masked_lm":
+                y[torch.rand(x.shape, generator=gen) > 0.15] = -100
+        return x.to(device), y.to(device)
+
+    def empty_batch(self, n: int, device: str | torch.device) -> tuple[torch.Tensor, ...]:
+        """A batch of the right shapes and dtypes with no values (for the meta device)."""
+        if self.task == "image":
+            chans = _in_chans(self.model)
+            x = torch.empty(n, chans, self.size, self.size, device=device)
+            return x, torch.zeros(n, dtype=torch.long, device=device)
+        x = torch.zeros(n, self.size, dtype=torch.long, device=device)
+        return x, torch.zeros(n, self.size, dtype=torch.long, device=device)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The training loss of ``model`` (this workload's model, converted or not) on a batch."""
+        x, y = batch
+        if self.task == "image":
+            return F.cross_entropy(model(x), y)
+        if self.spec.startswith("hf:"):
+            return model(input_ids=x, labels=y).loss
+        logits = model(x)  # actprune's GPT: predict token t+1 from tokens <= t
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+
+
+def _in_chans(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return getattr(config, "in_chans", None) or getattr(model, "in_chans", 3)
+
+
+def build_workload(
+    spec: str,
+    image_size: int | None = None,
+    seq_len: int | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device | None = None,
+    **overrides: object,
+) -> Workload:
+    """The ``Workload`` of a model spec (see the module docstring).
+
+    Args:
+        spec: a zoo name, ``timm:NAME`` or ``hf:TYPE[:key=value,...]``.
+        image_size: image side for image models (default: the model's own).
+        seq_len: sequence length for language models (default: the model's longest).
+        num_classes: classes of an image model's head (default: the model's own).
+        device: where the parameters are created ("meta": shapes only).
+        overrides: more arguments of a zoo model (``models.create``), e.g. ``depth=4``.
+
+    Returns:
+        The workload, its model in training mode.
+
+    Example:
+        >>> from actprune.workloads import build_workload
+        >>> w = build_workload("gpt_tiny", seq_len=64)
+        >>> w.task, w.shape_label, [tuple(t.shape) for t in w.batch(2)]
+        ('causal_lm', 'seq64', [(2, 64), (2, 64)])
+    """
+    kind, _, rest = spec.partition(":")
+    if overrides and rest:
+        raise WorkloadError(f"{spec}: model overrides {sorted(overrides)} apply to zoo models only")
+    if rest and kind == "timm":
+        return _timm(spec, rest, image_size, num_classes, device)
+    if rest and kind == "hf":
+        return _hf(spec, rest, seq_len, device)
+    if spec not in models.list_models():
+        raise WorkloadError(
+            f"unknown model {spec!r}: give a zoo name ({', '.join(models.list_models())}), "
+            "timm:NAME or hf:TYPE[:key=value,...]"
+        )
+    if spec.startswith("gpt"):
+        over = overrides | _given(block_size=seq_len)
+        model = models.create(spec, device=device, **over)
+        return Workload(spec, model, "causal_lm", model.config.block_size, model.config.vocab_size)
+    over = overrides | _given(num_classes=num_classes, img_size=image_size)
+    model = models.create(spec, device=device, **over)
+    return Workload(spec, model, "image", model.config.img_size, model.config.num_classes)
+
+
+def _given(**kwargs: object) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _library(name: str, extra: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise WorkloadError(f"{name} is not installed ({err}); pip install {extra}") from err
+
+
+def _timm(spec: str, name: str, image_size, num_classes, device) -> Workload:
+    timm = _library("timm", "timm torchvision")
+    if name not in timm.list_models():
+        raise WorkloadError(f"timm has no model {name!r} (timm.list_models() lists them)")
+    kw = _given(num_classes=num_classes, img_size=image_size)
+    with torch.device(device or "cpu"):
+        model = timm.create_model(name, pretrained=False, **kw)
+    size = image_size or model.pretrained_cfg["input_size"][-1]
+    return Workload(spec, model.train(), "image", size, model.num_classes)
+
+
+def _hf(spec: str, rest: str, seq_len, device) -> Workload:
+    transformers = _library("transformers", "transformers")
+    model_type, _, args = rest.partition(":")
+    overrides = dict(_override(kv) for kv in args.split(",") if kv)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **overrides)
+    except (ValueError, TypeError) as err:
+        raise WorkloadError(f"{spec}: {err}") from err
+    heads = importlib.import_module("transformers.models.auto.modeling_auto")
+    masked = model_type in heads.MODEL_FOR_MASKED_LM_MAPPING_NAMES  # encoders: BERT's own task
+    causal = not masked and model_type in heads.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not (masked or causal):
+        raise WorkloadError(f"{spec}: {model_type} has no causal or masked LM head")
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
+    with torch.device(device or "cpu"):
+        model = auto.from_config(config, attn_implementation="sdpa")
+    longest = getattr(config, "max_position_embeddings", None) or config.n_positions
+    task = "causal_lm" if causal else "masked_lm"
+    return Workload(spec, model.train(), task, seq_len or longest, config.vocab_size)
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise WorkloadError(f"hf override {text!r} is not key=value")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key.strip(), value.strip()
