@@ -66,10 +66,10 @@ def test_registered_ops_pass_opcheck():
     empty = (e, e.int(), e.int(), e, e.to(torch.uint8), e)
     key = PruneConfig(0.5, 8).to_json()
     torch.library.opcheck(ops.pruned_linear, (x, w.detach(), None, *empty, key))
-    for bits in (2, 4):
-        codes, nonfinite = ops.gelu_code(x.detach(), bits, "none")
-        torch.library.opcheck(ops.gelu_code, (x.detach(), bits, "tanh"))
-        torch.library.opcheck(ops.coded_gelu, (x, codes, nonfinite, bits, "none"))
+    for bits, function in ((2, "gelu"), (4, "gelu_tanh"), (2, "silu"), (1, "relu")):
+        codes, nonfinite = ops.activation_code(x.detach(), bits, function)
+        torch.library.opcheck(ops.activation_code, (x.detach(), bits, function))
+        torch.library.opcheck(ops.coded_activation, (x, codes, nonfinite, bits, function))
 
 
 def test_scope_all_compiles_without_graph_breaks():

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from actprune import PruneConfig, PrunedLinear, prune_activations_, restore_dense_
+from actprune import (
+    PruneConfig,
+    PrunedLinear,
+    prune_activations_,
+    register_conversion,
+    restore_dense_,
+)
 
 
 class Block(nn.Module):
@@ -188,3 +194,41 @@ def test_register_conversion_rejects_what_cannot_work():
         @register_conversion(Gain)
         class Confused(PrunedChannelScale, Gain):
             dense_class = nn.Linear
+
+
+def test_a_converted_container_gets_its_children_converted():
+    """A registered block (a bare Parameter scale inside its forward, like timm's ResMLP block)
+    converts, and so do its children, also when the block is the root."""
+    from actprune import convert
+    from actprune.layers import CompressedLayer, scale_channels
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.gain = nn.Parameter(torch.rand(8))
+
+        def forward(self, x):
+            return self.fc(x) * self.gain
+
+    @register_conversion(Block)
+    class PrunedBlock(CompressedLayer, Block):
+        saved_for = "input of gain"
+
+        def forward(self, x):
+            return scale_channels(self.fc(x), self.gain, None, self.config)
+
+    try:
+        config = PruneConfig(0.5, 4, scope="all")
+        model = nn.Sequential(Block(), Block())
+        x = torch.randn(6, 8)
+        want = model(x)
+        prune_activations_(model, config)
+        assert all(type(b) is PrunedBlock and type(b.fc) is PrunedLinear for b in model)
+        assert torch.equal(model(x), want)
+        restore_dense_(model)
+        assert all(type(b) is Block and type(b.fc) is nn.Linear for b in model)
+        root = prune_activations_(Block(), config)
+        assert type(root) is PrunedBlock and type(root.fc) is PrunedLinear
+    finally:
+        convert._REGISTRY.pop(Block, None)

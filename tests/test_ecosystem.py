@@ -13,11 +13,13 @@ from actprune import PruneConfig, SavedTensorLog, describe_compression, prune_ac
 from actprune.layers import CompressedLayer
 
 
-def _check_like_original(model, inputs, loss_of, **select):
+def _check_like_original(model, inputs, loss_of, scope="linear", **select):
     """Converted at sparsity 0: every gradient equals the original's; at 0.9 it still trains."""
     torch.manual_seed(0)
     reference = copy.deepcopy(model)
-    converted = prune_activations_(copy.deepcopy(model), PruneConfig(0.0, 16), **select)
+    converted = prune_activations_(
+        copy.deepcopy(model), PruneConfig(0.0, 16, scope=scope), **select
+    )
     n_pruned = sum(isinstance(m, CompressedLayer) for m in converted.modules())
     assert n_pruned > 0
     loss_of(reference(*inputs)).backward()
@@ -25,7 +27,7 @@ def _check_like_original(model, inputs, loss_of, **select):
     for (name, a), (_, b) in zip(reference.named_parameters(), converted.named_parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
-    sparse = prune_activations_(copy.deepcopy(model), PruneConfig(0.9, 16), **select)
+    sparse = prune_activations_(copy.deepcopy(model), PruneConfig(0.9, 16, scope=scope), **select)
     loss_of(sparse(*inputs)).backward()
     return n_pruned
 
@@ -177,7 +179,15 @@ def test_timm_affine_and_layerscale_are_exact_and_resmlp_converts():
             m(finite).backward(torch.ones(3, 16, 40))
         for (name, a), b in zip(dense.named_parameters(), converted.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=name)
-    model = timm.create_model("resmlp_12_224", pretrained=False, num_classes=10)
+    model = timm.create_model("resmlp_12_224", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    dense = model(x)
     prune_activations_(model, PruneConfig(0.9, 16, scope="all"), exclude="head")
     rows = {r["layer"]: r["count"] for r in describe_compression(model) if r["compressed"]}
-    assert rows == {"Linear": 12 * 3, "Affine": 12 * 2 + 1, "GELU": 12}
+    assert rows == {"ResBlock": 12, "Linear": 12 * 3, "Affine": 12 * 2 + 1, "GELU": 12}
+    assert torch.equal(model(x), dense)  # the blocks' own forward reproduces timm's exactly
+    # at sparsity 0, GELU left exact: every gradient (ls1 and ls2 included) equals timm's
+    small = timm.create_model("resmlp_12_224", pretrained=False, num_classes=10, img_size=64)
+    n = _check_like_original(small, (torch.randn(2, 3, 64, 64),), lambda out: out.square().mean(),
+                             exclude=["head", "*.act"], scope="all")  # fmt: skip
+    assert n == 12 * (1 + 3 + 2) + 1

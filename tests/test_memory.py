@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from actprune import PruneConfig, SavedTensorLog, peak_memory, prune_activations_
+from actprune import (
+    PruneConfig,
+    SavedTensorLog,
+    measure_training_step,
+    peak_memory,
+    prune_activations_,
+)
 from actprune import saved_activation_bytes as sab
 
 
@@ -91,3 +97,25 @@ def test_cuda_peak():
         torch.ones(1 << 20, device="cuda")
 
     assert peak_memory(f) >= 4 << 20
+
+
+def test_measuring_keeps_no_model_alive():
+    """Tanh saves its output, whose grad_fn holds what the log packed: held as is, that cycle
+    ran through C++ where gc cannot see it, and every measured model stayed in memory."""
+    import functools
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    ref = weakref.ref(model[0].weight)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 16)
+    loss = functools.partial(_square_mean, model, x)
+    measure_training_step(model, opt, loss, [x], timing_steps=1)
+    del model, opt, loss
+    gc.collect()
+    assert ref() is None
+
+
+def _square_mean(model, x):
+    return model(x).square().mean()

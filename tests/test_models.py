@@ -5,8 +5,20 @@ from actprune import PruneConfig, PrunedLinear, models, prune_activations_
 from actprune.models.resmlp import Affine, LayerScale
 
 
-@pytest.mark.parametrize("name", models.list_models())
-def test_every_model_builds_runs_and_trains(name):
+@pytest.mark.parametrize("name", models.list_models("gpt*"))
+def test_every_language_model_builds_runs_and_trains(name):
+    model = models.create(name, width=32, depth=2, heads=4, block_size=16)
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens)
+    assert out.shape == (2, 16, 256) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.randint(0, 256, (1, 17)))
+
+
+@pytest.mark.parametrize("name", models.list_models("resmlp*"))
+def test_every_image_model_builds_runs_and_trains(name):
     model = models.create(
         name, img_size=32, patch_size=8, in_chans=3, num_classes=7, width=32, depth=2
     )
@@ -19,7 +31,14 @@ def test_every_model_builds_runs_and_trains(name):
 
 @pytest.mark.parametrize(
     "name, millions",
-    [("resmlp_s12", 15.35), ("resmlp_s24", 30.02), ("resmlp_s36", 44.69), ("resmlp_b24", 115.7)],
+    [
+        ("resmlp_s12", 15.35),
+        ("resmlp_s24", 30.02),
+        ("resmlp_s36", 44.69),
+        ("resmlp_b24", 115.7),
+        ("gpt_tiny", 3.36),
+        ("gpt2_small", 86.24),
+    ],  # fmt: skip
 )
 def test_published_sizes(name, millions):
     model = models.create(name, device="meta")  # no memory: shapes only
@@ -38,7 +57,7 @@ def test_layer_kinds_are_separate_modules_and_prunable():
 
 def test_registry_errors_and_listing():
     assert "resmlp_s24" in models.list_models("resmlp_s*")
-    with pytest.raises(ValueError, match="unknown model 'nope'; available: resmlp_b24"):
+    with pytest.raises(ValueError, match="unknown model 'nope'; available: gpt2_small, gpt_tiny"):
         models.create("nope")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         models.create("resmlp_tiny", patch_size=5)

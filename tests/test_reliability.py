@@ -470,7 +470,9 @@ TINY_EXTRA = {
     "memory": [*TINY_MODEL, "--batch-size", "4", "--timing-steps", "1", "--sparsity", "0.9"],
     "kernels": [*TINY_MODEL, "--batch-size", "4", "--repeats", "1"],
     "plan": [*TINY_MODEL, "--max-batch", "4"],
-}
+    "lm": ["--steps", "2", "--eval-every", "1", "--seq-len", "16", "--batch-size", "2",
+           "--eval-windows", "4", "--no-progress"],
+}  # fmt: skip
 
 
 def documented_commands() -> list[str]:
@@ -498,13 +500,13 @@ def test_21_documented_commands_cover_every_command():
 def test_21_every_documented_command_runs(capsys, tmp_path):
     for i, command in enumerate(documented_commands()):
         argv = [w for w in shlex.split(command, comments=True)[1:] if w != "..."]
-        kind = argv[1] if argv[0] == "bench" else argv[0]
+        kind = argv[1] if argv[0] == "bench" else "lm" if "lm" in argv else argv[0]
         if "--out" in argv:  # keep the documented folder names, under tmp_path
             j = argv.index("--out") + 1
             argv[j] = str(tmp_path / argv[j])
         elif kind != "plan":  # plan writes nothing
             argv += ["--out", str(tmp_path / f"auto{i}")]
-        if kind in ("train", "compare") and "--resume" not in argv:
+        if kind in ("train", "compare", "lm") and "--resume" not in argv:
             argv.append("--overwrite")
         extra = [] if kind == "train" and "--resume" in argv else TINY_EXTRA[kind]
         code, _, err = run(capsys, *argv, *extra)

@@ -93,7 +93,7 @@ def test_pack_codes_round_trip(bits, n):
     assert torch.equal(unpack_codes(packed, bits, n), codes)
 
 
-# The bounds docs/results/gelu_code.md states (the fit's own figures, rounded up).
+# The bounds docs/results/derivative_code.md states (the fit's own figures, rounded up).
 DOCUMENTED = {  # max error, RMS error under N(0, 1)
     "gelu": {2: (0.190, 0.090), 4: (0.052, 0.025)},
     "gelu_tanh": {2: (0.190, 0.090), 4: (0.052, 0.025)},

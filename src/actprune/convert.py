@@ -107,11 +107,14 @@ def _swap_(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None])
     """Replace each submodule m (qualified name q) for which make(q, m) returns a module.
 
     One traversal; a module registered under several names is converted once and the same new
-    module is placed under every name. Returns the (possibly new) root.
+    module is placed under every name. A converted container's children are converted inside its
+    replacement (pre-order: the container is met before them). Returns the (possibly new) root.
     """
     replaced: dict[int, nn.Module | None] = {}
     root = make("", model)
-    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+    new_of = {} if root is None else {id(model): root}  # container -> its replacement
+    for parent_name, old_parent in list(model.named_modules(remove_duplicate=False)):
+        parent = new_of.get(id(old_parent), old_parent)
         for child_name, child in list(parent._modules.items()):  # every name, duplicates included
             if child is None:
                 continue
@@ -121,6 +124,7 @@ def _swap_(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None])
             new = replaced[id(child)]
             if new is not None:
                 setattr(parent, child_name, new)
+                new_of[id(child)] = new
     return model if root is None else root
 
 

@@ -217,6 +217,18 @@ class PrunedLinear(CompressedLayer, nn.Linear):
         return f"{super().extra_repr()}, {_describe(self.config)}"
 
 
+def scale_channels(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, config: PruneConfig
+) -> torch.Tensor:
+    """x ⊙ scale (+ shift), one value per channel (last dim), keeping x compressed with
+    ``config`` for the gradient of ``scale``: the computation of every ``PrunedChannelScale``,
+    also for a scale that is a bare Parameter inside a block's forward."""
+    if not _needs_graph(x, scale, shift):
+        return x * scale if shift is None else torch.addcmul(shift, scale, x)
+    parts = compressed_rows(x, config) if scale.requires_grad else _nothing_saved(x)
+    return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
+
+
 class PrunedChannelScale(CompressedLayer):
     """Base of the compressing per-channel scales y = x ⊙ scale (+ shift).
 
@@ -260,10 +272,7 @@ class PrunedChannelScale(CompressedLayer):
                 f"{type(self).__name__} expects input of shape (..., {scale.numel()}), "
                 f"got {tuple(x.shape)}"
             )
-        if not _needs_graph(x, scale, shift):
-            return x * scale if shift is None else torch.addcmul(shift, scale, x)
-        parts = compressed_rows(x, self.config) if scale.requires_grad else _nothing_saved(x)
-        return ops.pruned_channel_scale(x, scale, shift, *parts, self.config.to_json())
+        return scale_channels(x, scale, shift, self.config)
 
     def extra_repr(self) -> str:
         return _describe(self.config)

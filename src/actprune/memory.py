@@ -96,7 +96,12 @@ class SavedTensorLog:
     def _pack(self, t: torch.Tensor) -> _Saved | torch.Tensor:
         if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
             return t
-        holder = _Saved(t, layer_kind(self._modules[-1] if self._modules else None))
+        # A tensor with a grad_fn is held detached: a saved output's grad_fn is the very node that
+        # holds this holder, a cycle through C++ that Python's gc cannot see (it kept every
+        # measured model alive); autograd restores the grad_fn when it unpacks. Other tensors are
+        # held as they are (the compressed copies: layers' dedup cache watches those objects).
+        held = t.detach() if t.grad_fn is not None else t
+        holder = _Saved(held, layer_kind(self._modules[-1] if self._modules else None))
         self._saved.append(weakref.ref(holder))
         return holder
 

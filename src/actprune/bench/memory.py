@@ -7,10 +7,12 @@ the dense row of the same run.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,7 +62,7 @@ def run_memory_bench(
         m = measure_training_step(
             model,
             optimizer,
-            lambda: work.loss(model, data),  # noqa: B023 - used within this iteration
+            partial(work.loss, model, data),
             resident=data,
             timing_steps=timing_steps,
         )
@@ -80,6 +82,8 @@ def run_memory_bench(
                 f"[{i + 1}/{len(configs)}] {config.name}: peak {m.peak_step_bytes / 2**20:.0f}"
                 f" MiB, saved {m.saved_activation_bytes / 2**20:.0f} MiB"
             )
+        del model, optimizer  # this configuration's weights, gradients and state go now
+        gc.collect()
     dense = rows[0]
     for r in rows:
         r.ratios = {

@@ -1,21 +1,22 @@
-"""timm: ResMLP's ``Affine`` and the ``LayerScale`` module, per-channel scales whose input is read
-only by the scale's gradient, kept compressed (scope "all").
+"""timm: ResMLP's ``Affine``, its blocks' layer scales and the ``LayerScale`` module: per-channel
+scales whose input is read only by the scale's gradient, kept compressed (scope "all").
 
-timm's ResMLP blocks multiply by two bare Parameters (``ls1``, ``ls2``) inside their forward, not
-through a module: those products stay dense (``describe_compression`` says so). A ``LayerScale``
-built with ``inplace=True`` is computed out of place once converted (same values; the compressed
-copy replaces the tensor autograd would have held).
+timm's ResMLP block (``ResBlock``) multiplies by two bare Parameters (``ls1``, ``ls2``) inside its
+forward: ``PrunedResBlock`` computes that forward with those products compressed (the block's own
+layers convert as usual). A ``LayerScale`` built with ``inplace=True`` is computed out of place once
+converted (same values; the compressed copy replaces the tensor autograd would have held).
 """
 
 from __future__ import annotations
 
+import torch
 from timm.layers import LayerScale
-from timm.models.mlp_mixer import Affine
+from timm.models.mlp_mixer import Affine, ResBlock
 
 from ..convert import register_conversion
-from ..layers import PrunedChannelScale
+from ..layers import CompressedLayer, PrunedChannelScale, scale_channels
 
-__all__ = ["PrunedTimmAffine", "PrunedTimmLayerScale"]
+__all__ = ["PrunedResBlock", "PrunedTimmAffine", "PrunedTimmLayerScale"]
 
 
 @register_conversion(Affine)
@@ -30,3 +31,19 @@ class PrunedTimmLayerScale(PrunedChannelScale, LayerScale):
     """timm's LayerScale (x ⊙ gamma) keeping x compressed for d gamma."""
 
     param_names = ("gamma", None)
+
+
+@register_conversion(ResBlock)
+class PrunedResBlock(CompressedLayer, ResBlock):
+    """timm's ResMLP block whose layer scales ``ls1``, ``ls2`` (bare Parameters) keep their inputs
+    compressed for their gradients. The forward is timm's ``ResBlock.forward`` operation for
+    operation (ls ⊙ z is z ⊙ ls: the same product), so outputs are bit-identical; the tests
+    compare them with timm's own."""
+
+    saved_for = "inputs of ls1 and ls2 (for their gradients)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.drop_path(scale_channels(tokens, self.ls1, None, self.config))
+        channels = self.mlp_channels(self.norm2(x))
+        return x + self.drop_path(scale_channels(channels, self.ls2, None, self.config))
