@@ -14,8 +14,9 @@ from actprune import (
     models,
     prune_activations_,
 )
+from actprune.bench.memory import run_memory_bench
 from actprune.cli import main
-from actprune.methods import MemoryConfig, apply_method
+from actprune.methods import MemoryConfig, apply_method, methods
 from actprune.plan import predict_step
 from actprune.text import python_stdlib_corpus
 from actprune.workloads import WorkloadError, build_workload
@@ -111,19 +112,17 @@ def test_workload_specs():
         build_workload("timm:vit_small_patch16_224", depth=2)
 
 
-def test_bench_memory_and_plan_take_a_language_model(capsys, tmp_path):
-    argv = ["bench", "memory", "--model", "gpt_tiny", "--seq-len", "32", "--batch-size", "2",
-            "--baselines", "checkpoint", "--timing-steps", "1", "--out", str(tmp_path)]  # fmt: skip
-    assert main(argv) == 0
-    result = json.loads((tmp_path / "memory_gpt_tiny_seq32_b2_cpu.json").read_text())
-    names = [r["config"]["name"] for r in result["rows"]]
-    assert names == ["dense", "checkpoint", "actprune_all_r4_s0.9_b32"]
-    assert result["rows"][2]["saved_bytes"] < result["rows"][0]["saved_bytes"]
-    capsys.readouterr()
-    assert main(["plan", "--model", "gpt_tiny", "--seq-len", "64", "--batch-size", "4",
-                 "--memory", "1GB", "--device", "cpu", "--max-batch", "4"]) == 0  # fmt: skip
+def test_bench_memory_and_plan_take_a_language_model(capsys):
+    configs = methods([RECOMMENDED], ["checkpoint"])
+    rows = run_memory_bench("gpt_tiny", 4, configs, seq_len=64, timing_steps=1, width=64, depth=2)
+    by = {r.config.name: r for r in rows}
+    assert list(by) == ["dense", "checkpoint", "actprune_all_r4_s0.9_b32"]
+    assert by["actprune_all_r4_s0.9_b32"].saved_bytes < 0.8 * by["dense"].saved_bytes
+    assert {"linear", "gelu", "causalselfattention", "layernorm"} <= set(by["dense"].saved_by_kind)
+    assert main(["plan", "--model", "gpt_tiny", "--seq-len", "16", "--batch-size", "1",
+                 "--memory", "1GB", "--device", "cpu", "--max-batch", "1"]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "gpt_tiny, seq64" in out and "| checkpoint |" in out
+    assert "gpt_tiny, seq16" in out and "| checkpoint |" in out
 
 
 @pytest.mark.parametrize("config", [MemoryConfig.dense(), MemoryConfig.actprune(RECOMMENDED)],

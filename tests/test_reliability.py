@@ -470,8 +470,8 @@ TINY_EXTRA = {
     "memory": [*TINY_MODEL, "--batch-size", "4", "--timing-steps", "1", "--sparsity", "0.9"],
     "kernels": [*TINY_MODEL, "--batch-size", "4", "--repeats", "1"],
     "plan": [*TINY_MODEL, "--max-batch", "4"],
-    "lm": ["--steps", "2", "--eval-every", "1", "--seq-len", "16", "--batch-size", "2",
-           "--eval-windows", "4", "--no-progress"],
+    "lm": ["--steps", "1", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2",
+           "--no-progress"],
 }  # fmt: skip
 
 

@@ -109,16 +109,19 @@ def largest_batch(peak: Callable[[int], int], budget: int, probe: int, limit: in
     """
     cache: dict[int, int] = {}
 
-    def fits(b: int) -> bool:
+    def at(b: int) -> int:  # every batch is predicted once
         if b not in cache:
             cache[b] = peak(b)
-        return cache[b] <= budget
+        return cache[b]
+
+    def fits(b: int) -> bool:
+        return at(b) <= budget
 
     if not fits(1):
         return 0
-    probe = max(1, probe)
-    slope = (peak(2 * probe) - peak(probe)) / probe
-    guess = limit if slope <= 0 else min(limit, max(1, probe + int((budget - peak(probe)) / slope)))
+    probe = max(1, min(probe, limit))
+    slope = (at(2 * probe) - at(probe)) / probe
+    guess = limit if slope <= 0 else min(limit, max(1, probe + int((budget - at(probe)) / slope)))
     margin = max(1, guess // 64)
     lo, hi = max(1, guess - margin), min(limit + 1, guess + margin + 1)
     if not fits(lo):

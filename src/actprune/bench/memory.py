@@ -46,14 +46,16 @@ def run_memory_bench(
     seq_len: int | None = None,
     num_classes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    **overrides: object,
 ) -> list[MemoryRow]:
     """Measure every configuration on the model of ``spec`` (``workloads.build_workload``: a zoo
-    name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``); ratios are to the dense row of this run."""
+    name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``; ``overrides``: a zoo model's arguments);
+    ratios are to the dense row of this run."""
     configs = list(configs or methods([PruneConfig.preset("recommended")]))
     if configs[0].method != "dense":
         raise ValueError("the first configuration must be dense: it is every ratio's baseline")
     torch.manual_seed(0)
-    work = build_workload(spec, image_size, seq_len, num_classes)
+    work = build_workload(spec, image_size, seq_len, num_classes, **overrides)
     data = work.batch(batch, device)
     rows = []
     for i, config in enumerate(configs):
