@@ -229,20 +229,21 @@ def _one(configs: list[PruneConfig]) -> PruneConfig:
 def cmd_compare(args: argparse.Namespace) -> int:
     command = "actprune " + shlex.join(args.argv)
     if args.task == "lm":
-        runs = compare_lm(lm_config(args), prune_configs(args), command=command)
-        print(lm_table(runs))
-        print(f"\nreport: {runs[0]['config']['out'].rsplit('/', 1)[0]}/report.md")
+        cfg = lm_config(args)
+        print(lm_table(compare_lm(cfg, prune_configs(args), command=command)))
+        print(f"\nreport: {cfg.out}/report.md, plot: {cfg.out}/loss.png")
         return 0
     _refuse_flags(args, _LM_ONLY, "image")
-    runs = compare(train_config(_with_defaults(args, TrainConfig()), None), prune_configs(args),
-                   command=command)  # fmt: skip
+    args = _with_defaults(args, _IMAGE_DEFAULTS)
+    runs = compare(train_config(args, None), prune_configs(args), command=command)
     print(report_table(runs))
-    print(f"\nreport: {args.out or 'runs/compare'}/report.md, plots: *.png there")
+    print(f"\nreport: {args.out}/report.md, plots: {args.out}/*.png")
     return 0
 
 
 # Flags both tasks of compare take, whose defaults differ by task (None on the parser).
 _SHARED = ("model", "out", "batch_size", "lr", "weight_decay")
+_IMAGE_DEFAULTS = TrainConfig(out="runs/compare")
 _LM_ONLY = ("steps", "seq_len", "eval_every", "eval_windows")
 _IMAGE_ONLY = ("dataset", "data_dir", "epochs", "warmup_epochs", "label_smoothing", "optimizer",
                "amp", "image_size", "patch_size", "width", "depth", "train_subset",
@@ -258,10 +259,9 @@ def _add_lm_args(p: argparse.ArgumentParser) -> None:
     for name in _LM_ONLY:
         p.add_argument(_flag(name), type=_positive_int, default=None,
                        help=f"--task lm only (default {getattr(lm, name)})")  # fmt: skip
-    image = TrainConfig(out="runs/compare")
     for action in p._actions:
         if action.dest in _SHARED:
-            action.help = (f"image default {getattr(image, action.dest)}, lm default "
+            action.help = (f"image default {getattr(_IMAGE_DEFAULTS, action.dest)}, lm default "
                            f"{getattr(lm, action.dest)}")  # fmt: skip
             action.default = None
     p.set_defaults(parser=p)
@@ -271,8 +271,6 @@ def _with_defaults(args: argparse.Namespace, defaults: object) -> argparse.Names
     """args with every None of a shared or --task lm flag replaced by the task's default."""
     filled = {k: getattr(defaults, k) for k in (*_SHARED, *_LM_ONLY) if hasattr(defaults, k)}
     filled = {k: v for k, v in filled.items() if getattr(args, k, None) is None}
-    if "out" in filled and isinstance(defaults, TrainConfig):
-        filled["out"] = "runs/compare"
     return argparse.Namespace(**{**vars(args), **filled})
 
 

@@ -152,6 +152,24 @@ class CompressedLayer:
         return how + (f"; dropped blocks at {c.remainder_bits} bits" if c.remainder_bits else "")
 
 
+def linear_keeping_compressed_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: PruneConfig
+) -> torch.Tensor:
+    """F.linear(x, weight, bias), keeping x compressed with ``config`` for dW: the computation of
+    every pruned linear layer (``PrunedLinear``; GPT-2's Conv1D passes its weight transposed)."""
+    if not _needs_graph(x, weight, bias):
+        return F.linear(x, weight, bias)
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        # Cast as autocast casts linear's arguments, so the op computes, and the compressed
+        # input is kept, in the autocast dtype (the op itself is opaque to autocast).
+        dtype = torch.get_autocast_dtype(kind)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    parts = compressed_rows(x, config) if weight.requires_grad else _nothing_saved(x)
+    return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
+
+
 class PrunedLinear(CompressedLayer, nn.Linear):
     """nn.Linear that keeps a block-sparse copy of its input for the weight gradient only.
 
@@ -200,18 +218,7 @@ class PrunedLinear(CompressedLayer, nn.Linear):
                 f"PrunedLinear expects input of shape (..., {self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
-        weight, bias = self.weight, self.bias
-        if not _needs_graph(x, weight, bias):
-            return F.linear(x, weight, bias)
-        kind = x.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            # Cast as autocast casts linear's arguments, so the op computes, and the compressed
-            # input is kept, in the autocast dtype (the op itself is opaque to autocast).
-            dtype = torch.get_autocast_dtype(kind)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        parts = compressed_rows(x, self.config) if self.weight.requires_grad else _nothing_saved(x)
-        return ops.pruned_linear(x, weight, bias, *parts, self.config.to_json())
+        return linear_keeping_compressed_input(x, self.weight, self.bias, self.config)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.config)}"

@@ -74,8 +74,9 @@ class LMConfig:
 def build_lm(cfg: LMConfig, device: torch.device | str = "cpu") -> Workload:
     """The run's model (random init, seeded) as a causal-LM ``Workload`` over bytes."""
     torch.manual_seed(cfg.seed)
+    on_meta = torch.device(device).type == "meta"  # checking the spec only: no weights
     try:
-        work = build_workload(cfg.model, seq_len=cfg.seq_len)
+        work = build_workload(cfg.model, seq_len=cfg.seq_len, device="meta" if on_meta else None)
     except WorkloadError as err:
         raise TrainError(str(err), "model") from err
     if work.task != "causal_lm" or work.classes < VOCAB_SIZE:
@@ -84,7 +85,8 @@ def build_lm(cfg: LMConfig, device: torch.device | str = "cpu") -> Workload:
             f"{cfg.model} is {work.task} with {work.classes} classes",
             "model",
         )
-    work.model.to(device)
+    if not on_meta:
+        work.model.to(device)
     return work
 
 

@@ -18,9 +18,8 @@ from torch import nn
 from transformers import activations
 from transformers.pytorch_utils import Conv1D
 
-from .. import ops
 from ..convert import register_conversion
-from ..layers import CodedActivation, CompressedLayer, _needs_graph, _nothing_saved, compressed_rows
+from ..layers import CodedActivation, CompressedLayer, linear_keeping_compressed_input
 
 __all__ = ["CodedGELUActivation", "CodedGELUTanh", "CodedNewGELU", "CodedSiLUActivation",
            "PrunedConv1D"]  # fmt: skip
@@ -49,10 +48,7 @@ class PrunedConv1D(CompressedLayer, Conv1D):
         if x.dim() == 0 or x.shape[-1] != self.nx:
             raise ValueError(f"PrunedConv1D expects input of shape (..., {self.nx}), got "
                              f"{tuple(x.shape)}")  # fmt: skip
-        if not _needs_graph(x, self.weight, self.bias):
-            return Conv1D.forward(self, x)
-        parts = compressed_rows(x, self.config) if self.weight.requires_grad else _nothing_saved(x)
-        return ops.pruned_linear(x, self.weight.t(), self.bias, *parts, self.config.to_json())
+        return linear_keeping_compressed_input(x, self.weight.t(), self.bias, self.config)
 
 
 class _CodedHF(CodedActivation):
