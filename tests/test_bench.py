@@ -71,18 +71,21 @@ def test_memory_bench_small(tmp_path):
 
 def test_linear_shapes_of_resmlp_s24():
     assert linear_shapes("resmlp_s24", 8, 224) == [
-        (8 * 384, 196, 196),
-        (8 * 196, 384, 1536),
-        (8 * 196, 1536, 384),
-        (8, 384, 1000),
+        (8, 384, 196, 196),  # the token mixer reads channels as rows
+        (8, 196, 384, 1536),
+        (8, 196, 1536, 384),
+        (1, 8, 384, 1000),  # the head's input is 2-D
     ]
 
 
 def test_kernel_bench_small(tmp_path):
-    rows = measure_kernels([(64, 64, 32), (40, 30, 20)], [PruneConfig(0.5, 16)], repeats=1)
-    assert len(rows) == 2 and rows[0].bsr_dw_ms is not None and rows[1].bsr_dw_ms is None
+    configs = [PruneConfig(0.5, 16), PruneConfig(0.5, 16, remainder_bits=4)]
+    rows = measure_kernels([(1, 64, 64, 32), (2, 20, 30, 20)], configs, repeats=1)
+    assert len(rows) == 4 and rows[0].bsr_dw_ms is not None  # divisible: torch.sparse has it
+    assert rows[1].bsr_dw_ms is None and rows[2].bsr_dw_ms is None  # remainder / not divisible
+    assert all(0 < r.compress_of_copy for r in rows) and rows[2].m == 40
     md = write_results(rows, "cpu", tmp_path, "k", "test")
-    assert "64×64×32" in md and (tmp_path / "k.json").is_file()
+    assert "1×64×64 → 32" in md and "2×20×30 → 20" in md and (tmp_path / "k.json").is_file()
 
 
 def test_cli_bench_and_plan(tmp_path, capsys):

@@ -57,7 +57,11 @@ def test_registered_ops_pass_opcheck():
             checks += ("test_autograd_registration", "test_aot_dispatch_dynamic")
         torch.library.opcheck(ops.compress_rows, (x.detach(), key), test_utils=checks)
         parts = ops.compress_rows(x.detach(), key)
-        for param, dy in (("weight", torch.randn(60, 10)), ("channel_scale", torch.randn(60, 24))):
+        # dy as a row source [B, T, N] (token-major: 20 tokens of a batch of 3)
+        for param, dy in (
+            ("weight", torch.randn(3, 20, 10)),
+            ("channel_scale", torch.randn(3, 20, 24)),
+        ):
             torch.library.opcheck(ops.block_sparse_grad, (dy, *parts, key, 60, 24, param))
         torch.library.opcheck(ops.pruned_linear, (x, w, b, *parts, key))
         torch.library.opcheck(ops.pruned_channel_scale, (x, scale, shift, *parts, key))

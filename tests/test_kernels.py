@@ -1,81 +1,156 @@
-"""Triton kernels against the PyTorch reference (interpreter on CPU, native on CUDA)."""
+"""Every kernel backend against the PyTorch reference: numba on CPU, Triton through the interpreter
+on CPU (natively on CUDA). Scores to rounding; kept blocks, indices and remainder codes exact."""
+
+import importlib.util
 
 import pytest
 import torch
 from conftest import DEVICE
 
-from actprune import PruneConfig, compress, kernels, select_blocks
+from actprune import PruneConfig, compress, kernels, rng
+from actprune.blocksparse import compress_rows_of, row_source
 from actprune.kernels import reference
 
-triton_blocks = pytest.importorskip("actprune.kernels.triton_blocks", reason="triton not installed")
-
-DTYPES = [torch.float32, torch.float16]  # the interpreter computes bf16 wrongly
-CASES = [  # (M, K, N, block): awkward shapes exercise every mask
-    (64, 64, 32, (16, 16)),
-    (70, 45, 23, (16, 16)),
-    (33, 100, 17, (32, 32)),
-    (40, 24, 20, (8, 8)),
-    (50, 36, 16, (24, 12)),
+BACKENDS = [  # (module name, device, dtypes): the interpreter computes bf16 wrongly
+    pytest.param(
+        "cpu_blocks", "cpu", (torch.float32, torch.float64), id="numba",
+        marks=pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="no numba"),
+    ),
+    pytest.param(
+        "triton_blocks", DEVICE, (torch.float32, torch.float16), id="triton",
+        marks=pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton"),
+    ),
+]  # fmt: skip
+CASES = [  # (B, T, K, N, block): awkward shapes exercise every mask; B > 1 is token-major order
+    (1, 64, 64, 32, (16, 16)),
+    (3, 23, 45, 23, (16, 16)),
+    (1, 33, 100, 17, (32, 32)),
+    (2, 20, 24, 20, (8, 8)),
+    (5, 10, 48, 16, (24, 16)),
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("criterion", ["l2", "l1", "max"])
-@pytest.mark.parametrize("m, k, n, block", CASES)
-def test_block_scores(m, k, n, block, criterion, dtype):
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
-    x[1, 2] = float("nan")
-    got = triton_blocks.block_scores(x, block, criterion)
-    want = reference.block_scores(x, block, criterion)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert got[0, 0] == float("inf")
+def _backend(name):
+    return importlib.import_module(f"actprune.kernels.{name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k, n, block", CASES)
-def test_pack_blocks(m, k, n, block, dtype):
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
-    scores = reference.block_scores(x, block, "l2")
-    rows, cols, _ = select_blocks(scores, max(1, scores.numel() // 2))
-    got = triton_blocks.pack_blocks(x, rows, cols, block)
-    want = reference.pack_blocks(x, rows, cols, block)
-    assert torch.equal(got, want)  # a copy: bit-exact, padding zero
+def _source(b, t, k, device, dtype, transposed=False):
+    """A row source [B, T, K]; `transposed`: a non-contiguous view (strides are followed)."""
+    if transposed:
+        return torch.randn(b, k, t, device=device).to(dtype).transpose(1, 2)
+    return torch.randn(b, t, k, device=device).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsity", [0.0, 0.6])
-@pytest.mark.parametrize("m, k, n, block", CASES)
-def test_weight_grad(m, k, n, block, sparsity, dtype):
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
-    dy = torch.randn(m, n, device=DEVICE).to(dtype)
-    packed = compress(x, PruneConfig(sparsity, block))
-    got = triton_blocks.weight_grad(dy, packed)
-    want = dy.double().t() @ packed.to_dense().double()
-    assert got.dtype == dtype and got.shape == (n, k)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize(  # every criterion and every remainder width, not every pair
+    "criterion, bits", [("l2", 0), ("l1", 1), ("max", 2), ("l2", 4)]
+)
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_score_blocks(backend, device, dtypes, bits, criterion, b, t, k, n, block):
+    for dtype in dtypes:
+        x3 = _source(b, t, k, device, dtype, transposed=criterion == "l1")
+        got = _backend(backend).score_blocks(x3, block, criterion, bits, 1234)
+        want = reference.score_blocks(x3, block, criterion, bits, 1234)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], want[1]), "remainder codes differ"
+        assert torch.equal(got[2], want[2]), "remainder scales differ"
+        x3[0, 1, 2] = float("nan")
+        scores = _backend(backend).score_blocks(x3, block, criterion, bits, 1234)[0]
+        assert scores[b // block[0], 2 // block[1]] == float("inf")  # row 1·B + 0
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("selection", ["column", "global"])
-@pytest.mark.parametrize("m, k, n, block", CASES)
-def test_channel_scale_grad(m, k, n, block, selection, dtype):
-    x = torch.randn(m, k, device=DEVICE).to(dtype)
-    dy = torch.randn(m, k, device=DEVICE).to(dtype)
-    packed = compress(x, PruneConfig(0.6, block, selection=selection))
-    # The reference first, then the kernel, then a check that the kernel wrote nothing but its
-    # output: this test once failed with the reference wrong in every element and never again
-    # (docs/reliability.md, item 29); if it recurs, these say which side went wrong.
-    want = (dy.double() * packed.to_dense().double()).sum(0)
-    ref = reference.channel_scale_grad(dy, packed)
-    inputs = [t.clone() for t in (dy, *packed.tensors)]
-    got = triton_blocks.channel_scale_grad(dy, packed)
-    assert all(torch.equal(a, b) for a, b in zip(inputs, (dy, *packed.tensors)))
-    assert got.dtype == dtype and got.shape == (k,)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
-    torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_pack_blocks(backend, device, dtypes, b, t, k, n, block):
+    for dtype in dtypes:
+        x3 = _source(b, t, k, device, dtype, transposed=b == 3)
+        scores = reference.score_blocks(x3, block, "l2", 0, 0)[0]
+        rows, cols, _ = reference.select_blocks(scores, max(1, scores.numel() // 2))
+        got = _backend(backend).pack_blocks(x3, rows, cols, block)
+        assert torch.equal(got, reference.pack_blocks(x3, rows, cols, block))  # bit-exact
+
+
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize("shape", [(49, 12), (7, 3), (1, 5), (40, 1)])
+def test_select_blocks(backend, device, dtypes, shape):
+    scores = torch.randint(0, 4, shape, device=device).float()  # many ties
+    scores[0, -1] = float("inf")
+    for per_column, k in ((True, 1), (True, shape[0]), (False, 1), (False, shape[0])):
+        got = _backend(backend).select_blocks(scores, k, per_column=per_column)
+        want = reference.select_blocks(scores, k, per_column=per_column)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _configs():
+    return [
+        PruneConfig(0.0, 16),
+        PruneConfig(0.6, 16, selection="global"),
+        PruneConfig(0.6, 16, remainder_bits=4),
+        PruneConfig(0.75, 8, int8=True, remainder_bits=2),
+    ]
+
+
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_weight_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+    for dtype in dtypes:
+        x3 = _source(b, t, k, device, dtype)
+        dy3 = _source(b, t, n, device, dtype, transposed=True)
+        for config in _configs():
+            config = PruneConfig(**{**config.to_dict(), "block_size": block})
+            packed = compress_rows_of(x3, config).dequantized(dtype)
+            got = _backend(backend).weight_grad(dy3, packed)
+            want = reference.rows_of(dy3).double().t() @ packed.to_dense().double()
+            assert got.dtype == dtype and got.shape == (n, k)
+            tol = 2e-2 if dtype == torch.float16 else 1e-4
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_channel_scale_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+    for dtype in dtypes:
+        x3 = _source(b, t, k, device, dtype)
+        dy3 = _source(b, t, k, device, dtype, transposed=True)
+        for config in _configs():
+            config = PruneConfig(**{**config.to_dict(), "block_size": block})
+            packed = compress_rows_of(x3, config).dequantized(dtype)
+            inputs = [t.clone() for t in (dy3, *packed.tensors)]
+            got = _backend(backend).channel_scale_grad(dy3, packed)
+            # the kernel wrote nothing but its output (docs/reliability.md, item 29)
+            assert all(torch.equal(a, c) for a, c in zip(inputs, (dy3, *packed.tensors)))
+            want = (reference.rows_of(dy3).double() * packed.to_dense().double()).sum(0)
+            assert got.dtype == dtype and got.shape == (k,)
+            tol = 2e-2 if dtype == torch.float16 else 1e-5
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+            ref = reference.channel_scale_grad(dy3, packed)
+            torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("choice", ["numba", "triton"])
+@pytest.mark.parametrize("config", _configs(), ids=lambda c: c.label())
+def test_compress_is_the_same_on_every_backend(monkeypatch, choice, config):
+    pytest.importorskip(choice)
+    x3 = row_source(torch.randn(4, 30, 40, device=DEVICE), "token-major")
+    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    rng.manual_seed(9)
+    want = compress_rows_of(x3, config)
+    monkeypatch.setenv("ACTPRUNE_KERNELS", choice)
+    rng.manual_seed(9)
+    got = compress_rows_of(x3, config)
+    assert kernels.backend_for(x3) == choice or x3.is_cuda
+    assert all(torch.equal(g, w) for g, w in zip(got.tensors, want.tensors))
+
+
+def test_row_tiles_cover_every_block_row_once_on_whole_tokens(monkeypatch):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 4096)
+    x = compress(torch.randn(3 * 700, 64), PruneConfig(0.5, (32, 16), remainder_bits=1))
+    tiles = list(reference.row_tiles(x, batch=3))
+    assert tiles[0][0] == 0 and tiles[-1][1] == x.grid_shape[0] and len(tiles) > 1
+    assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+    assert all((start * 32) % 3 == 0 for start, _ in tiles)  # whole tokens of a batch of 3
 
 
 @pytest.mark.parametrize("block, sparsity", [((32, 32), 0.95), ((16, 16), 0.5), ((8, 24), 0.9)])
@@ -84,10 +159,11 @@ def test_reference_weight_grad_both_paths(block, sparsity):
     dy = torch.randn(300, 50)
     packed = compress(x, PruneConfig(sparsity, block))
     want = dy.double().t() @ packed.to_dense().double()
-    for got in (reference._weight_grad_by_blocks(dy, packed), dy.t() @ packed.to_dense()):
+    tiled = reference.weight_grad_tiled(dy.unsqueeze(0), packed, reference.decode_rows)
+    for got in (reference._weight_grad_by_blocks(dy, packed), tiled):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(
-        reference.weight_grad(dy, packed).double(), want, rtol=1e-5, atol=1e-4
+        reference.weight_grad(dy.unsqueeze(0), packed).double(), want, rtol=1e-5, atol=1e-4
     )
 
 
@@ -104,7 +180,9 @@ def test_block_path_chunks_keep_result():
 
 def test_dispatch(monkeypatch):
     cpu = torch.zeros(1)
-    assert kernels.backend_for(cpu) == "torch"
+    has_numba = importlib.util.find_spec("numba") is not None
+    assert kernels.backend_for(cpu) == ("numba" if has_numba else "torch")
+    assert kernels.backend_for(cpu.half()) == "torch"  # numba runs float32 / float64 only
     monkeypatch.setenv("ACTPRUNE_KERNELS", "triton")
     assert kernels.backend_for(cpu) == "triton"
     monkeypatch.setenv("ACTPRUNE_KERNELS", "cuda")
@@ -112,24 +190,19 @@ def test_dispatch(monkeypatch):
         kernels.backend_for(cpu)
 
 
-def test_compress_through_triton_dispatch_matches_torch(monkeypatch):
-    x = torch.randn(70, 90, device=DEVICE)
-    want = compress(x, PruneConfig(0.7, 16, "l1"))
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "triton")
-    got = compress(x, PruneConfig(0.7, 16, "l1"))
-    assert torch.equal(got.row_indices, want.row_indices)
-    assert torch.equal(got.ccol_indices, want.ccol_indices)
-    assert torch.equal(got.values, want.values)
-
-
-def test_pruned_linear_backward_through_triton(monkeypatch):
+@pytest.mark.parametrize("choice", ["numba", "triton"])
+def test_pruned_linear_backward_on_every_backend(monkeypatch, choice):
+    pytest.importorskip(choice)
     from actprune import PrunedLinear
 
-    layer = PrunedLinear(40, 24, config=PruneConfig(0.5, 16), device=DEVICE)
+    layer = PrunedLinear(40, 24, config=PruneConfig(0.5, 16, remainder_bits=2), device=DEVICE)
     x, dy = torch.randn(3, 20, 40, device=DEVICE), torch.randn(3, 20, 24, device=DEVICE)
+    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    rng.manual_seed(2)
     layer(x).backward(dy)
     want = layer.weight.grad.clone()
     layer.weight.grad = None
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "triton")
+    monkeypatch.setenv("ACTPRUNE_KERNELS", choice)
+    rng.manual_seed(2)  # the same key: the same remainder codes
     layer(x).backward(dy)
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-4, atol=1e-4)

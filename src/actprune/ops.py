@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .bitpack import pack_codes, unpack_codes
-from .blocksparse import as_rows, compress
+from .blocksparse import compress_rows_of, row_source
 from .config import PruneConfig
 from .derivative_code import ACTIVATIONS, derivative_code
 from .storage import BlockSparse, Parts
@@ -41,7 +41,7 @@ from .storage import BlockSparse, Parts
 def compress_rows(x: torch.Tensor, config: str) -> Parts:
     """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``."""
     c = PruneConfig.from_json(config)
-    return compress(as_rows(x.detach(), c.row_order), c).parts()
+    return compress_rows_of(row_source(x.detach(), c.row_order), c).parts()
 
 
 @compress_rows.register_fake
@@ -61,7 +61,8 @@ def _(x, config):
 
 
 def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:
-    return as_rows(dy, ctx.config.row_order).contiguous()
+    """dy as the row source the gradient kernels read (a view: no token-major copy)."""
+    return row_source(dy, ctx.config.row_order)
 
 
 def _require_saved(ctx, op: str) -> None:
@@ -180,9 +181,10 @@ def block_sparse_grad(
     scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
     rows: int, cols: int, param: str,
 ) -> torch.Tensor:  # fmt: skip
-    """The gradient of a parameter that multiplied X [rows, cols], given dy [rows, N] and X̃, the
-    BlockSparse of compress_rows' parts: ``param="weight"`` gives dW [N, cols] = dyᵀ·X̃ (Linear),
-    ``param="channel_scale"`` gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (N = cols)."""
+    """The gradient of a parameter that multiplied X [rows, cols], given dy as a row source
+    [B, rows / B, N] (``blocksparse.row_source``) and X̃, the BlockSparse of compress_rows'
+    parts: ``param="weight"`` gives dW [N, cols] = dyᵀ·X̃ (Linear), ``param="channel_scale"``
+    gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (N = cols)."""
     parts = (values, row_indices, ccol_indices, scales, low_codes, low_scales)
     bits = PruneConfig.from_json(config).remainder_bits
     return _GRADIENTS[param](dy, BlockSparse.from_parts(parts, (rows, cols), bits))
@@ -191,7 +193,7 @@ def block_sparse_grad(
 @block_sparse_grad.register_fake
 def _(dy, *parts_and_args):
     *_, cols, param = parts_and_args
-    return dy.new_empty((dy.shape[1], cols) if param == "weight" else (cols,))
+    return dy.new_empty((dy.shape[-1], cols) if param == "weight" else (cols,))
 
 
 # --- activations with a low-bit derivative code ---------------------------------------------------

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import rng
-from .bitpack import pack_codes, unpack_codes
+from .bitpack import unpack_codes
 
 # The tensors of a BlockSparse as the registered operators pass them: values, row_indices,
 # ccol_indices, scales, low_codes, low_scales (the last three empty when unused).
@@ -70,15 +69,6 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _random_bytes(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Uniform random uint8 of ``shape``, drawn 8 at a time as int64 from actprune's own stream
-    (``rng``: torch's global generator is never touched)."""
-    numel = shape.numel()
-    words = torch.empty(-(-numel // 8), dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=rng.generator(device))
-    return words.view(torch.uint8)[:numel].view(shape)
-
-
 @dataclass(frozen=True)
 class LowBitBlocks:
     """A whole (zero-padded) [M', K'] tensor at ``bits`` per element, one float32 scale per block.
@@ -86,33 +76,31 @@ class LowBitBlocks:
     Element x of block b is coded as one of 2^bits evenly spaced levels over [−s_b, s_b],
     s_b = max |x| in the block, chosen by stochastic rounding between the two nearest levels, so
     the decoded value is an unbiased estimate of x (error < one level spacing, 2·s_b / (2^bits−1)).
-    The rounding compares the fraction with a random byte (cheaper to draw than a float;
-    docs/design.md, "Remainder"), which leaves a bias below 1/256 of a level. Codes are packed in
-    the padded tensor's row-major order (``bitpack``).
+    The rounding compares the fraction with a random byte (``rng.random_bytes``; cheaper than a
+    float, docs/design.md, "Remainder"), which leaves a bias below 1/256 of a level. Codes are
+    packed in the padded tensor's row-major order (``bitpack``); the kernels write them
+    (``kernels.score_blocks``).
     """
 
     codes: torch.Tensor  # uint8 [ceil(M'·K'·bits / 8)]
     scales: torch.Tensor  # float32 [n_br, n_bc]
     bits: int
 
-    @staticmethod
-    def quantize(blocks: torch.Tensor, bits: int) -> LowBitBlocks:
-        """Code a blocked view [n_br, bm, n_bc, bk] (``reference.blocked_view``)."""
-        levels = (1 << bits) - 1
-        scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
-        unit = (blocks.float() / scales.clamp_min(1e-30)[:, None, :, None]).add_(1).mul_(levels / 2)
-        low = unit.floor()
-        up = unit.sub_(low).mul_(256) > _random_bytes(unit.shape, unit.device)
-        codes = low.add_(up).clamp_(0, levels).to(torch.uint8)
-        return LowBitBlocks(pack_codes(codes.view(-1), bits), scales, bits)
-
-    def decode(self, block_shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        """The blocked view [n_br, bm, n_bc, bk] of the decoded tensor, in ``dtype``."""
+    def decode(
+        self, block_shape: tuple[int, int], dtype: torch.dtype, block_rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """The blocked view [n, bm, n_bc, bk] of the decoded tensor's ``block_rows`` (all n_br by
+        default; a range of block-rows reads only its own codes), in ``dtype``."""
         (n_br, n_bc), (bm, bk) = self.scales.shape, block_shape
-        levels = (1 << self.bits) - 1
-        codes = unpack_codes(self.codes, self.bits, n_br * bm * n_bc * bk)
-        unit = codes.view(n_br, bm, n_bc, bk).float().mul_(2 / levels).sub_(1)
-        return unit.mul_(self.scales[:, None, :, None]).to(dtype)
+        start, stop, _ = block_rows.indices(n_br)
+        levels, per_row = (1 << self.bits) - 1, bm * n_bc * bk  # elements per block-row
+        if (start * per_row * self.bits) % 8:
+            raise ValueError(f"block-row {start} does not start on a byte of the packed codes")
+        first, count = start * per_row * self.bits // 8, max(0, stop - start) * per_row
+        end = first - (-count * self.bits // 8)
+        codes = unpack_codes(self.codes[first:end], self.bits, count)
+        unit = codes.view(-1, bm, n_bc, bk).float().mul_(2 / levels).sub_(1)
+        return unit.mul_(self.scales[start:stop, None, :, None]).to(dtype)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from .. import kernels
-from ..blocksparse import compress
+from ..blocksparse import compress_rows_of, row_source
 from ..config import PRESETS, PruneConfig
 from . import device_name, time_ms
 
-# ResMLP-S24-like Linear shapes, (M, K, N) with M = 8·196 token rows: fc1, fc2, token mixer.
-RESMLP_S24_SHAPES = ((1568, 384, 1536), (1568, 1536, 384), (1568, 196, 196))
+# ResMLP-S24's Linear shapes at batch 8, (B, T, K, N): the input x [B, T, K] (its B·T rows in
+# token-major order) and N outputs: fc1, fc2, the token mixer (whose rows are B·384 channels).
+RESMLP_S24_SHAPES = ((8, 196, 384, 1536), (8, 196, 1536, 384), (8, 384, 196, 196))
 PRESETS_MEASURED = tuple(PruneConfig.preset(name) for name in PRESETS)
 
 
@@ -29,6 +30,7 @@ PRESETS_MEASURED = tuple(PruneConfig.preset(name) for name in PRESETS)
 class KernelRow:
     """One (shape, PruneConfig) measurement; times in ms, medians."""
 
+    batch: int  # B of the input [B, T, K]; m = B·T rows
     m: int
     k: int
     n: int
@@ -36,11 +38,11 @@ class KernelRow:
     dtype: str
     compressed_bytes: int  # what compression writes: BlockSparse.nbytes
     copy_ms: float  # x.clone(): the bandwidth floor for compression
-    compress_ms: float  # actprune.compress (score + select + pack)
+    compress_ms: float  # what a layer runs: score + remainder code, select, pack, from [B, T, K]
     bsr_compress_ms: float | None  # mask + Tensor.to_sparse_bsr (selection given; None: shape
     # not divisible by the block, which torch.sparse BSR requires)
     dense_dw_ms: float  # dyᵀ·x
-    dw_ms: float  # actprune block-sparse dW
+    dw_ms: float  # actprune dW = dyᵀ·X̃ from the compressed tensors (decoding included)
     bsr_dw_ms: float | None  # torch.sparse BSR dW (None where torch has no kernel for the dtype)
     backend: str
 
@@ -54,6 +56,11 @@ class KernelRow:
         """Useful traffic of compression: read x once, write what is kept."""
         traffic = self.m * self.k * _itemsize(self.dtype) + self.compressed_bytes
         return traffic / (self.compress_ms * 1e6)
+
+    @property
+    def compress_of_copy(self) -> float:
+        """Compression bandwidth as a fraction of the copy's (1: as fast as memory allows)."""
+        return self.compress_gbps / self.copy_gbps
 
     @property
     def dw_tflops(self) -> float:
@@ -81,28 +88,30 @@ def _bsr_dw(dy: torch.Tensor, x_masked_t_bsr: torch.Tensor) -> Callable[[], torc
 
 
 def measure_kernels(
-    shapes: Iterable[tuple[int, int, int]] = RESMLP_S24_SHAPES,
+    shapes: Iterable[tuple[int, int, int, int]] = RESMLP_S24_SHAPES,
     prunes: Iterable[PruneConfig] = PRESETS_MEASURED,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     repeats: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> list[KernelRow]:
-    """Time compression and dW for every (shape, PruneConfig); one row each."""
+    """Time compression and dW for every ((B, T, K, N), PruneConfig); one row each. x and dy
+    are [B, T, ·] tensors read in token-major row order, as the layers read them."""
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
-    for m, k, n in shapes:
-        x = torch.randn(m, k, generator=gen).to(device, dtype)
-        dy = torch.randn(m, n, generator=gen).to(device, dtype)
+    for b, t, k, n in shapes:
+        x = torch.randn(b, t, k, generator=gen).to(device, dtype)
+        dy = torch.randn(b, t, n, generator=gen).to(device, dtype)
+        x2d, dy2d = x.transpose(0, 1).reshape(-1, k), dy.transpose(0, 1).reshape(-1, n)
         baselines = {
             "copy_ms": time_ms(x.clone, repeats),
-            "dense_dw_ms": time_ms(lambda: dy.t().mm(x), repeats),  # noqa: B023 - runs here
+            "dense_dw_ms": time_ms(lambda: dy2d.t().mm(x2d), repeats),  # noqa: B023 - runs here
         }
         for prune in prunes:
             rows.append(_measure_one(x, dy, prune, baselines, repeats))
             if progress:
-                progress(f"M={m} K={k} N={n} {prune.label()}: done")
+                progress(f"B={b} T={t} K={k} N={n} {prune.label()}: done")
     return rows
 
 
@@ -113,24 +122,28 @@ def _measure_one(
     baselines: dict[str, float],
     repeats: int,
 ) -> KernelRow:
-    (m, k), n, (bm, bk) = x.shape, dy.shape[1], config.block_shape
-    packed = compress(x, config)
+    (b, t, k), n, (bm, bk) = x.shape, dy.shape[-1], config.block_shape
+    m = b * t
+    packed = compress_rows_of(x, config)
+    dy2d = dy.transpose(0, 1).reshape(m, n)
     mask = packed.block_mask().repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:m, :k]
-    x_masked = x * mask
-    bsr_ok = m % bm == 0 and k % bk == 0  # torch.sparse BSR needs divisible shapes
+    x_masked = x.transpose(0, 1).reshape(m, k) * mask
+    # torch.sparse BSR needs divisible shapes and has no low-bit remainder
+    bsr_ok = m % bm == 0 and k % bk == 0 and not config.remainder_bits
     bsr_dw = None
     if bsr_ok:
-        bsr_dw = _bsr_dw(dy, x_masked.t().contiguous().to_sparse_bsr((bk, bm)))
+        bsr_dw = _bsr_dw(dy2d, x_masked.t().contiguous().to_sparse_bsr((bk, bm)))
     return KernelRow(
+        batch=b,
         m=m,
         k=k,
         n=n,
         config=config.label(),
         dtype=str(x.dtype).removeprefix("torch."),
         compressed_bytes=packed.nbytes,
-        compress_ms=time_ms(lambda: compress(x, config), repeats),
+        compress_ms=time_ms(lambda: compress_rows_of(x, config), repeats),
         bsr_compress_ms=(
-            time_ms(lambda: (x * mask).to_sparse_bsr((bm, bk)), repeats) if bsr_ok else None
+            time_ms(lambda: x_masked.to_sparse_bsr((bm, bk)), repeats) if bsr_ok else None
         ),
         dw_ms=time_ms(lambda: kernels.weight_grad(dy, packed), repeats),
         bsr_dw_ms=time_ms(bsr_dw, repeats) if bsr_dw else None,
@@ -146,17 +159,17 @@ def _fmt(v: float | None) -> str:
 def kernel_table(rows: list[KernelRow]) -> str:
     """Markdown table; ratios > 1 mean actprune is faster than the baseline."""
     head = (
-        "| M×K×N | config | copy ms | copy GB/s | compress ms | compress GB/s "
-        "| BSR compress ms | dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms "
-        "| dW speed-up vs dense | vs BSR |\n|" + "---|" * 13
+        "| B×T×K → N | config | copy ms | copy GB/s | compress ms | compress GB/s "
+        "| % of copy | BSR compress ms | dense dW ms | dW ms | dW TFLOP/s (eff.) | BSR dW ms "
+        "| dW speed-up vs dense | vs BSR |\n|" + "---|" * 14
     )
     lines = [head]
     for r in rows:
         vs_bsr = None if r.bsr_dw_ms is None else r.bsr_dw_ms / r.dw_ms
         lines.append(
-            f"| {r.m}×{r.k}×{r.n} | {r.config} | {_fmt(r.copy_ms)} "
+            f"| {r.batch}×{r.m // r.batch}×{r.k} → {r.n} | {r.config} | {_fmt(r.copy_ms)} "
             f"| {r.copy_gbps:.2f} | {_fmt(r.compress_ms)} | {r.compress_gbps:.2f} "
-            f"| {_fmt(r.bsr_compress_ms)} "
+            f"| {100 * r.compress_of_copy:.0f} % | {_fmt(r.bsr_compress_ms)} "
             f"| {_fmt(r.dense_dw_ms)} | {_fmt(r.dw_ms)} | {r.dw_tflops:.3f} | {_fmt(r.bsr_dw_ms)} "
             f"| {r.dense_dw_ms / r.dw_ms:.2f}× | {'n/a' if vs_bsr is None else f'{vs_bsr:.2f}×'} |"
         )
@@ -179,7 +192,10 @@ def write_results(
         f"torch {meta['torch']}, kernels: {rows[0].backend if rows else 'n/a'}. "
         f"Command: `{command}`\n\n"
         "Times are medians; ratios are baseline time / actprune time (> 1: actprune faster), "
-        "measured in the same run.\n\n"
+        "measured in the same run. Compress reads x [B, T, K] in token-major row order (as the "
+        "layers do) and writes the compressed tensors; its GB/s count one read of x plus what "
+        "is written, and % of copy compares that with x.clone(). dW includes decoding the "
+        "remainder, tile by tile.\n\n"
         f"{table}\n"
     )
     (out_dir / f"{stem}.md").write_text(md)
@@ -188,16 +204,17 @@ def write_results(
     return md
 
 
-def linear_shapes(model_name: str, batch: int, image_size: int) -> list[tuple[int, int, int]]:
-    """Distinct (M, K, N) of the Linear layers of a registered model (meta-device forward)."""
+def linear_shapes(model_name: str, batch: int, image_size: int) -> list[tuple[int, int, int, int]]:
+    """Distinct (B, T, K, N) of the Linear layers of a registered model (meta-device forward):
+    the input as a row source [B, T, K] (``blocksparse.row_source``) and the outputs."""
     from .. import models
 
     model = models.create(model_name, img_size=image_size, device="meta")
-    shapes: list[tuple[int, int, int]] = []
+    shapes: list[tuple[int, int, int, int]] = []
 
     def record(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-        x = args[0]
-        shape = (x.numel() // x.shape[-1], module.in_features, module.out_features)
+        b, t, k = row_source(args[0], "token-major").shape
+        shape = (b, t, k, module.out_features)
         if shape not in shapes:
             shapes.append(shape)
 

@@ -1,14 +1,19 @@
 """The one place that picks a backend for each block kernel.
 
-Triton kernels (``triton_blocks``) run for CUDA tensors when triton is installed; everything else
-runs the PyTorch reference (``reference``), which is also the contract the Triton kernels are tested
-against. ``ACTPRUNE_KERNELS=torch`` forces the reference everywhere, ``ACTPRUNE_KERNELS=triton``
-forces Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``; used by the tests). triton is
-imported on first use only, so ``import actprune`` stays light.
+Triton kernels (``triton_blocks``) run for CUDA tensors when triton is installed; the numba kernels
+(``cpu_blocks``) run for float32 / float64 CPU tensors when numba is installed; everything else runs
+the PyTorch reference (``reference``), which is also the contract both are tested against.
+``ACTPRUNE_KERNELS=torch`` forces the reference everywhere, ``=numba`` the numba kernels on CPU,
+``=triton`` Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``; used by the tests). triton and
+numba are imported on first use only, so ``import actprune`` stays light.
+
+Every kernel reads activations and output gradients as a *row source* [B, T, C] whose rows are
+t·B + b (``reference``'s docstring); ``row_source`` makes one without copying.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import cache
@@ -19,67 +24,116 @@ import torch
 from ..storage import BlockSparse
 from . import reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "numba", "triton")
 
 __all__ = [
     "BACKENDS",
     "backend_for",
-    "block_scores",
     "channel_scale_grad",
     "pack_blocks",
+    "readable",
+    "score_blocks",
+    "select_blocks",
     "weight_grad",
 ]
 
 
 @cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def backend_for(x: torch.Tensor) -> str:
-    """ "triton" or "torch": the backend the kernels below use for a tensor like x."""
+    """ "triton", "numba" or "torch": the backend the kernels below use for a tensor like x."""
     choice = os.environ.get("ACTPRUNE_KERNELS", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"ACTPRUNE_KERNELS must be one of {', '.join(BACKENDS)}, got {choice!r}")
-    if choice == "auto":
-        return "triton" if x.is_cuda and _triton_installed() else "torch"
-    return choice
+    if choice == "numba" and x.is_cuda:
+        return "torch"
+    if choice != "auto":
+        return choice
+    if x.is_cuda:
+        return "triton" if _installed("triton") else "torch"
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _installed("numba"):
+        return "numba"
+    return "torch"
+
+
+_MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks"}
 
 
 def _impl(x: torch.Tensor) -> ModuleType:
-    if backend_for(x) == "triton":
-        from . import triton_blocks
-
-        return triton_blocks
-    return reference
+    name = _MODULES.get(backend_for(x))
+    return reference if name is None else importlib.import_module(f".{name}", __name__)
 
 
-def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) -> torch.Tensor:
-    """float32 [n_br, n_bc]: the score of each (bm × bk) block of x [M, K]; NaN/Inf score +inf."""
-    return _impl(x).block_scores(x, block_shape, criterion)
+def readable(x3: torch.Tensor) -> torch.Tensor:
+    """x3 as the kernels for it want the row source: itself for the backends that follow strides,
+    its rows as [1, M, C] (copied once) for the reference, which would otherwise copy per call."""
+    return reference.rows_of(x3).unsqueeze(0) if _impl(x3) is reference else x3
+
+
+def score_blocks(
+    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, codes, low_scales): float32 [n_br, n_bc] block scores of the rows of x3 [B, T, C]
+    (NaN/Inf score +inf) and, with ``bits`` > 0, the packed low-bit codes and per-block scales of
+    the whole tensor (``storage.LowBitBlocks``), rounded with ``rng.random_bytes(key, ·)``."""
+    return _impl(x3).score_blocks(x3, block_shape, criterion, bits, key)
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks with the largest scores, in BSC order (by block-column, then block-row).
+
+    Ties are broken deterministically: among equal scores, the block that comes first in
+    row-major order (block-row, then block-column) is kept first.
+
+    Args:
+        scores: [n_br, n_bc] score of every block.
+        k: blocks kept in all, or with ``per_column`` in every block-column.
+
+    Keyword args:
+        per_column: keep the k best of every block-column instead of the whole grid.
+
+    Returns:
+        (rows, cols, ccol_indices), int32: the kept blocks' block-rows and block-columns, and
+        the offsets of each block-column's run.
+
+    Example:
+        >>> import torch
+        >>> from actprune import select_blocks
+        >>> rows, cols, ccol = select_blocks(torch.tensor([[1.0, 1, 1, 5]]), 2)
+        >>> cols.tolist(), ccol.tolist()
+        ([0, 3], [0, 1, 1, 1, 2])
+    """
+    cpu = backend_for(scores) == "numba"
+    impl = importlib.import_module(".cpu_blocks", __name__) if cpu else reference
+    return impl.select_blocks(scores, k, per_column=per_column)
 
 
 def pack_blocks(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
+    x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
-    """values [nnz, bm, bk]: block (rows[i], cols[i]) of x [M, K], zero-padded at the edges."""
-    return _impl(x).pack_blocks(x, rows, cols, block_shape)
+    """values [nnz, bm, bk]: block (rows[i], cols[i]) of the rows of x3, zero-padded at edges."""
+    return _impl(x3).pack_blocks(x3, rows, cols, block_shape)
+
+
+def _as_source(dy: torch.Tensor) -> torch.Tensor:
+    return dy.unsqueeze(0) if dy.dim() == 2 else dy
 
 
 def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K] for block-sparse X̃, without a dense copy on Triton.
+    """dW [N, K] = dyᵀ·X̃, dy [M, N] or a row source [B, T, N] (its rows), never with a dense
+    copy of X̃: the kept blocks alone, or (with a remainder, or dense-ish X̃) one decoded tile of
+    rows at a time.
 
-    int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size). With a
-    low-bit remainder X̃ is dense: it is decoded into a transient [M, K] for one matmul."""
-    if x.remainder is not None:
-        return dy.t().mm(x.dequantized(dy.dtype).to_dense())
-    return _impl(dy).weight_grad(dy, x.dequantized(dy.dtype))
+    int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size)."""
+    return _impl(dy).weight_grad(_as_source(dy), x.dequantized(dy.dtype))
 
 
 def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """[K] = Σ_m dy[m, k] · X̃[m, k]: the gradient of a per-channel scale whose input is X̃."""
-    if x.remainder is not None:
-        acc = torch.promote_types(dy.dtype, torch.float32)
-        dense = x.dequantized(dy.dtype).to_dense()
-        return (dy.to(acc) * dense.to(acc)).sum(0).to(dy.dtype)
-    return _impl(dy).channel_scale_grad(dy, x.dequantized(dy.dtype))
+    """[K] = Σ_m dy[m, k] · X̃[m, k], dy [M, K] or a row source [B, T, K] (its rows): the gradient
+    of a per-channel scale whose input is X̃."""
+    return _impl(dy).channel_scale_grad(_as_source(dy), x.dequantized(dy.dtype))

@@ -1,16 +1,23 @@
-"""PyTorch implementations of the block kernels: the contract every backend meets, and the CPU path.
+"""PyTorch implementations of the block kernels: the contract every backend meets, and the fallback.
 
-Each works on a 2-D tensor viewed as a grid of (bm × bk) blocks; edge blocks of shapes that are
-not multiples of the block are zero-padded internally and padding never reaches the caller.
-No Python loop runs over blocks: each op is a handful of whole-tensor PyTorch calls.
+Every kernel reads an activation as its *row source* ``x3`` [B, T, C]: the matrix that blocks are
+cut from has M = T·B rows, row t·B + b being ``x3[b, t]`` (``blocksparse.as_rows``' token-major
+order; a 2-D tensor is the row source ``x.unsqueeze(0)``). The fast backends (``cpu_blocks``,
+``triton_blocks``) follow the strides of x3 and never copy it; the functions here materialise the
+rows (``rows_of``) and then work on the 2-D tensor viewed as a grid of (bm × bk) blocks. Edge
+blocks of shapes that are not multiples of the block are zero-padded internally and padding never
+reaches the caller. No Python loop runs over blocks: each op is a handful of whole-tensor calls.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import rng
+from ..bitpack import pack_codes
 from ..storage import BlockSparse, blocked_view
 
 _REDUCE_COLS = {  # within each block row: [n_br, bm, n_bc, bk] -> [n_br, bm, n_bc] in dtype `acc`
@@ -23,6 +30,15 @@ _REDUCE_ROWS = {  # then across the block's rows: -> [n_br, n_bc]
     "l1": lambda r: r.sum(1),
     "max": lambda r: r.amax(1),
 }
+
+# Elements of X̃ decoded at a time by the tiled gradients: big enough for full-speed matmuls, small
+# enough that the transient stays far below the dense tensor (docs/design.md, "Backward").
+TILE_ELEMENTS = 1 << 20
+
+
+def rows_of(x3: torch.Tensor) -> torch.Tensor:
+    """The [T·B, C] matrix of a row source [B, T, C] (a copy when B > 1)."""
+    return x3.transpose(0, 1).reshape(x3.shape[0] * x3.shape[1], x3.shape[2])
 
 
 def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) -> torch.Tensor:
@@ -39,11 +55,152 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
     return _REDUCE_ROWS[criterion](per_row).float().nan_to_num_(nan=math.inf)
 
 
+def low_bit_code(
+    x: torch.Tensor, block_shape: tuple[int, int], bits: int, key: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``storage.LowBitBlocks`` codes and scales of x [M, K] (padded to whole blocks).
+
+    Element v of a block with scale s = max |block| becomes u = (v / max(s, 1e-30) + 1) · L / 2,
+    L = 2^bits − 1, all in float32; its code is floor(u) + 1 where the fraction · 256 exceeds the
+    element's random byte (``rng.random_bytes(key, i)``, i its row-major index in the padded
+    tensor), clamped to [0, L]. Codes of blocks holding NaN/±Inf are unspecified (their scale is
+    not finite; such blocks are kept exactly)."""
+    blocks = blocked_view(x.contiguous(), block_shape)  # row-major, so flat order = index
+    levels = (1 << bits) - 1
+    scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
+    unit = (blocks.float() / scales.clamp_min(1e-30)[:, None, :, None]).add_(1).mul_(levels / 2)
+    low = unit.floor()
+    # The blocked view of the padded tensor is a view: its flat order is the padded row-major one.
+    index = torch.arange(unit.numel(), device=x.device).view(unit.shape)
+    up = unit.sub_(low).mul_(256) > rng.random_bytes(key, index)
+    codes = low.add_(up).clamp_(0, levels).to(torch.uint8)
+    return pack_codes(codes.view(-1), bits), scales
+
+
+def score_blocks(
+    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, codes, low_scales) of the row source x3: ``block_scores`` of its rows and, with
+    ``bits`` > 0, their ``low_bit_code`` under ``key`` (empty tensors when ``bits`` is 0)."""
+    x = rows_of(x3)
+    scores = block_scores(x, block_shape, criterion)
+    if not bits:
+        return scores, x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)
+    return scores, *low_bit_code(x, block_shape, bits, key)
+
+
+def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """int64 [size]: the first `size` indices where the 1-D mask is true, padded with `fill`."""
+    try:
+        return torch.nonzero_static(mask, size=size, fill_value=fill).squeeze(1)
+    except NotImplementedError:  # CUDA before torch 2.6 has only the data-dependent nonzero
+        found = torch.nonzero(mask).squeeze(1)[:size]
+        return torch.nn.functional.pad(found, (0, size - found.numel()), value=fill)
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch version of ``kernels.select_blocks`` (static shapes: runs on "meta" too)."""
+    if per_column:
+        return _select_per_column(scores, k)
+    n_br, n_bc = scores.shape
+    flat = scores.reshape(-1)  # row-major block ids: id = row * n_bc + col (a view, no copy)
+    n = flat.numel()
+    # Every block above the k-th largest score is kept; ties at it go to the lowest ids. topk and
+    # fixed-size nonzero keep the transient memory well below a full sort (docs/design.md,
+    # "Selection") and every shape static, so this also runs on the meta device.
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    above = _first_true(flat > threshold, k, fill=n)
+    tied = _first_true(flat == threshold, k, fill=n)
+    n_above = (above < n).sum()
+    tied = torch.where(torch.arange(k, device=flat.device) < k - n_above, tied, n)
+    kept = torch.cat([above, tied]).sort().values[:k]  # the k valid ids sort before the fill
+    rows, cols = kept // n_bc, kept % n_bc
+    order = torch.sort(cols * n_br + rows).indices  # BSC: by block-column, then block-row
+    rows, cols = rows[order], cols[order]
+    # Offsets by binary search rather than bincount: static shapes, so this also runs on "meta".
+    bounds = torch.arange(n_bc + 1, device=scores.device, dtype=cols.dtype)
+    ccol = torch.searchsorted(cols, bounds, out_int32=True)
+    return rows.int(), cols.int(), ccol
+
+
+def _select_per_column(
+    scores: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_blocks with ``per_column``: the same threshold-and-ties rule within each column."""
+    n_br, n_bc = scores.shape
+    threshold = torch.topk(scores, k, dim=0, sorted=False).values.amin(0)  # [n_bc]
+    above = scores > threshold
+    tied = scores == threshold
+    room = k - above.sum(0)  # ties each column still takes, lowest block-rows first
+    keep = above | (tied & (tied.cumsum(0) <= room))
+    # Column-major ids (col * n_br + row) come out of nonzero already in BSC order.
+    ids = _first_true(keep.t().reshape(-1), n_bc * k, fill=0)
+    rows, cols = ids % n_br, ids // n_br
+    ccol = torch.arange(0, n_bc * k + 1, k, device=scores.device, dtype=torch.int32)
+    return rows.int(), cols.int(), ccol
+
+
 def pack_blocks(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
+    x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
-    """Gather the blocks (rows[i], cols[i]) of x [M, K] into values [nnz, bm, bk] (x.dtype)."""
-    return blocked_view(x, block_shape)[rows.long(), :, cols.long(), :]
+    """Gather the blocks (rows[i], cols[i]) of x3's rows into values [nnz, bm, bk] (x3.dtype)."""
+    return blocked_view(rows_of(x3), block_shape)[rows.long(), :, cols.long(), :]
+
+
+def decode_rows(x: BlockSparse, start: int, stop: int) -> torch.Tensor:
+    """Block-rows [start, stop) of X̃ as a dense [(stop − start)·bm, n_bc·bk] tile in x.dtype:
+    the remainder's decoding (or zeros), with the kept blocks written over it. x must hold
+    float values (``BlockSparse.dequantized``)."""
+    (bm, bk), n_bc = x.block_shape, x.grid_shape[1]
+    if x.remainder is None:
+        tile = x.values.new_zeros(stop - start, bm, n_bc, bk)
+    else:
+        tile = x.remainder.decode(x.block_shape, x.values.dtype, slice(start, stop))
+    here = ((x.row_indices >= start) & (x.row_indices < stop)).nonzero().squeeze(1)
+    rows = x.row_indices[here].long() - start
+    tile[rows, :, x.col_indices()[here].long(), :] = x.values[here]
+    return tile.view((stop - start) * bm, n_bc * bk)
+
+
+def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
+    """Block-row ranges [start, stop) of about ``TILE_ELEMENTS`` elements each, every start a row
+    that is a multiple of ``batch`` (so a tile's rows are whole tokens of the row source)."""
+    (bm, bk), (n_br, n_bc) = x.block_shape, x.grid_shape
+    step_rows = math.lcm(bm, batch)
+    if x.remainder is not None:  # a tile's codes start on a byte: rows · n_bc·bk · bits ≡ 0 (8)
+        step_rows = math.lcm(step_rows, 8 // math.gcd(n_bc * bk * x.remainder.bits, 8))
+    per_step = step_rows // bm  # block-rows per step
+    steps = max(1, TILE_ELEMENTS // (step_rows * n_bc * x.block_shape[1]))
+    for start in range(0, n_br, per_step * steps):
+        yield start, min(n_br, start + per_step * steps)
+
+
+def _tile_rows(dy3: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Rows [first, last) of dy3's rows, both multiples of its batch: a tile-sized copy at most."""
+    b = dy3.shape[0]
+    return rows_of(dy3[:, first // b : -(-last // b)])
+
+
+def _accumulator(dy: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(dy.dtype, torch.float32)
+
+
+def weight_grad_tiled(
+    dy3: torch.Tensor, x: BlockSparse, decode: Callable[[BlockSparse, int, int], torch.Tensor]
+) -> torch.Tensor:
+    """dW = dyᵀ·X̃ one tile of block-rows at a time (``row_tiles``): ``decode`` gives the tile of
+    X̃ and the tile's rows of dy are multiplied into dW, so no dense copy of X̃ (or of token-major
+    dy) ever exists. Accumulated in float32 for 16-bit dy; result in dy3.dtype."""
+    (m, k), bm = x.shape, x.block_shape[0]
+    dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3))
+    for start, stop in row_tiles(x, dy3.shape[0]):
+        first, last = start * bm, min(m, stop * bm)
+        tile = decode(x, start, stop)[: last - first, :k]
+        product = _tile_rows(dy3, first, last).t().mm(tile)
+        dw.add_(product) if product.dtype == dw.dtype else dw.add_(product.to(dw.dtype))
+    return dw.to(dy3.dtype)
 
 
 def _weight_grad_by_blocks(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
@@ -67,31 +224,40 @@ def _weight_grad_by_blocks(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 
 def use_block_matmul(x: BlockSparse) -> bool:
-    """CPU cost model: per-block matmuls beat one dense matmul only for big blocks at low density.
+    """CPU cost model: per-block matmuls beat dense tiles only for big blocks at low density.
 
     The per-block path runs at about c / density of dense speed with c = 0.2 · sqrt(bm·bk / 1024),
-    fitted to measurements (docs/design.md, "Kernels and dispatch"). Otherwise the kept blocks are
-    expanded into a transient dense buffer for this one layer (the saved activation stays
-    compressed either way).
+    fitted to measurements (docs/design.md, "Kernels and dispatch"). Never with a remainder: then
+    X̃ is dense.
     """
     bm, bk = x.block_shape
-    return x.density <= 0.2 * math.sqrt(bm * bk / 1024)
+    return x.remainder is None and x.density <= 0.2 * math.sqrt(bm * bk / 1024)
 
 
-def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], X̃ the block-sparse x; result in dy.dtype."""
+def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], dy given as the row source dy3 [B, T, N] and X̃ as
+    float blocks; result in dy3.dtype."""
     if use_block_matmul(x):
-        return _weight_grad_by_blocks(dy, x)
-    return dy.t().mm(x.to_dense())
+        return _weight_grad_by_blocks(rows_of(dy3), x)
+    return weight_grad_tiled(dy3, x, decode_rows)
 
 
-def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """[K] = Σ_m dy[m, k] · X̃[m, k] over kept blocks only; accumulated in float32, dy.dtype out."""
+def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """[K] = Σ_m dy[m, k] · X̃[m, k], dy the rows of dy3 [B, T, K]: over the kept blocks only,
+    or tile by tile with a remainder; accumulated in float32, dy3.dtype out."""
+    acc = _accumulator(dy3)
+    if x.remainder is not None:
+        (m, k), bm = x.shape, x.block_shape[0]
+        out = dy3.new_zeros(k, dtype=acc)
+        for start, stop in row_tiles(x, dy3.shape[0]):
+            first, last = start * bm, min(m, stop * bm)
+            tile = decode_rows(x, start, stop)[: last - first, :k]
+            out += (_tile_rows(dy3, first, last).to(acc) * tile.to(acc)).sum(0)
+        return out.to(dy3.dtype)
     bk = x.block_shape[1]
     n_bc = x.grid_shape[1]
     cols = x.col_indices().long()
-    dy_blocks = blocked_view(dy, x.block_shape)[x.row_indices.long(), :, cols, :]  # [nnz, bm, bk]
-    acc = torch.promote_types(dy.dtype, torch.float32)
+    dy_blocks = blocked_view(rows_of(dy3), x.block_shape)[x.row_indices.long(), :, cols, :]
     partial = (dy_blocks.to(acc) * x.values.to(acc)).sum(1)  # [nnz, bk]
     out = partial.new_zeros(n_bc, bk).index_add_(0, cols, partial)
-    return out.view(-1)[: x.shape[1]].to(dy.dtype)
+    return out.view(-1)[: x.shape[1]].to(dy3.dtype)

@@ -1,12 +1,14 @@
-"""Triton kernels for block scoring, block packing and the block-sparse parameter gradients.
+"""Triton kernels: block scores with the remainder code, block packing, parameter gradients.
 
 Each kernel sits beside its launcher; the PyTorch reference with the same contract is the function
 of the same name in ``reference.py``. This module imports triton, so it is only imported by the
 dispatcher (``actprune.kernels``) when a Triton launch is wanted. Plain pointer arithmetic only (no
 block pointers), so the kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors.
 
-Blocks may have any shape: a block's tile is padded to a power of two >= 16 (``tl.dot``'s minimum)
-and masked, so (8, 8) or (24, 40) blocks work, with padded lanes doing no useful work.
+Activations and output gradients are read as row sources [B, T, C] (row t·B + b, ``reference``)
+through their strides: no kernel needs a copy in token-major order. Blocks may have any shape: a
+block's tile is padded to a power of two >= 16 (``tl.dot``'s minimum) and masked, so (8, 8) or
+(24, 40) blocks work, with padded lanes doing no useful work.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import rng
 from ..storage import BlockSparse
+from .reference import select_blocks  # noqa: F401 - selection runs as PyTorch ops on CUDA
 
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
@@ -31,23 +35,55 @@ def _block_args(block_shape: tuple[int, int]) -> dict[str, int]:
     return {"BM": bm, "BK": bk, "TILE_M": _tile(bm), "TILE_K": _tile(bk)}
 
 
-# --- block scores: read M·K, write n_blocks floats ---------------------------------------------
+@triton.jit
+def _row_offsets(offs_m, batch, stride_b, stride_t):
+    """Memory offsets of rows offs_m of a row source: row t·batch + b is [b, t]."""
+    t = offs_m // batch
+    return (offs_m - t * batch) * stride_b + t * stride_t
+
+
+# rng's hash constants (module-level constexprs: Triton reads globals only as constants).
+GOLDEN: tl.constexpr = tl.constexpr(rng.GOLDEN)
+MIX1: tl.constexpr = tl.constexpr(rng.MIX1)
+MIX2: tl.constexpr = tl.constexpr(rng.MIX2)
 
 
 @triton.jit
-def _block_scores_kernel(
+def _random_bytes(key, index):
+    """``rng.random_bytes``: byte index % 4 of the hash of word index // 4, int64 arithmetic
+    masked to 32 bits as in the reference."""
+    h = (((index >> 2) * GOLDEN) & 0xFFFFFFFF) ^ key
+    h = h ^ (h >> 16)
+    h = (h * MIX1) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * MIX2) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> ((index & 3) * 8)) & 255
+
+
+# --- block scores and the remainder code: read M·K, write n_blocks floats (+ M·K·bits/8 B) ---
+
+
+@triton.jit
+def _score_blocks_kernel(
     x_ptr,
-    out_ptr,
+    scores_ptr,
+    low_scales_ptr,
+    codes_ptr,
+    key,
+    batch,
     M,
     K,
-    stride_xm,
-    stride_xk,
+    stride_b,
+    stride_t,
+    stride_k,
     n_bc,
     BM: tl.constexpr,
     BK: tl.constexpr,
     TILE_M: tl.constexpr,
     TILE_K: tl.constexpr,
     CRITERION: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -55,9 +91,11 @@ def _block_scores_kernel(
     j = tl.arange(0, TILE_K)
     offs_m = pid_r.to(tl.int64) * BM + i
     offs_k = pid_c.to(tl.int64) * BK + j
-    mask = (i[:, None] < BM) & (j[None, :] < BK) & (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    in_block = (i[:, None] < BM) & (j[None, :] < BK)
+    mask = in_block & (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    rows = _row_offsets(offs_m, batch, stride_b, stride_t)
+    x = tl.load(x_ptr + rows[:, None] + offs_k[None, :] * stride_k, mask=mask, other=0.0)
+    x = x.to(tl.float32)
     a = tl.abs(x)
     if CRITERION == 0:
         score = tl.sqrt(tl.sum(tl.sum(a * a, axis=1), axis=0))
@@ -66,28 +104,48 @@ def _block_scores_kernel(
     else:
         score = tl.max(tl.max(a, axis=1), axis=0)
     # NaN / Inf anywhere in the block: score +inf, so the block is kept (never silently dropped).
-    bad = ((x != x) | (a == float("inf"))).to(tl.int32)
-    score = tl.where(tl.sum(tl.sum(bad, axis=1), axis=0) > 0, float("inf"), score)
-    tl.store(out_ptr + pid_r * n_bc + pid_c, score)
+    bad = tl.sum(tl.sum(((x != x) | (a == float("inf"))).to(tl.int32), axis=1), axis=0) > 0
+    tl.store(scores_ptr + pid_r * n_bc + pid_c, tl.where(bad, float("inf"), score))
+    if BITS > 0:
+        PER: tl.constexpr = 8 // BITS
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        scale = tl.max(tl.max(a, axis=1), axis=0)
+        tl.store(low_scales_ptr + pid_r * n_bc + pid_c, tl.where(bad, float("nan"), scale))
+        unit = (tl.div_rn(x, tl.maximum(scale, 1e-30)) + 1.0) * (LEVELS / 2)
+        low = tl.floor(unit)
+        k_padded = n_bc * BK
+        index = offs_m[:, None] * k_padded + offs_k[None, :]
+        up = (unit - low) * 256.0 > _random_bytes(key, index).to(tl.float32)
+        code = tl.minimum(tl.maximum(low + up.to(tl.float32), 0.0), LEVELS)
+        code = tl.where(bad, 0.0, code).to(tl.int32)
+        shifts = tl.arange(0, PER) * BITS
+        grouped = tl.reshape(code, (TILE_M, TILE_K // PER, PER)) << shifts[None, None, :]
+        packed = tl.sum(grouped, axis=2).to(tl.uint8)  # disjoint bits: the sum is the OR
+        jb = tl.arange(0, TILE_K // PER)
+        first = (offs_m[:, None] * k_padded + pid_c.to(tl.int64) * BK) // PER
+        tl.store(codes_ptr + first + jb[None, :], packed,
+                 mask=(i[:, None] < BM) & (jb[None, :] < BK // PER))  # fmt: skip
 
 
-def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) -> torch.Tensor:
-    """Triton version of ``reference.block_scores``: float32 [n_br, n_bc]."""
-    m, k = x.shape
-    n_br, n_bc = triton.cdiv(m, block_shape[0]), triton.cdiv(k, block_shape[1])
-    out = torch.empty(n_br, n_bc, device=x.device, dtype=torch.float32)
-    _block_scores_kernel[(n_br, n_bc)](
-        x,
-        out,
-        m,
-        k,
-        x.stride(0),
-        x.stride(1),
-        n_bc,
-        **_block_args(block_shape),
-        CRITERION=_CRITERION_CODE[criterion],
-    )
-    return out
+def score_blocks(
+    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.score_blocks``: one read of x3 for scores and codes."""
+    (bm, bk), (batch, t, k) = block_shape, x3.shape
+    if bits and (bk * bits) % 8:
+        from . import reference  # a byte would span two blocks: not one program's to write
+
+        return reference.score_blocks(x3, block_shape, criterion, bits, key)
+    m = batch * t
+    n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    scores = torch.empty(n_br, n_bc, device=x3.device, dtype=torch.float32)
+    low_scales = torch.empty((n_br, n_bc) if bits else (0,), device=x3.device, dtype=torch.float32)
+    codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, device=x3.device, dtype=torch.uint8)
+    _score_blocks_kernel[(n_br, n_bc)](
+        x3, scores, low_scales, codes, key, batch, m, k, *x3.stride(), n_bc,
+        **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion], BITS=bits,
+    )  # fmt: skip
+    return scores, codes, low_scales
 
 
 # --- pack kept blocks: read and write nnz·bm·bk elements -----------------------------------------
@@ -99,10 +157,12 @@ def _pack_blocks_kernel(
     rows_ptr,
     cols_ptr,
     out_ptr,
+    batch,
     M,
     K,
-    stride_xm,
-    stride_xk,
+    stride_b,
+    stride_t,
+    stride_k,
     BM: tl.constexpr,
     BK: tl.constexpr,
     TILE_M: tl.constexpr,
@@ -117,81 +177,93 @@ def _pack_blocks_kernel(
     offs_k = c * BK + j
     in_block = (i[:, None] < BM) & (j[None, :] < BK)
     in_x = in_block & (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(
-        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_x, other=0.0
-    )
+    rows = _row_offsets(offs_m, batch, stride_b, stride_t)
+    x = tl.load(x_ptr + rows[:, None] + offs_k[None, :] * stride_k, mask=in_x, other=0.0)
     tl.store(out_ptr + b * (BM * BK) + i[:, None] * BK + j[None, :], x, mask=in_block)
 
 
 def pack_blocks(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
+    x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
-    """Triton version of ``reference.pack_blocks``: values [nnz, bm, bk] in x.dtype."""
+    """Triton version of ``reference.pack_blocks``: values [nnz, bm, bk] in x3.dtype."""
     nnz = rows.numel()
-    out = torch.empty(nnz, *block_shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(nnz, *block_shape, device=x3.device, dtype=x3.dtype)
     if nnz:
+        batch, t, k = x3.shape
         _pack_blocks_kernel[(nnz,)](
-            x,
-            rows,
-            cols,
-            out,
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            x.stride(1),
-            **_block_args(block_shape),
+            x3, rows, cols, out, batch, batch * t, k, *x3.stride(), **_block_args(block_shape)
         )
     return out
 
 
-# --- weight gradient dW = dyᵀ·X̃: reads dy once per kept block and N-tile, FLOPs ∝ density -------
+@triton.jit
+def _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k, n_bc,
+            BK: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """Block (r, c) of X̃ in float32: the kept block at v_ptrs where ``kept``, else the remainder
+    decoded (``LowBitBlocks.decode``). Lanes outside the block (v_mask false) are zero."""
+    PER: tl.constexpr = 8 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    index = offs_m[:, None] * (n_bc * BK) + offs_k[None, :]
+    byte = tl.load(codes_ptr + index // PER, mask=v_mask, other=0).to(tl.int32)
+    code = (byte >> ((index % PER) * BITS).to(tl.int32)) & LEVELS
+    scale = tl.load(low_scales_ptr + r * n_bc + c)
+    low = (code.to(tl.float32) * (2.0 / LEVELS) - 1.0) * scale
+    v = tl.load(v_ptrs, mask=v_mask & kept, other=0.0).to(tl.float32)
+    return tl.where(v_mask, tl.where(kept, v, low), 0.0)
+
+
+@triton.jit
+def _dy_block(dy_ptr, offs_m, offs_c, batch, M, C, stride_b, stride_t, stride_c,
+              ROW_MASK: tl.constexpr):  # fmt: skip
+    """dy[rows offs_m, columns offs_c] of the row source dy, [len(offs_m), len(offs_c)]."""
+    rows = _row_offsets(offs_m, batch, stride_b, stride_t)
+    mask = ROW_MASK[:, None] & (offs_m[:, None] < M) & (offs_c[None, :] < C)
+    return tl.load(dy_ptr + rows[:, None] + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+
+
+# --- weight gradient dW = dyᵀ·X̃: reads dy once per block and N-tile, no dense X̃ ever -----------
 
 
 @triton.jit
 def _weight_grad_kernel(
-    dy_ptr,
-    vals_ptr,
-    rows_ptr,
-    ccol_ptr,
-    dw_ptr,
-    M,
-    N,
-    K,
-    stride_dym,
-    stride_dyn,
-    stride_dwn,
-    stride_dwk,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    TILE_M: tl.constexpr,
-    TILE_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    # One program owns dW[n-tile, block-column c] and walks that column's kept blocks (BSC order).
+    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, codes_ptr, low_scales_ptr, dw_ptr, batch, M, N, K, n_br,
+    n_bc, stride_dyb, stride_dyt, stride_dyn, stride_dwn, stride_dwk, BM: tl.constexpr,
+    BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns dW[n-tile, block-column c]. Without a remainder it walks that column's kept
+    # blocks (BSC order, FLOPs ∝ density); with one it walks every block-row, taking the kept
+    # block where there is one and the decoded remainder elsewhere, so X̃ is never materialised.
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
+    offs_k = c.to(tl.int64) * BK + j
     start = tl.load(ccol_ptr + c)
     end = tl.load(ccol_ptr + c + 1)
     acc = tl.zeros((BLOCK_N, TILE_K), dtype=tl.float32)
     v_ptrs = vals_ptr + start.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
     v_mask = (i[:, None] < BM) & (j[None, :] < BK)
-    for b in range(start, end):
-        r = tl.load(rows_ptr + b).to(tl.int64)
+    b = start
+    for step in range(0, (end - start) if BITS == 0 else n_br):
+        if BITS == 0:
+            r = tl.load(rows_ptr + b).to(tl.int64)
+            kept = b < end
+        else:
+            r = tl.cast(step, tl.int64)
+            kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
         offs_m = r * BM + i
-        dy_mask = (i[None, :] < BM) & (offs_m[None, :] < M) & (offs_n[:, None] < N)
-        dy_t = tl.load(
-            dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
-            mask=dy_mask,
-            other=0.0,
-        )  # [BLOCK_N, TILE_M] = dy-blockᵀ
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        acc += tl.dot(dy_t, v, input_precision=INPUT_PRECISION)
-        v_ptrs += BM * BK
-    offs_k = c * BK + j
+        dy = _dy_block(dy_ptr, offs_m, offs_n, batch, M, N, stride_dyb, stride_dyt, stride_dyn,
+                       i < BM)  # fmt: skip
+        if BITS == 0:
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        else:
+            v = _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k,
+                        n_bc, BK, BITS).to(dy.dtype)  # fmt: skip
+        acc += tl.dot(tl.trans(dy), v, input_precision=INPUT_PRECISION)
+        b += kept.to(tl.int32)
+        v_ptrs += kept.to(tl.int64) * (BM * BK)
     out_mask = (offs_n[:, None] < N) & (j[None, :] < BK) & (offs_k[None, :] < K)
     tl.store(
         dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
@@ -200,58 +272,45 @@ def _weight_grad_kernel(
     )
 
 
-def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """Triton version of ``reference.weight_grad``: dW [N, K] = dyᵀ·X̃ in dy.dtype."""
-    if dy.dtype != x.dtype:
-        raise ValueError(f"weight_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}")
+def _low_parts(x: BlockSparse) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if x.remainder is None:
+        empty = x.values.new_empty(0)
+        return empty.to(torch.uint8), empty.float(), 0
+    return x.remainder.codes, x.remainder.scales, x.remainder.bits
+
+
+def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """Triton version of ``reference.weight_grad``: dW [N, K] = dyᵀ·X̃ in dy3.dtype."""
+    if dy3.dtype != x.dtype:
+        raise ValueError(f"weight_grad: dy dtype {dy3.dtype} differs from values dtype {x.dtype}")
     m, k = x.shape
-    n = dy.shape[1]
-    dw = torch.empty(n, k, device=dy.device, dtype=dy.dtype)
+    n = dy3.shape[-1]
+    dw = torch.empty(n, k, device=dy3.device, dtype=dy3.dtype)
     block_n = min(64, _tile(n))
     # fp32 follows torch's matmul setting (exact by default); 16-bit operands ignore it.
-    tf32 = dy.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dy3.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     precision = "tf32" if tf32 else "ieee"
-    grid = (triton.cdiv(n, block_n), x.grid_shape[1])
-    _weight_grad_kernel[grid](
-        dy,
-        x.values,
-        x.row_indices,
-        x.ccol_indices,
-        dw,
-        m,
-        n,
-        k,
-        dy.stride(0),
-        dy.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        **_block_args(x.block_shape),
-        BLOCK_N=block_n,
-        INPUT_PRECISION=precision,
-    )
+    n_br, n_bc = x.grid_shape
+    codes, low_scales, bits = _low_parts(x)
+    _weight_grad_kernel[(triton.cdiv(n, block_n), n_bc)](
+        dy3, x.values, x.row_indices, x.ccol_indices, codes, low_scales, dw, dy3.shape[0], m, n,
+        k, n_br, n_bc, *dy3.stride(), dw.stride(0), dw.stride(1), **_block_args(x.block_shape),
+        BLOCK_N=block_n, BITS=bits, INPUT_PRECISION=precision,
+    )  # fmt: skip
     return dw
 
 
-# --- per-channel scale gradient Σ_m dy ⊙ X̃: reads dy only where blocks are kept ----------------
+# --- per-channel scale gradient Σ_m dy ⊙ X̃ ------------------------------------------------------
 
 
 @triton.jit
 def _channel_scale_grad_kernel(
-    dy_ptr,
-    vals_ptr,
-    rows_ptr,
-    ccol_ptr,
-    out_ptr,
-    M,
-    K,
-    stride_dym,
-    stride_dyk,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    TILE_M: tl.constexpr,
-    TILE_K: tl.constexpr,
-):
-    # One program owns the bk channels of block-column c and walks that column's kept blocks.
+    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, codes_ptr, low_scales_ptr, out_ptr, batch, M, K, n_br,
+    n_bc, stride_dyb, stride_dyt, stride_dyk, BM: tl.constexpr, BK: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_K: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    # One program owns the bk channels of block-column c: its kept blocks only (no remainder), or
+    # every block-row with the remainder decoded where no block is kept.
     c = tl.program_id(0)
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
@@ -261,39 +320,40 @@ def _channel_scale_grad_kernel(
     acc = tl.zeros((TILE_K,), dtype=tl.float32)
     v_ptrs = vals_ptr + start.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
     v_mask = (i[:, None] < BM) & (j[None, :] < BK)
-    for b in range(start, end):
-        r = tl.load(rows_ptr + b).to(tl.int64)
+    b = start
+    for step in range(0, (end - start) if BITS == 0 else n_br):
+        if BITS == 0:
+            r = tl.load(rows_ptr + b).to(tl.int64)
+            kept = b < end
+        else:
+            r = tl.cast(step, tl.int64)
+            kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
         offs_m = r * BM + i
-        dy_mask = v_mask & (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyk,
-            mask=dy_mask,
-            other=0.0,
-        )
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        acc += tl.sum(dy.to(tl.float32) * v.to(tl.float32), axis=0)
-        v_ptrs += BM * BK
+        dy = _dy_block(dy_ptr, offs_m, offs_k, batch, M, K, stride_dyb, stride_dyt, stride_dyk,
+                       i < BM)  # fmt: skip
+        if BITS == 0:
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(tl.float32)
+        else:  # decoded values in the dtype backward sees them in (``LowBitBlocks.decode``)
+            v = _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k,
+                        n_bc, BK, BITS).to(dy.dtype).to(tl.float32)  # fmt: skip
+        acc += tl.sum(tl.where(v_mask, dy.to(tl.float32) * v, 0.0), axis=0)
+        b += kept.to(tl.int32)
+        v_ptrs += kept.to(tl.int64) * (BM * BK)
     tl.store(out_ptr + offs_k, acc.to(out_ptr.dtype.element_ty), mask=(j < BK) & (offs_k < K))
 
 
-def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """Triton version of ``reference.channel_scale_grad``: [K] in dy.dtype."""
-    if dy.dtype != x.dtype:
+def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """Triton version of ``reference.channel_scale_grad``: [K] in dy3.dtype."""
+    if dy3.dtype != x.dtype:
         raise ValueError(
-            f"channel_scale_grad: dy dtype {dy.dtype} differs from values dtype {x.dtype}"
+            f"channel_scale_grad: dy dtype {dy3.dtype} differs from values dtype {x.dtype}"
         )
     m, k = x.shape
-    out = torch.empty(k, device=dy.device, dtype=dy.dtype)
-    _channel_scale_grad_kernel[(x.grid_shape[1],)](
-        dy,
-        x.values,
-        x.row_indices,
-        x.ccol_indices,
-        out,
-        m,
-        k,
-        dy.stride(0),
-        dy.stride(1),
-        **_block_args(x.block_shape),
-    )
+    out = torch.empty(k, device=dy3.device, dtype=dy3.dtype)
+    n_br, n_bc = x.grid_shape
+    codes, low_scales, bits = _low_parts(x)
+    _channel_scale_grad_kernel[(n_bc,)](
+        dy3, x.values, x.row_indices, x.ccol_indices, codes, low_scales, out, dy3.shape[0], m, k,
+        n_br, n_bc, *dy3.stride(), **_block_args(x.block_shape), BITS=bits,
+    )  # fmt: skip
     return out

@@ -1,0 +1,343 @@
+"""The CPU fast path: the block kernels compiled by numba, one pass over memory each.
+
+``reference.py`` runs each kernel as a chain of whole-tensor PyTorch passes (scores, top-k input,
+random bytes, quantisation, bit packing: five reads and writes of the activation, plus a copy for
+the token-major row order). Here each kernel is one loop nest that reads every element once,
+following the row source's strides (no copy of x or dy), in parallel over block-rows: scoring and
+the low-bit remainder share one read of each block, which is still in L1 when it is coded. numba
+is a PyPI wheel with its own LLVM, so no compiler has to be installed; functions are compiled on
+first use and cached on disk (docs/design.md, "CPU fast path", has the measurements and the
+alternatives weighed). The contract of each launcher is the function of the same name in
+``reference.py``; the tests check codes and kept blocks bit for bit against it.
+
+Only float32 and float64 run here (numpy has no bfloat16); the dispatcher sends other dtypes to
+the reference.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+
+from .. import rng
+from ..storage import BlockSparse
+from . import reference
+
+DTYPES = (torch.float32, torch.float64)
+_CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
+
+_M32 = np.uint64(0xFFFFFFFF)
+_GOLDEN, _MIX1, _MIX2 = np.uint64(rng.GOLDEN), np.uint64(rng.MIX1), np.uint64(rng.MIX2)
+_S13, _S16, _S24 = np.uint64(13), np.uint64(16), np.uint64(24)
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@nb.njit(inline="always")
+def _random_word(key, word):
+    """``rng.random_words`` of one word (uint64 arithmetic masked to 32 bits)."""
+    h = ((np.uint64(word) * _GOLDEN) & _M32) ^ key
+    h ^= h >> _S16
+    h = (h * _MIX1) & _M32
+    h ^= h >> _S13
+    h = (h * _MIX2) & _M32
+    return np.uint32(h ^ (h >> _S16))
+
+
+@nb.njit(fastmath={"reassoc", "nsz"}, **_JIT)
+def _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top):
+    """Per block of block-row br: Σ v² (l2) or Σ |v| (l1) into acc, and the max of the magnitude
+    bits into top. The magnitude bits of a float (sign cleared) order like |v|, with NaN above
+    +Inf above every finite value, so one integer max gives both the block's max |v| and whether
+    it is finite. Rows are accumulated element-wise into per-column buffers (vectorised loops
+    with no reduction), then each block's bk columns are reduced once; reassociation makes the
+    scores agree with the reference to rounding."""
+    batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
+    col_acc = np.zeros(k, x.dtype)
+    col_top = np.zeros(k, x_bits.dtype)
+    for i in range(min(bm, m - br * bm)):
+        t, b = divmod(br * bm + i, batch)
+        row, row_bits = x[b, t], x_bits[b, t]
+        if criterion == 0:
+            for j in range(k):
+                col_acc[j] += row[j] * row[j]
+        elif criterion == 1:
+            for j in range(k):
+                col_acc[j] += abs(row[j])
+        for j in range(k):
+            v = row_bits[j] & mask
+            col_top[j] = v if v > col_top[j] else col_top[j]
+    for bc in range(acc.shape[0]):
+        acc[bc] = col_acc[bc * bk : (bc + 1) * bk].sum()
+        top[bc] = col_top[bc * bk : (bc + 1) * bk].max()
+
+
+@nb.njit(**_JIT)
+def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
+    """Write the packed codes of block-row br. Each phase is a plain loop over one row that LLVM
+    vectorises: the row's random words (their bytes, viewed as uint8, are the elements' bytes),
+    the codes (IEEE float32 arithmetic, as the reference), then packing ``8 // bits`` codes per
+    byte through a wider view of the codes (``bitpack``'s scheme)."""
+    batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
+    n_bc = scales.shape[0]
+    k_padded, per, levels = n_bc * bk, 8 // bits, np.float32((1 << bits) - 1)
+    one, f256, zero = np.float32(1.0), np.float32(256.0), np.float32(0.0)
+    half = levels / np.float32(2.0)
+    words = np.empty(k_padded // 4, np.uint32)
+    values = np.zeros(k_padded, np.float32)
+    divisor = np.empty(k_padded, np.float32)
+    lanes = np.empty(k_padded, np.uint8)
+    for bc in range(n_bc):
+        divisor[bc * bk : (bc + 1) * bk] = max(scales[bc], np.float32(1e-30))
+    for i in range(bm):
+        r = br * bm + i
+        if r < m:
+            t, b = divmod(r, batch)
+            row = x[b, t]
+            for j in range(k):
+                values[j] = row[j]
+        else:
+            values[:] = 0
+        first_word = r * (k_padded // 4)
+        for w in range(k_padded // 4):
+            words[w] = _random_word(key, first_word + w)
+        random = words.view(np.uint8)
+        for j in range(k_padded):
+            unit = (values[j] / divisor[j] + one) * half
+            low = np.floor(unit)
+            code = low + np.float32((unit - low) * f256 > np.float32(random[j]))
+            lanes[j] = np.uint8(min(max(code, zero), levels))
+        out = codes[r * k_padded // per : (r + 1) * k_padded // per]
+        if bits == 4:
+            wide = lanes.view(np.uint16)
+            for q in range(out.shape[0]):
+                out[q] = np.uint8((wide[q] & 0x0F) | ((wide[q] >> 4) & 0xF0))
+        elif bits == 2:
+            wide4 = lanes.view(np.uint32)
+            for q in range(out.shape[0]):
+                v = wide4[q]
+                out[q] = np.uint8((v & 0x3) | ((v >> 6) & 0xC) | ((v >> 12) & 0x30)
+                                  | ((v >> 18) & 0xC0))  # fmt: skip
+        else:
+            wide8 = lanes.view(np.uint64)
+            for q in range(out.shape[0]):
+                v = wide8[q]
+                byte = v & 1
+                for p in range(1, 8):
+                    byte |= (v >> np.uint64(7 * p)) & np.uint64(1 << p)
+                out[q] = np.uint8(byte)
+        for bc in range(n_bc):
+            if not finite[bc]:
+                out[bc * bk // per : (bc + 1) * bk // per] = 0
+
+
+@nb.njit(parallel=True, **_JIT)
+def _score_blocks_kernel(x, x_bits, mask, inf_bits, bm, bk, criterion, bits, key, scores,
+                         low_scales, codes):  # fmt: skip
+    n_br, n_bc = scores.shape
+    for br in nb.prange(n_br):
+        acc = np.zeros(n_bc, x.dtype)
+        top = np.zeros(n_bc, x_bits.dtype)
+        _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top)
+        finite = top < inf_bits
+        amax = np.abs(top.view(x.dtype))
+        for bc in range(n_bc):
+            if not finite[bc]:
+                scores[br, bc] = np.inf
+            elif criterion == 0:
+                scores[br, bc] = np.sqrt(acc[bc])
+            elif criterion == 1:
+                scores[br, bc] = acc[bc]
+            else:
+                scores[br, bc] = amax[bc]
+        if bits:
+            low_scales[br] = np.where(finite, amax.astype(np.float32), np.float32(np.nan))
+            _block_row_codes(x, br, bm, bk, low_scales[br], finite, bits, key, codes)
+
+
+# Integer view of each dtype, the mask that clears its sign bit, and the bits of +Inf.
+_BITS_VIEW = {
+    torch.float32: (torch.int32, np.int32(0x7FFFFFFF), 0x7F800000),
+    torch.float64: (torch.int64, np.int64(2**63 - 1), 0x7FF << 52),
+}
+
+
+def score_blocks(
+    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """numba version of ``reference.score_blocks``: one read of x3 for scores and codes."""
+    (bm, bk), (batch, t, k) = block_shape, x3.shape
+    if bits and bk % 8:  # the codes are written 8 per group (a word of random bytes per 4)
+        return reference.score_blocks(x3, block_shape, criterion, bits, key)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    n_br, n_bc = -(-batch * t // bm), -(-k // bk)
+    scores = torch.empty(n_br, n_bc, dtype=torch.float32)
+    low_scales = torch.empty((n_br, n_bc) if bits else (0, 0), dtype=torch.float32)
+    codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, dtype=torch.uint8)
+    view, mask, inf_bits = _BITS_VIEW[x3.dtype]
+    _score_blocks_kernel(
+        x3.numpy(), x3.view(view).numpy(), mask, inf_bits, bm, bk, _CRITERION_CODE[criterion], bits,
+        np.uint64(key), scores.numpy(), low_scales.numpy(), codes.numpy(),
+    )  # fmt: skip
+    return scores, codes, low_scales if bits else low_scales.view(0)
+
+
+@nb.njit(**_JIT)
+def _select_kernel(scores, k, per_column, rows, cols, ccol):
+    n_br, n_bc = scores.shape
+    if per_column:  # a stable descending sort of each column: ties go to the lowest block-row
+        for c in range(n_bc):
+            kept = np.sort(np.argsort(-scores[:, c], kind="mergesort")[:k])
+            rows[c * k : (c + 1) * k] = kept
+            cols[c * k : (c + 1) * k] = c
+            ccol[c] = c * k
+        ccol[n_bc] = n_bc * k
+        return
+    ids = np.argsort(-scores.ravel(), kind="mergesort")[:k]  # ties: lowest row-major id first
+    bsc = np.sort((ids % n_bc) * n_br + ids // n_bc)  # by block-column, then block-row
+    rows[:] = bsc % n_br
+    cols[:] = bsc // n_br
+    ccol[:] = np.searchsorted(cols, np.arange(n_bc + 1))
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """numba version of ``reference.select_blocks``: the same blocks in the same order."""
+    n_br, n_bc = scores.shape
+    total = n_bc * k if per_column else k
+    rows, cols = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32)
+    ccol = torch.empty(n_bc + 1, dtype=torch.int32)
+    _select_kernel(scores.float().contiguous().numpy(), k, per_column, rows.numpy(), cols.numpy(),
+                   ccol.numpy())  # fmt: skip
+    return rows, cols, ccol
+
+
+@nb.njit(parallel=True, **_JIT)
+def _pack_blocks_kernel(x, rows, cols, bm, bk, out):
+    batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
+    for n in nb.prange(rows.shape[0]):
+        r0, c0 = rows[n] * bm, cols[n] * bk
+        for i in range(bm):
+            r = r0 + i
+            if r >= m:
+                out[n, i, :] = 0
+                continue
+            t = r // batch
+            b = r - t * batch
+            for j in range(bk):
+                out[n, i, j] = x[b, t, c0 + j] if c0 + j < k else 0
+
+
+def pack_blocks(
+    x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
+) -> torch.Tensor:
+    """numba version of ``reference.pack_blocks``: reads only the kept blocks of x3."""
+    out = torch.empty(rows.numel(), *block_shape, dtype=x3.dtype)
+    _pack_blocks_kernel(x3.detach().numpy(), rows.numpy(), cols.numpy(), *block_shape, out.numpy())
+    return out
+
+
+@nb.njit(inline="always")
+def _decoded(codes, bits, index, step, scale):
+    """Element ``index`` of the packed remainder, decoded: (code · 2 / L − 1) · scale."""
+    per = 8 // bits
+    code = (codes[index // per] >> ((index % per) * bits)) & ((1 << bits) - 1)
+    return (np.float32(code) * step - np.float32(1.0)) * scale
+
+
+@nb.njit(parallel=True, **_JIT)
+def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, start, stop, out):
+    nnz, bm, bk = values.shape
+    n_bc = ccol.shape[0] - 1
+    k_padded = n_bc * bk
+    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
+    for br in nb.prange(start, stop):
+        for bc in range(n_bc):
+            scale = low_scales[br, bc] if bits else np.float32(0.0)
+            for i in range(bm):
+                r = br * bm + i
+                for j in range(bk):
+                    c = bc * bk + j
+                    if bits:
+                        out[r - start * bm, c] = _decoded(
+                            codes, bits, r * k_padded + c, step, scale
+                        )
+                    else:
+                        out[r - start * bm, c] = 0
+    for bc in nb.prange(n_bc):
+        for n in range(ccol[bc], ccol[bc + 1]):
+            br = row_indices[n]
+            if start <= br < stop:
+                out[(br - start) * bm : (br - start + 1) * bm, bc * bk : (bc + 1) * bk] = values[n]
+
+
+def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
+    if x.remainder is None:
+        return np.empty(0, np.uint8), np.empty((0, 0), np.float32), 0
+    r = x.remainder
+    return r.codes.numpy(), r.scales.numpy(), r.bits
+
+
+def decode_rows(x: BlockSparse, start: int, stop: int) -> torch.Tensor:
+    """numba version of ``reference.decode_rows``."""
+    (bm, bk), n_bc = x.block_shape, x.grid_shape[1]
+    out = torch.empty((stop - start) * bm, n_bc * bk, dtype=x.values.dtype)
+    _decode_rows_kernel(
+        *_low(x), x.values.numpy(), x.row_indices.numpy(), x.ccol_indices.numpy(), start, stop,
+        out.numpy(),
+    )  # fmt: skip
+    return out
+
+
+def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """numba version of ``reference.weight_grad``: X̃ decoded one tile at a time."""
+    if reference.use_block_matmul(x):
+        return reference.weight_grad(dy3, x)
+    return reference.weight_grad_tiled(dy3, x, decode_rows)
+
+
+@nb.njit(parallel=True, **_JIT)
+def _channel_scale_grad_kernel(dy, codes, low_scales, bits, values, row_indices, ccol, out):
+    batch, m, k = dy.shape[0], dy.shape[0] * dy.shape[1], dy.shape[2]
+    nnz, bm, bk = values.shape
+    n_bc = ccol.shape[0] - 1
+    n_br = -(-m // bm)
+    k_padded = n_bc * bk
+    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
+    for bc in nb.prange(n_bc):
+        acc = np.zeros(bk, np.float64)
+        n, end = ccol[bc], ccol[bc + 1]
+        for br in range(n_br):
+            kept = n < end and row_indices[n] == br
+            if not kept and not bits:
+                continue
+            scale = low_scales[br, bc] if bits else np.float32(0.0)
+            for i in range(bm):
+                r = br * bm + i
+                if r >= m:
+                    break
+                t = r // batch
+                b = r - t * batch
+                for j in range(min(bk, k - bc * bk)):
+                    c = bc * bk + j
+                    if kept:
+                        v = np.float64(values[n, i, j])
+                    else:
+                        v = np.float64(_decoded(codes, bits, r * k_padded + c, step, scale))
+                    acc[j] += np.float64(dy[b, t, c]) * v
+            if kept:
+                n += 1
+        for j in range(min(bk, k - bc * bk)):
+            out[bc * bk + j] = acc[j]
+
+
+def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+    """numba version of ``reference.channel_scale_grad``: one pass, no tile at all."""
+    out = np.empty(x.shape[1], np.float64)
+    _channel_scale_grad_kernel(
+        dy3.detach().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
+        x.ccol_indices.numpy(), out,
+    )  # fmt: skip
+    return torch.from_numpy(out).to(dy3.dtype)
