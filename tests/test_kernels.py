@@ -144,6 +144,38 @@ def test_compress_is_the_same_on_every_backend(monkeypatch, choice, config):
     assert all(torch.equal(g, w) for g, w in zip(got.tensors, want.tensors))
 
 
+@pytest.mark.parametrize("config", _configs(), ids=lambda c: c.label())
+def test_numba_decode_rows_is_the_reference(monkeypatch, config):
+    pytest.importorskip("numba")
+    from actprune.kernels import cpu_blocks
+
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 2048)
+    x = compress_rows_of(torch.randn(3, 50, 40), config).dequantized(torch.float32)
+    tiles = list(reference.row_tiles(x, batch=3))
+    assert len(tiles) > 1
+    for start, stop in tiles:
+        want = reference.decode_rows(x, start, stop, 3)
+        assert torch.equal(cpu_blocks.decode_rows(x, start, stop, 3), want)
+
+
+@pytest.mark.parametrize("function, bits", [("gelu", 2), ("silu", 4)])
+@pytest.mark.parametrize("shape", [(3, 7, 10), (17, 12), (9,)])
+def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape):
+    pytest.importorskip("numba")
+    from actprune import derivative_code
+    from actprune.kernels import cpu_blocks
+
+    code = derivative_code(function, bits)
+    for dtype in (torch.float32, torch.float64):
+        x, dy = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
+        x.view(-1)[5] = float("inf")  # its row's flag is set; its code is whatever comparisons say
+        got, want = cpu_blocks.activation_codes(x, code), reference.activation_codes(x, code)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        dx = cpu_blocks.activation_grad(dy, *want, code)
+        want_dx = reference.activation_grad(dy, *want, code)
+        torch.testing.assert_close(dx, want_dx, rtol=0, atol=0, equal_nan=True)  # bit-exact
+
+
 def test_row_tiles_cover_every_block_row_once_on_whole_tokens(monkeypatch):
     monkeypatch.setattr(reference, "TILE_ELEMENTS", 4096)
     x = compress(torch.randn(3 * 700, 64), PruneConfig(0.5, (32, 16), remainder_bits=1))

@@ -217,9 +217,7 @@ def activation_code(x: torch.Tensor, bits: int, function: str) -> tuple[torch.Te
     if function == "relu":
         codes = pack_codes((~(x <= 0)).reshape(-1).to(torch.uint8), 1)
         return codes, x.new_empty(0, dtype=torch.uint8)
-    nonfinite = ~torch.isfinite(x.reshape(_rows(x), -1)).all(dim=1)
-    codes = derivative_code(function, bits).encode(x)
-    return codes, pack_codes(nonfinite.to(torch.uint8), 1)
+    return kernels.activation_codes(x, derivative_code(function, bits))
 
 
 @activation_code.register_fake
@@ -254,10 +252,7 @@ def _activation_backward(ctx, dy):
     if ctx.function == "relu":
         mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
         return torch.where(mask, dy, 0), None, None, None, None
-    code = derivative_code(ctx.function, ctx.bits)
-    dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
-    bad_rows = unpack_codes(nonfinite, 1, ctx.rows).bool().view(-1, 1)
-    dx = dx.reshape(ctx.rows, -1).masked_fill(bad_rows, torch.nan).view(dy.shape)
+    dx = kernels.activation_grad(dy, codes, nonfinite, derivative_code(ctx.function, ctx.bits))
     return dx, None, None, None, None
 
 

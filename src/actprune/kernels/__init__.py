@@ -21,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from ..derivative_code import DerivativeCode
 from ..storage import BlockSparse
 from . import reference
 
@@ -28,6 +29,8 @@ BACKENDS = ("auto", "torch", "numba", "triton")
 
 __all__ = [
     "BACKENDS",
+    "activation_codes",
+    "activation_grad",
     "backend_for",
     "channel_scale_grad",
     "pack_blocks",
@@ -108,9 +111,7 @@ def select_blocks(
         >>> cols.tolist(), ccol.tolist()
         ([0, 3], [0, 1, 1, 1, 2])
     """
-    cpu = backend_for(scores) == "numba"
-    impl = importlib.import_module(".cpu_blocks", __name__) if cpu else reference
-    return impl.select_blocks(scores, k, per_column=per_column)
+    return _cpu_or_reference(scores).select_blocks(scores, k, per_column=per_column)
 
 
 def pack_blocks(
@@ -137,3 +138,23 @@ def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k], dy [M, K] or a row source [B, T, K] (its rows): the gradient
     of a per-channel scale whose input is X̃."""
     return _impl(dy).channel_scale_grad(_as_source(dy), x.dequantized(dy.dtype))
+
+
+def _cpu_or_reference(x: torch.Tensor) -> ModuleType:
+    """The numba module for the tensors it takes, else the reference (no Triton version: on CUDA
+    these element-wise passes run as PyTorch ops)."""
+    cpu = backend_for(x) == "numba"
+    return importlib.import_module(".cpu_blocks", __name__) if cpu else reference
+
+
+def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, nonfinite): ``code``'s packed piece index of every element of an activation's
+    input x (..., K), and one bit per row set where the row holds a NaN or ±Inf."""
+    return _cpu_or_reference(x).activation_codes(x, code)
+
+
+def activation_grad(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
+) -> torch.Tensor:
+    """dx = dy ⊙ q(x) from ``activation_codes``' output, NaN in the rows flagged non-finite."""
+    return _cpu_or_reference(dy).activation_grad(dy, codes, nonfinite, code)

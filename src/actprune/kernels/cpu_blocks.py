@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from .. import rng
+from ..derivative_code import DerivativeCode
 from ..storage import BlockSparse
 from . import reference
 
 DTYPES = (torch.float32, torch.float64)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -73,6 +75,54 @@ def _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top):
 
 
 @nb.njit(**_JIT)
+def _pack_lanes(lanes, bits, out):
+    """Pack the codes ``lanes`` (uint8, one per code, length a multiple of 8) into ``out``,
+    8 // bits per byte, first code in the lowest bits: ``bitpack``'s scheme, through a wider view
+    of the lanes so that each loop is contiguous and vectorised."""
+    if bits == 4:
+        wide = lanes.view(np.uint16)
+        for q in range(out.shape[0]):
+            out[q] = np.uint8((wide[q] & 0x0F) | ((wide[q] >> 4) & 0xF0))
+    elif bits == 2:
+        wide4 = lanes.view(np.uint32)
+        for q in range(out.shape[0]):
+            v = wide4[q]
+            out[q] = np.uint8((v & 0x3) | ((v >> 6) & 0xC) | ((v >> 12) & 0x30)
+                              | ((v >> 18) & 0xC0))  # fmt: skip
+    else:
+        wide8 = lanes.view(np.uint64)
+        for q in range(out.shape[0]):
+            v = wide8[q]
+            byte = v & 1
+            for p in range(1, 8):
+                byte |= (v >> np.uint64(7 * p)) & np.uint64(1 << p)
+            out[q] = np.uint8(byte)
+
+
+@nb.njit(**_JIT)
+def _unpack_lanes(packed, bits, lanes):
+    """The inverse of ``_pack_lanes``: one code per byte of ``lanes``."""
+    if bits == 4:
+        wide = lanes.view(np.uint16)
+        for q in range(packed.shape[0]):
+            b = np.uint16(packed[q])
+            wide[q] = (b & 0x0F) | ((b & 0xF0) << 4)
+    elif bits == 2:
+        wide4 = lanes.view(np.uint32)
+        for q in range(packed.shape[0]):
+            b = np.uint32(packed[q])
+            wide4[q] = (b & 0x3) | ((b & 0xC) << 6) | ((b & 0x30) << 12) | ((b & 0xC0) << 18)
+    else:
+        wide8 = lanes.view(np.uint64)
+        for q in range(packed.shape[0]):
+            b = np.uint64(packed[q])
+            v = b & np.uint64(1)
+            for p in range(1, 8):
+                v |= ((b >> np.uint64(p)) & np.uint64(1)) << np.uint64(8 * p)
+            wide8[q] = v
+
+
+@nb.njit(**_JIT)
 def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
     """Write the packed codes of block-row br. Each phase is a plain loop over one row that LLVM
     vectorises: the row's random words (their bytes, viewed as uint8, are the elements' bytes),
@@ -108,24 +158,7 @@ def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
             code = low + np.float32((unit - low) * f256 > np.float32(random[j]))
             lanes[j] = np.uint8(min(max(code, zero), levels))
         out = codes[r * k_padded // per : (r + 1) * k_padded // per]
-        if bits == 4:
-            wide = lanes.view(np.uint16)
-            for q in range(out.shape[0]):
-                out[q] = np.uint8((wide[q] & 0x0F) | ((wide[q] >> 4) & 0xF0))
-        elif bits == 2:
-            wide4 = lanes.view(np.uint32)
-            for q in range(out.shape[0]):
-                v = wide4[q]
-                out[q] = np.uint8((v & 0x3) | ((v >> 6) & 0xC) | ((v >> 12) & 0x30)
-                                  | ((v >> 18) & 0xC0))  # fmt: skip
-        else:
-            wide8 = lanes.view(np.uint64)
-            for q in range(out.shape[0]):
-                v = wide8[q]
-                byte = v & 1
-                for p in range(1, 8):
-                    byte |= (v >> np.uint64(7 * p)) & np.uint64(1 << p)
-                out[q] = np.uint8(byte)
+        _pack_lanes(lanes, bits, out)
         for bc in range(n_bc):
             if not finite[bc]:
                 out[bc * bk // per : (bc + 1) * bk // per] = 0
@@ -239,38 +272,61 @@ def pack_blocks(
     return out
 
 
-@nb.njit(inline="always")
-def _decoded(codes, bits, index, step, scale):
-    """Element ``index`` of the packed remainder, decoded: (code · 2 / L − 1) · scale."""
-    per = 8 // bits
-    code = (codes[index // per] >> ((index % per) * bits)) & ((1 << bits) - 1)
-    return (np.float32(code) * step - np.float32(1.0)) * scale
+@nb.njit(**_JIT)
+def _kept_map(row_indices, ccol, n_br):
+    """int32 [n_br, n_bc]: the index in ``values`` of block (r, c), or -1 where none is kept."""
+    n_bc = ccol.shape[0] - 1
+    kept = np.full((n_br, n_bc), -1, np.int32)
+    for c in range(n_bc):
+        for n in range(ccol[c], ccol[c + 1]):
+            kept[row_indices[n], c] = n
+    return kept
+
+
+@nb.njit(**_JIT)
+def _decode_row(codes, bits, r, scales, bk, kept, values, i, lanes, out):
+    """Row r of X̃ (row i of its block-row) into out [n_bc·bk]: the remainder's codes unpacked
+    through a wider view (``bitpack``'s scheme, reversed) and scaled, in contiguous loops that LLVM
+    vectorises, then the kept blocks' rows written over it. ``scales`` [n_bc·bk] holds each
+    element's block scale; ``kept`` is the block-row's row of ``_kept_map``."""
+    k_padded = out.shape[0]
+    if bits:
+        per = 8 // bits
+        packed = codes[r * k_padded // per : (r + 1) * k_padded // per]
+        _unpack_lanes(packed, bits, lanes)
+        step, one = np.float32(2.0 / ((1 << bits) - 1)), np.float32(1.0)
+        for j in range(k_padded):
+            out[j] = (np.float32(lanes[j]) * step - one) * scales[j]
+    else:
+        out[:] = 0
+    for c in range(kept.shape[0]):
+        if kept[c] >= 0:
+            out[c * bk : (c + 1) * bk] = values[kept[c], i]
+
+
+@nb.njit(**_JIT)
+def _block_row_scales(low_scales, br, bk, bits, out):
+    """Each element's block scale along block-row br (nothing without a remainder)."""
+    if bits:
+        for c in range(low_scales.shape[1]):
+            out[c * bk : (c + 1) * bk] = low_scales[br, c]
 
 
 @nb.njit(parallel=True, **_JIT)
-def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, start, stop, out):
+def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, n_br, m, batch, start,
+                        stop, out):  # fmt: skip
     nnz, bm, bk = values.shape
-    n_bc = ccol.shape[0] - 1
-    k_padded = n_bc * bk
-    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
+    k_padded = out.shape[1]
+    tokens, t0 = out.shape[0] // batch, start * bm // batch
+    kept = _kept_map(row_indices, ccol, n_br)
     for br in nb.prange(start, stop):
-        for bc in range(n_bc):
-            scale = low_scales[br, bc] if bits else np.float32(0.0)
-            for i in range(bm):
-                r = br * bm + i
-                for j in range(bk):
-                    c = bc * bk + j
-                    if bits:
-                        out[r - start * bm, c] = _decoded(
-                            codes, bits, r * k_padded + c, step, scale
-                        )
-                    else:
-                        out[r - start * bm, c] = 0
-    for bc in nb.prange(n_bc):
-        for n in range(ccol[bc], ccol[bc + 1]):
-            br = row_indices[n]
-            if start <= br < stop:
-                out[(br - start) * bm : (br - start + 1) * bm, bc * bk : (bc + 1) * bk] = values[n]
+        scales = np.empty(k_padded, np.float32)
+        lanes = np.empty(k_padded, np.uint8)
+        _block_row_scales(low_scales, br, bk, bits, scales)
+        for i in range(min(bm, m - br * bm)):
+            t, b = divmod(br * bm + i, batch)  # batch-major within the tile
+            row = out[b * tokens + t - t0]
+            _decode_row(codes, bits, br * bm + i, scales, bk, kept[br], values, i, lanes, row)
 
 
 def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
@@ -280,13 +336,13 @@ def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
     return r.codes.numpy(), r.scales.numpy(), r.bits
 
 
-def decode_rows(x: BlockSparse, start: int, stop: int) -> torch.Tensor:
-    """numba version of ``reference.decode_rows``."""
-    (bm, bk), n_bc = x.block_shape, x.grid_shape[1]
-    out = torch.empty((stop - start) * bm, n_bc * bk, dtype=x.values.dtype)
+def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
+    """numba version of ``reference.decode_rows``: each row decoded straight to its place."""
+    (m, _), (bm, bk), n_bc = x.shape, x.block_shape, x.grid_shape[1]
+    out = torch.empty(min(m, stop * bm) - start * bm, n_bc * bk, dtype=x.values.dtype)
     _decode_rows_kernel(
-        *_low(x), x.values.numpy(), x.row_indices.numpy(), x.ccol_indices.numpy(), start, stop,
-        out.numpy(),
+        *_low(x), x.values.numpy(), x.row_indices.numpy(), x.ccol_indices.numpy(),
+        x.grid_shape[0], m, batch, start, stop, out.numpy(),
     )  # fmt: skip
     return out
 
@@ -303,41 +359,100 @@ def _channel_scale_grad_kernel(dy, codes, low_scales, bits, values, row_indices,
     batch, m, k = dy.shape[0], dy.shape[0] * dy.shape[1], dy.shape[2]
     nnz, bm, bk = values.shape
     n_bc = ccol.shape[0] - 1
-    n_br = -(-m // bm)
-    k_padded = n_bc * bk
-    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
-    for bc in nb.prange(n_bc):
-        acc = np.zeros(bk, np.float64)
-        n, end = ccol[bc], ccol[bc + 1]
-        for br in range(n_br):
-            kept = n < end and row_indices[n] == br
-            if not kept and not bits:
-                continue
-            scale = low_scales[br, bc] if bits else np.float32(0.0)
-            for i in range(bm):
-                r = br * bm + i
-                if r >= m:
-                    break
-                t = r // batch
-                b = r - t * batch
-                for j in range(min(bk, k - bc * bk)):
-                    c = bc * bk + j
-                    if kept:
-                        v = np.float64(values[n, i, j])
-                    else:
-                        v = np.float64(_decoded(codes, bits, r * k_padded + c, step, scale))
-                    acc[j] += np.float64(dy[b, t, c]) * v
-            if kept:
-                n += 1
-        for j in range(min(bk, k - bc * bk)):
-            out[bc * bk + j] = acc[j]
+    n_br, k_padded = -(-m // bm), n_bc * bk
+    kept = _kept_map(row_indices, ccol, n_br)
+    partial = np.zeros((n_br, k_padded), np.float64)  # one row per block-row: no shared writes
+    for br in nb.prange(n_br):
+        scales = np.empty(k_padded, np.float32)
+        lanes = np.empty(k_padded, np.uint8)
+        row = np.empty(k_padded, values.dtype)
+        _block_row_scales(low_scales, br, bk, bits, scales)
+        acc = np.zeros(k, values.dtype)  # bm rows in the input's precision, then float64
+        for i in range(min(bm, m - br * bm)):
+            r = br * bm + i
+            t, b = divmod(r, batch)
+            _decode_row(codes, bits, r, scales, bk, kept[br], values, i, lanes, row)
+            dy_row = dy[b, t]
+            for j in range(k):
+                acc[j] += dy_row[j] * row[j]
+        partial[br, :k] = acc
+    for j in range(k):
+        out[j] = partial[:, j].sum()
 
 
 def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """numba version of ``reference.channel_scale_grad``: one pass, no tile at all."""
+    """numba version of ``reference.channel_scale_grad``: one pass over dy and the codes, each
+    row of X̃ decoded into a row buffer, never a tile."""
     out = np.empty(x.shape[1], np.float64)
     _channel_scale_grad_kernel(
         dy3.detach().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
         x.ccol_indices.numpy(), out,
     )  # fmt: skip
     return torch.from_numpy(out).to(dy3.dtype)
+
+
+# --- activation derivative codes (``derivative_code``): 8 rows per task, so that each task owns
+# whole bytes of the codes and exactly one byte of the non-finite row flags ----------------------
+
+
+@nb.njit(parallel=True, **_JIT)
+def _activation_codes_kernel(x, bounds, bits, codes, nonfinite):
+    rows, k = x.shape
+    for chunk in nb.prange(-(-rows // 8)):
+        first, count = chunk * 8, min(8, rows - chunk * 8)
+        lanes = np.zeros(-(-count * k // 8) * 8, np.uint8)
+        flags = 0
+        for i in range(count):
+            row, lane = x[first + i], lanes[i * k : (i + 1) * k]
+            for t in bounds:  # the code is the number of boundaries below x (NaN: none)
+                for j in range(k):
+                    lane[j] += row[j] > t
+            bad = 0
+            for j in range(k):
+                bad |= not (abs(row[j]) < np.inf)
+            flags |= bad << i
+        nonfinite[chunk] = flags
+        start = first * k * bits // 8
+        _pack_lanes(lanes, bits, codes[start : start - (-count * k * bits // 8)])
+
+
+def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """numba version of ``reference.activation_codes``: one read of x."""
+    x2 = x.detach().reshape(-1, x.shape[-1]) if x.dim() else x.detach().reshape(1, 1)
+    x2 = x2.contiguous()
+    rows, k = x2.shape
+    codes = torch.empty(-(-rows * k * code.bits // 8), dtype=torch.uint8)
+    nonfinite = torch.empty(-(-rows // 8), dtype=torch.uint8)
+    bounds = np.array(code.boundaries, dtype=_NUMPY[x2.dtype])  # compared in x's dtype
+    _activation_codes_kernel(x2.numpy(), bounds, code.bits, codes.numpy(), nonfinite.numpy())
+    return codes, nonfinite
+
+
+@nb.njit(parallel=True, **_JIT)
+def _activation_grad_kernel(dy, codes, nonfinite, table, bits, out):
+    rows, k = dy.shape
+    for chunk in nb.prange(-(-rows // 8)):
+        first, count = chunk * 8, min(8, rows - chunk * 8)
+        lanes = np.zeros(-(-count * k // 8) * 8, np.uint8)
+        start = first * k * bits // 8
+        _unpack_lanes(codes[start : start - (-count * k * bits // 8)], bits, lanes)
+        for i in range(count):
+            row, lane, dx = dy[first + i], lanes[i * k : (i + 1) * k], out[first + i]
+            if (nonfinite[chunk] >> i) & 1:
+                dx[:] = np.nan
+                continue
+            for j in range(k):
+                dx[j] = row[j] * table[lane[j]]
+
+
+def activation_grad(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
+) -> torch.Tensor:
+    """numba version of ``reference.activation_grad``: one pass over dy and the codes."""
+    dy2 = dy.reshape(-1, dy.shape[-1]) if dy.dim() else dy.reshape(1, 1)
+    dy2 = dy2.contiguous()
+    out = torch.empty_like(dy2)
+    table = np.array(code.values, dtype=_NUMPY[dy2.dtype])
+    _activation_grad_kernel(dy2.numpy(), codes.numpy(), nonfinite.numpy(), table, code.bits,
+                            out.numpy())  # fmt: skip
+    return out.view(dy.shape)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .. import rng
-from ..bitpack import pack_codes
+from ..bitpack import pack_codes, unpack_codes
+from ..derivative_code import DerivativeCode
 from ..storage import BlockSparse, blocked_view
 
 _REDUCE_COLS = {  # within each block row: [n_br, bm, n_bc, bk] -> [n_br, bm, n_bc] in dtype `acc`
@@ -149,10 +150,14 @@ def pack_blocks(
     return blocked_view(rows_of(x3), block_shape)[rows.long(), :, cols.long(), :]
 
 
-def decode_rows(x: BlockSparse, start: int, stop: int) -> torch.Tensor:
-    """Block-rows [start, stop) of X̃ as a dense [(stop − start)·bm, n_bc·bk] tile in x.dtype:
-    the remainder's decoding (or zeros), with the kept blocks written over it. x must hold
-    float values (``BlockSparse.dequantized``)."""
+def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
+    """Block-rows [start, stop) of X̃ as a dense tile in x.dtype, its rows in *batch-major*
+    order: the rows t·batch + b of the tile (t0 ≤ t < t1, rows past M left out) come as row
+    b·(t1 − t0) + (t − t0) of the [batch·(t1 − t0), n_bc·bk] result, so that they line up with
+    ``dy3[:, t0:t1].reshape(-1, N)``, a view of dy when the tile holds every token. start·bm
+    must be a multiple of batch (``row_tiles``). The tile is the remainder's decoding (or zeros)
+    with the kept blocks written over it; x must hold float values
+    (``BlockSparse.dequantized``)."""
     (bm, bk), n_bc = x.block_shape, x.grid_shape[1]
     if x.remainder is None:
         tile = x.values.new_zeros(stop - start, bm, n_bc, bk)
@@ -161,7 +166,9 @@ def decode_rows(x: BlockSparse, start: int, stop: int) -> torch.Tensor:
     here = ((x.row_indices >= start) & (x.row_indices < stop)).nonzero().squeeze(1)
     rows = x.row_indices[here].long() - start
     tile[rows, :, x.col_indices()[here].long(), :] = x.values[here]
-    return tile.view((stop - start) * bm, n_bc * bk)
+    count = min(x.shape[0], stop * bm) - start * bm
+    tile = tile.view((stop - start) * bm, n_bc * bk)[:count]
+    return tile.view(count // batch, batch, n_bc * bk).transpose(0, 1).reshape(count, -1)
 
 
 def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
@@ -177,10 +184,11 @@ def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
         yield start, min(n_br, start + per_step * steps)
 
 
-def _tile_rows(dy3: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Rows [first, last) of dy3's rows, both multiples of its batch: a tile-sized copy at most."""
-    b = dy3.shape[0]
-    return rows_of(dy3[:, first // b : -(-last // b)])
+def _dy_tile(dy3: torch.Tensor, start: int, stop: int, bm: int) -> torch.Tensor:
+    """The rows of dy3 [B, T, N] in block-rows [start, stop), batch-major (``decode_rows``' row
+    order): a view when the tile holds every token, else a tile-sized copy."""
+    b, t = dy3.shape[:2]
+    return dy3[:, start * bm // b : min(t, stop * bm // b)].reshape(-1, dy3.shape[-1])
 
 
 def _accumulator(dy: torch.Tensor) -> torch.dtype:
@@ -188,18 +196,22 @@ def _accumulator(dy: torch.Tensor) -> torch.dtype:
 
 
 def weight_grad_tiled(
-    dy3: torch.Tensor, x: BlockSparse, decode: Callable[[BlockSparse, int, int], torch.Tensor]
+    dy3: torch.Tensor,
+    x: BlockSparse,
+    decode: Callable[[BlockSparse, int, int, int], torch.Tensor],
 ) -> torch.Tensor:
     """dW = dyᵀ·X̃ one tile of block-rows at a time (``row_tiles``): ``decode`` gives the tile of
-    X̃ and the tile's rows of dy are multiplied into dW, so no dense copy of X̃ (or of token-major
-    dy) ever exists. Accumulated in float32 for 16-bit dy; result in dy3.dtype."""
-    (m, k), bm = x.shape, x.block_shape[0]
+    X̃ in batch-major row order (``decode_rows``) and the same rows of dy, read in place, are
+    multiplied into dW, so no dense copy of X̃ (or of token-major dy) ever exists. Accumulated in
+    float32 for 16-bit dy; result in dy3.dtype."""
+    (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
     dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3))
-    for start, stop in row_tiles(x, dy3.shape[0]):
-        first, last = start * bm, min(m, stop * bm)
-        tile = decode(x, start, stop)[: last - first, :k]
-        product = _tile_rows(dy3, first, last).t().mm(tile)
-        dw.add_(product) if product.dtype == dw.dtype else dw.add_(product.to(dw.dtype))
+    for start, stop in row_tiles(x, batch):
+        tile, dy = decode(x, start, stop, batch)[:, :k], _dy_tile(dy3, start, stop, bm)
+        if dy.dtype == dw.dtype:
+            dw.addmm_(dy.t(), tile)
+        else:  # 16-bit products, accumulated in float32
+            dw.add_(dy.t().mm(tile).to(dw.dtype))
     return dw.to(dy3.dtype)
 
 
@@ -247,12 +259,11 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     or tile by tile with a remainder; accumulated in float32, dy3.dtype out."""
     acc = _accumulator(dy3)
     if x.remainder is not None:
-        (m, k), bm = x.shape, x.block_shape[0]
+        (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
         out = dy3.new_zeros(k, dtype=acc)
-        for start, stop in row_tiles(x, dy3.shape[0]):
-            first, last = start * bm, min(m, stop * bm)
-            tile = decode_rows(x, start, stop)[: last - first, :k]
-            out += (_tile_rows(dy3, first, last).to(acc) * tile.to(acc)).sum(0)
+        for start, stop in row_tiles(x, batch):
+            tile = decode_rows(x, start, stop, batch)[:, :k]
+            out += (_dy_tile(dy3, start, stop, bm).to(acc) * tile.to(acc)).sum(0)
         return out.to(dy3.dtype)
     bk = x.block_shape[1]
     n_bc = x.grid_shape[1]
@@ -261,3 +272,22 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     partial = (dy_blocks.to(acc) * x.values.to(acc)).sum(1)  # [nnz, bk]
     out = partial.new_zeros(n_bc, bk).index_add_(0, cols, partial)
     return out.view(-1)[: x.shape[1]].to(dy3.dtype)
+
+
+def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, nonfinite) of an activation's input x (..., K): ``code.encode(x)``, the packed
+    piece index of every element, and one bit per row (last dim), set where the row holds a NaN
+    or ±Inf (packed like the codes)."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    nonfinite = ~torch.isfinite(x.reshape(rows, -1)).all(dim=1)
+    return code.encode(x), pack_codes(nonfinite.to(torch.uint8), 1)
+
+
+def activation_grad(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
+) -> torch.Tensor:
+    """dx = dy ⊙ q(x) from ``activation_codes``' output: NaN in every row flagged non-finite."""
+    rows = dy.numel() // dy.shape[-1] if dy.dim() else 1
+    dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
+    bad_rows = unpack_codes(nonfinite, 1, rows).bool().view(-1, 1)
+    return dx.reshape(rows, -1).masked_fill(bad_rows, torch.nan).view(dy.shape)
