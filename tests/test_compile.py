@@ -74,6 +74,10 @@ def test_registered_ops_pass_opcheck():
         codes, nonfinite = ops.activation_code(x.detach(), bits, function)
         torch.library.opcheck(ops.activation_code, (x.detach(), bits, function))
         torch.library.opcheck(ops.coded_activation, (x, codes, nonfinite, bits, function))
+        if function != "relu":
+            torch.library.opcheck(
+                ops.activation_grad, (x.detach(), codes, nonfinite, bits, function)
+            )
 
 
 def test_scope_all_compiles_without_graph_breaks():

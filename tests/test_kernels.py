@@ -13,7 +13,7 @@ from actprune.kernels import reference
 
 BACKENDS = [  # (module name, device, dtypes): the interpreter computes bf16 wrongly
     pytest.param(
-        "cpu_blocks", "cpu", (torch.float32, torch.float64), id="numba",
+        "cpu_blocks", "cpu", (torch.float32,), id="numba",
         marks=pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="no numba"),
     ),
     pytest.param(
@@ -68,17 +68,6 @@ def test_pack_blocks(backend, device, dtypes, b, t, k, n, block):
         rows, cols, _ = reference.select_blocks(scores, max(1, scores.numel() // 2))
         got = _backend(backend).pack_blocks(x3, rows, cols, block)
         assert torch.equal(got, reference.pack_blocks(x3, rows, cols, block))  # bit-exact
-
-
-@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
-@pytest.mark.parametrize("shape", [(49, 12), (7, 3), (1, 5), (40, 1)])
-def test_select_blocks(backend, device, dtypes, shape):
-    scores = torch.randint(0, 4, shape, device=device).float()  # many ties
-    scores[0, -1] = float("inf")
-    for per_column, k in ((True, 1), (True, shape[0]), (False, 1), (False, shape[0])):
-        got = _backend(backend).select_blocks(scores, k, per_column=per_column)
-        want = reference.select_blocks(scores, k, per_column=per_column)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def _configs():
@@ -166,14 +155,13 @@ def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape
     from actprune.kernels import cpu_blocks
 
     code = derivative_code(function, bits)
-    for dtype in (torch.float32, torch.float64):
-        x, dy = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
-        x.view(-1)[5] = float("inf")  # its row's flag is set; its code is whatever comparisons say
-        got, want = cpu_blocks.activation_codes(x, code), reference.activation_codes(x, code)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        dx = cpu_blocks.activation_grad(dy, *want, code)
-        want_dx = reference.activation_grad(dy, *want, code)
-        torch.testing.assert_close(dx, want_dx, rtol=0, atol=0, equal_nan=True)  # bit-exact
+    x, dy = torch.randn(shape) * 3, torch.randn(shape)
+    x.view(-1)[5] = float("inf")  # its row's flag is set; its code is whatever comparisons say
+    got, want = cpu_blocks.activation_codes(x, code), reference.activation_codes(x, code)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    dx = cpu_blocks.activation_grad(dy, *want, code)
+    want_dx = reference.activation_grad(dy, *want, code)
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0, equal_nan=True)  # bit-exact
 
 
 def test_row_tiles_cover_every_block_row_once_on_whole_tokens(monkeypatch):
@@ -214,7 +202,7 @@ def test_dispatch(monkeypatch):
     cpu = torch.zeros(1)
     has_numba = importlib.util.find_spec("numba") is not None
     assert kernels.backend_for(cpu) == ("numba" if has_numba else "torch")
-    assert kernels.backend_for(cpu.half()) == "torch"  # numba runs float32 / float64 only
+    assert kernels.backend_for(cpu.double()) == "torch"  # numba runs float32 only
     monkeypatch.setenv("ACTPRUNE_KERNELS", "triton")
     assert kernels.backend_for(cpu) == "triton"
     monkeypatch.setenv("ACTPRUNE_KERNELS", "cuda")

@@ -18,6 +18,7 @@ Every op that compresses or reads compressed tensors takes the configuration as 
   an activation's input (``derivative_code``; ReLU: an exact 1-bit mask) plus one bit per row
   marking non-finite inputs, and the activation itself, whose backward is dy ⊙ q(x) (NaN in the
   marked rows).
+- ``actprune::activation_grad`` — the coded activation's input gradient, from its codes.
 - ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
   dyᵀ·X̃ for a weight (``param="weight"``), Σ_rows dy ⊙ X̃ for a per-channel scale
   (``param="channel_scale"``).
@@ -252,8 +253,21 @@ def _activation_backward(ctx, dy):
     if ctx.function == "relu":
         mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
         return torch.where(mask, dy, 0), None, None, None, None
-    dx = kernels.activation_grad(dy, codes, nonfinite, derivative_code(ctx.function, ctx.bits))
-    return dx, None, None, None, None
+    return activation_grad(dy, codes, nonfinite, ctx.bits, ctx.function), None, None, None, None
 
 
 coded_activation.register_autograd(_activation_backward, setup_context=_activation_setup)
+
+
+@torch.library.custom_op("actprune::activation_grad", mutates_args=())
+def activation_grad(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int, function: str
+) -> torch.Tensor:
+    """dx = dy ⊙ q(x) from activation_code's outputs (NaN in the flagged rows): an op of its own,
+    so torch.compile traces the backward around the kernel instead of into it."""
+    return kernels.activation_grad(dy, codes, nonfinite, derivative_code(function, bits))
+
+
+@activation_grad.register_fake
+def _(dy, codes, nonfinite, bits, function):
+    return torch.empty_like(dy)

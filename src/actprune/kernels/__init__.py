@@ -1,7 +1,7 @@
 """The one place that picks a backend for each block kernel.
 
 Triton kernels (``triton_blocks``) run for CUDA tensors when triton is installed; the numba kernels
-(``cpu_blocks``) run for float32 / float64 CPU tensors when numba is installed; everything else runs
+(``cpu_blocks``) run for float32 CPU tensors when numba is installed; everything else runs
 the PyTorch reference (``reference``), which is also the contract both are tested against.
 ``ACTPRUNE_KERNELS=torch`` forces the reference everywhere, ``=numba`` the numba kernels on CPU,
 ``=triton`` Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``; used by the tests). triton and
@@ -57,7 +57,7 @@ def backend_for(x: torch.Tensor) -> str:
         return choice
     if x.is_cuda:
         return "triton" if _installed("triton") else "torch"
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _installed("numba"):
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _installed("numba"):
         return "numba"
     return "torch"
 
@@ -66,6 +66,8 @@ _MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks"}
 
 
 def _impl(x: torch.Tensor) -> ModuleType:
+    if x.device.type == "meta":  # the planner: allocate what the fast backends allocate
+        return importlib.import_module(".meta_blocks", __name__)
     name = _MODULES.get(backend_for(x))
     return reference if name is None else importlib.import_module(f".{name}", __name__)
 
@@ -111,7 +113,8 @@ def select_blocks(
         >>> cols.tolist(), ccol.tolist()
         ([0, 3], [0, 1, 1, 1, 2])
     """
-    return _cpu_or_reference(scores).select_blocks(scores, k, per_column=per_column)
+    # PyTorch ops on every device: a few small ops on the [n_br, n_bc] scores.
+    return reference.select_blocks(scores, k, per_column=per_column)
 
 
 def pack_blocks(
@@ -141,10 +144,11 @@ def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 
 def _cpu_or_reference(x: torch.Tensor) -> ModuleType:
-    """The numba module for the tensors it takes, else the reference (no Triton version: on CUDA
-    these element-wise passes run as PyTorch ops)."""
-    cpu = backend_for(x) == "numba"
-    return importlib.import_module(".cpu_blocks", __name__) if cpu else reference
+    """The numba module for the tensors it takes (or the meta one), else the reference (no Triton
+    version: on CUDA these element-wise passes run as PyTorch ops)."""
+    if x.device.type == "meta" or backend_for(x) == "numba":
+        return _impl(x)
+    return reference
 
 
 def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ first use and cached on disk (docs/design.md, "CPU fast path", has the measureme
 alternatives weighed). The contract of each launcher is the function of the same name in
 ``reference.py``; the tests check codes and kept blocks bit for bit against it.
 
-Only float32 and float64 run here (numpy has no bfloat16); the dispatcher sends other dtypes to
-the reference.
+Only float32 runs here (each dtype is a compilation of its own, and numpy has no bfloat16); the
+dispatcher sends other dtypes to the reference.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from ..derivative_code import DerivativeCode
 from ..storage import BlockSparse
 from . import reference
 
-DTYPES = (torch.float32, torch.float64)
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
 _M32 = np.uint64(0xFFFFFFFF)
@@ -164,35 +162,43 @@ def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
                 out[bc * bk // per : (bc + 1) * bk // per] = 0
 
 
+@nb.njit(**_JIT)
+def _score_block_row(x, x_bits, mask, inf_bits, br, bm, bk, criterion, bits, key, scores,
+                     low_scales, codes):  # fmt: skip
+    """Scores (and with ``bits`` the scales and codes) of block-row br: one task of the kernel."""
+    n_bc = scores.shape[0]
+    acc = np.zeros(n_bc, x.dtype)
+    top = np.zeros(n_bc, x_bits.dtype)
+    _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top)
+    finite = top < inf_bits
+    amax = np.abs(top.view(x.dtype))
+    for bc in range(n_bc):
+        if not finite[bc]:
+            scores[bc] = np.inf
+        elif criterion == 0:
+            scores[bc] = np.sqrt(acc[bc])
+        elif criterion == 1:
+            scores[bc] = acc[bc]
+        else:
+            scores[bc] = amax[bc]
+        if bits:
+            low_scales[bc] = np.float32(amax[bc]) if finite[bc] else np.float32(np.nan)
+    if bits:
+        _block_row_codes(x, br, bm, bk, low_scales, finite, bits, key, codes)
+
+
+# The parallel kernels are a prange over one helper call: numba's parallel lowering then has
+# little to analyse, which keeps the first (cached) compilation short.
 @nb.njit(parallel=True, **_JIT)
 def _score_blocks_kernel(x, x_bits, mask, inf_bits, bm, bk, criterion, bits, key, scores,
                          low_scales, codes):  # fmt: skip
-    n_br, n_bc = scores.shape
-    for br in nb.prange(n_br):
-        acc = np.zeros(n_bc, x.dtype)
-        top = np.zeros(n_bc, x_bits.dtype)
-        _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top)
-        finite = top < inf_bits
-        amax = np.abs(top.view(x.dtype))
-        for bc in range(n_bc):
-            if not finite[bc]:
-                scores[br, bc] = np.inf
-            elif criterion == 0:
-                scores[br, bc] = np.sqrt(acc[bc])
-            elif criterion == 1:
-                scores[br, bc] = acc[bc]
-            else:
-                scores[br, bc] = amax[bc]
-        if bits:
-            low_scales[br] = np.where(finite, amax.astype(np.float32), np.float32(np.nan))
-            _block_row_codes(x, br, bm, bk, low_scales[br], finite, bits, key, codes)
+    for br in nb.prange(scores.shape[0]):
+        _score_block_row(x, x_bits, mask, inf_bits, br, bm, bk, criterion, bits, key, scores[br],
+                         low_scales[br] if bits else low_scales[0], codes)  # fmt: skip
 
 
-# Integer view of each dtype, the mask that clears its sign bit, and the bits of +Inf.
-_BITS_VIEW = {
-    torch.float32: (torch.int32, np.int32(0x7FFFFFFF), 0x7F800000),
-    torch.float64: (torch.int64, np.int64(2**63 - 1), 0x7FF << 52),
-}
+# float32's magnitude bits: the mask that clears the sign bit, and the bits of +Inf.
+_MAGNITUDE, _INF_BITS = np.int32(0x7FFFFFFF), 0x7F800000
 
 
 def score_blocks(
@@ -206,45 +212,14 @@ def score_blocks(
         x3 = x3.contiguous()
     n_br, n_bc = -(-batch * t // bm), -(-k // bk)
     scores = torch.empty(n_br, n_bc, dtype=torch.float32)
-    low_scales = torch.empty((n_br, n_bc) if bits else (0, 0), dtype=torch.float32)
+    low_scales = torch.empty((n_br, n_bc) if bits else (1, 1), dtype=torch.float32)
     codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, dtype=torch.uint8)
-    view, mask, inf_bits = _BITS_VIEW[x3.dtype]
     _score_blocks_kernel(
-        x3.numpy(), x3.view(view).numpy(), mask, inf_bits, bm, bk, _CRITERION_CODE[criterion], bits,
-        np.uint64(key), scores.numpy(), low_scales.numpy(), codes.numpy(),
+        x3.numpy(), x3.view(torch.int32).numpy(), _MAGNITUDE, _INF_BITS, bm, bk,
+        _CRITERION_CODE[criterion], bits, np.uint64(key), scores.numpy(), low_scales.numpy(),
+        codes.numpy(),
     )  # fmt: skip
-    return scores, codes, low_scales if bits else low_scales.view(0)
-
-
-@nb.njit(**_JIT)
-def _select_kernel(scores, k, per_column, rows, cols, ccol):
-    n_br, n_bc = scores.shape
-    if per_column:  # a stable descending sort of each column: ties go to the lowest block-row
-        for c in range(n_bc):
-            kept = np.sort(np.argsort(-scores[:, c], kind="mergesort")[:k])
-            rows[c * k : (c + 1) * k] = kept
-            cols[c * k : (c + 1) * k] = c
-            ccol[c] = c * k
-        ccol[n_bc] = n_bc * k
-        return
-    ids = np.argsort(-scores.ravel(), kind="mergesort")[:k]  # ties: lowest row-major id first
-    bsc = np.sort((ids % n_bc) * n_br + ids // n_bc)  # by block-column, then block-row
-    rows[:] = bsc % n_br
-    cols[:] = bsc // n_br
-    ccol[:] = np.searchsorted(cols, np.arange(n_bc + 1))
-
-
-def select_blocks(
-    scores: torch.Tensor, k: int, *, per_column: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """numba version of ``reference.select_blocks``: the same blocks in the same order."""
-    n_br, n_bc = scores.shape
-    total = n_bc * k if per_column else k
-    rows, cols = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32)
-    ccol = torch.empty(n_bc + 1, dtype=torch.int32)
-    _select_kernel(scores.float().contiguous().numpy(), k, per_column, rows.numpy(), cols.numpy(),
-                   ccol.numpy())  # fmt: skip
-    return rows, cols, ccol
+    return scores, codes, low_scales if bits else low_scales.new_empty(0)
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -312,21 +287,27 @@ def _block_row_scales(low_scales, br, bk, bits, out):
             out[c * bk : (c + 1) * bk] = low_scales[br, c]
 
 
+@nb.njit(**_JIT)
+def _decode_block_row(codes, low_scales, bits, values, kept, br, m, batch, t0, out):
+    """Rows of block-row br of X̃ into a tile ``out`` in batch-major order (``decode_rows``)."""
+    nnz, bm, bk = values.shape
+    k_padded, tokens = out.shape[1], out.shape[0] // batch
+    scales = np.empty(k_padded, np.float32)
+    lanes = np.empty(k_padded, np.uint8)
+    _block_row_scales(low_scales, br, bk, bits, scales)
+    for i in range(min(bm, m - br * bm)):
+        t, b = divmod(br * bm + i, batch)
+        row = out[b * tokens + t - t0]
+        _decode_row(codes, bits, br * bm + i, scales, bk, kept, values, i, lanes, row)
+
+
 @nb.njit(parallel=True, **_JIT)
 def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, n_br, m, batch, start,
                         stop, out):  # fmt: skip
-    nnz, bm, bk = values.shape
-    k_padded = out.shape[1]
-    tokens, t0 = out.shape[0] // batch, start * bm // batch
     kept = _kept_map(row_indices, ccol, n_br)
+    t0 = start * values.shape[1] // batch
     for br in nb.prange(start, stop):
-        scales = np.empty(k_padded, np.float32)
-        lanes = np.empty(k_padded, np.uint8)
-        _block_row_scales(low_scales, br, bk, bits, scales)
-        for i in range(min(bm, m - br * bm)):
-            t, b = divmod(br * bm + i, batch)  # batch-major within the tile
-            row = out[b * tokens + t - t0]
-            _decode_row(codes, bits, br * bm + i, scales, bk, kept[br], values, i, lanes, row)
+        _decode_block_row(codes, low_scales, bits, values, kept[br], br, m, batch, t0, out)
 
 
 def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
@@ -354,28 +335,35 @@ def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     return reference.weight_grad_tiled(dy3, x, decode_rows)
 
 
-@nb.njit(parallel=True, **_JIT)
-def _channel_scale_grad_kernel(dy, codes, low_scales, bits, values, row_indices, ccol, out):
+@nb.njit(**_JIT)
+def _channel_scale_block_row(dy, codes, low_scales, bits, values, kept, br, out):
+    """Σ over the rows of block-row br of dy ⊙ X̃ into out [K] (float64)."""
     batch, m, k = dy.shape[0], dy.shape[0] * dy.shape[1], dy.shape[2]
     nnz, bm, bk = values.shape
-    n_bc = ccol.shape[0] - 1
-    n_br, k_padded = -(-m // bm), n_bc * bk
+    k_padded = kept.shape[0] * bk
+    scales = np.empty(k_padded, np.float32)
+    lanes = np.empty(k_padded, np.uint8)
+    row = np.empty(k_padded, values.dtype)
+    _block_row_scales(low_scales, br, bk, bits, scales)
+    acc = np.zeros(k, values.dtype)  # bm rows in the input's precision, then float64
+    for i in range(min(bm, m - br * bm)):
+        r = br * bm + i
+        t, b = divmod(r, batch)
+        _decode_row(codes, bits, r, scales, bk, kept, values, i, lanes, row)
+        dy_row = dy[b, t]
+        for j in range(k):
+            acc[j] += dy_row[j] * row[j]
+    out[:] = acc
+
+
+@nb.njit(parallel=True, **_JIT)
+def _channel_scale_grad_kernel(dy, codes, low_scales, bits, values, row_indices, ccol, out):
+    k, bm = dy.shape[2], values.shape[1]
+    n_br = -(-dy.shape[0] * dy.shape[1] // bm)
     kept = _kept_map(row_indices, ccol, n_br)
-    partial = np.zeros((n_br, k_padded), np.float64)  # one row per block-row: no shared writes
+    partial = np.zeros((n_br, k), np.float64)  # one row per block-row: no shared writes
     for br in nb.prange(n_br):
-        scales = np.empty(k_padded, np.float32)
-        lanes = np.empty(k_padded, np.uint8)
-        row = np.empty(k_padded, values.dtype)
-        _block_row_scales(low_scales, br, bk, bits, scales)
-        acc = np.zeros(k, values.dtype)  # bm rows in the input's precision, then float64
-        for i in range(min(bm, m - br * bm)):
-            r = br * bm + i
-            t, b = divmod(r, batch)
-            _decode_row(codes, bits, r, scales, bk, kept[br], values, i, lanes, row)
-            dy_row = dy[b, t]
-            for j in range(k):
-                acc[j] += dy_row[j] * row[j]
-        partial[br, :k] = acc
+        _channel_scale_block_row(dy, codes, low_scales, bits, values, kept[br], br, partial[br])
     for j in range(k):
         out[j] = partial[:, j].sum()
 
@@ -418,12 +406,16 @@ def _activation_codes_kernel(x, bounds, bits, codes, nonfinite):
 
 def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
     """numba version of ``reference.activation_codes``: one read of x."""
-    x2 = x.detach().reshape(-1, x.shape[-1]) if x.dim() else x.detach().reshape(1, 1)
+    x2 = (
+        x.detach().reshape(x.numel() // max(1, x.shape[-1]), x.shape[-1])
+        if x.dim()
+        else x.reshape(1, 1)
+    )
     x2 = x2.contiguous()
     rows, k = x2.shape
     codes = torch.empty(-(-rows * k * code.bits // 8), dtype=torch.uint8)
     nonfinite = torch.empty(-(-rows // 8), dtype=torch.uint8)
-    bounds = np.array(code.boundaries, dtype=_NUMPY[x2.dtype])  # compared in x's dtype
+    bounds = np.array(code.boundaries, dtype=np.float32)  # compared in x's dtype
     _activation_codes_kernel(x2.numpy(), bounds, code.bits, codes.numpy(), nonfinite.numpy())
     return codes, nonfinite
 
@@ -449,10 +441,14 @@ def activation_grad(
     dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
 ) -> torch.Tensor:
     """numba version of ``reference.activation_grad``: one pass over dy and the codes."""
-    dy2 = dy.reshape(-1, dy.shape[-1]) if dy.dim() else dy.reshape(1, 1)
+    dy2 = (
+        dy.reshape(dy.numel() // max(1, dy.shape[-1]), dy.shape[-1])
+        if dy.dim()
+        else dy.reshape(1, 1)
+    )
     dy2 = dy2.contiguous()
     out = torch.empty_like(dy2)
-    table = np.array(code.values, dtype=_NUMPY[dy2.dtype])
+    table = np.array(code.values, dtype=np.float32)
     _activation_grad_kernel(dy2.numpy(), codes.numpy(), nonfinite.numpy(), table, code.bits,
                             out.numpy())  # fmt: skip
     return out.view(dy.shape)

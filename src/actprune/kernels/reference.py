@@ -188,7 +188,8 @@ def _dy_tile(dy3: torch.Tensor, start: int, stop: int, bm: int) -> torch.Tensor:
     """The rows of dy3 [B, T, N] in block-rows [start, stop), batch-major (``decode_rows``' row
     order): a view when the tile holds every token, else a tile-sized copy."""
     b, t = dy3.shape[:2]
-    return dy3[:, start * bm // b : min(t, stop * bm // b)].reshape(-1, dy3.shape[-1])
+    tile = dy3[:, start * bm // b : min(t, stop * bm // b)]
+    return tile.reshape(tile.shape[0] * tile.shape[1], tile.shape[2])  # sizes: N may be 0
 
 
 def _accumulator(dy: torch.Tensor) -> torch.dtype:

@@ -19,7 +19,6 @@ import triton.language as tl
 
 from .. import rng
 from ..storage import BlockSparse
-from .reference import select_blocks  # noqa: F401 - selection runs as PyTorch ops on CUDA
 
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
