@@ -22,10 +22,9 @@ BACKENDS = [  # (module name, device, dtypes): the interpreter computes bf16 wro
     ),
 ]  # fmt: skip
 CASES = [  # (B, T, K, N, block): awkward shapes exercise every mask; B > 1 is token-major order
-    (1, 64, 64, 32, (16, 16)),
     (3, 23, 45, 23, (16, 16)),
     (1, 33, 100, 17, (32, 32)),
-    (2, 20, 24, 20, (8, 8)),
+    (2, 20, 24, 20, (8, 8)),  # divisible: no edge blocks
     (5, 10, 48, 16, (24, 16)),
 ]
 

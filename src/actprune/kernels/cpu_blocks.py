@@ -3,7 +3,9 @@
 ``reference.py`` runs each kernel as a chain of whole-tensor PyTorch passes (scores, top-k input,
 random bytes, quantisation, bit packing: five reads and writes of the activation, plus a copy for
 the token-major row order). Here each kernel is one loop nest that reads every element once,
-following the row source's strides (no copy of x or dy), in parallel over block-rows: scoring and
+in token-major row order straight from the row source (no copy of a contiguous x or dy, as
+activations and their gradients are; other layouts are made contiguous first, so that each kernel
+is compiled for one layout only), in parallel over block-rows: scoring and
 the low-bit remainder share one read of each block, which is still in L1 when it is coded. numba
 is a PyPI wheel with its own LLVM, so no compiler has to be installed; functions are compiled on
 first use and cached on disk (docs/design.md, "CPU fast path", has the measurements and the
@@ -208,8 +210,7 @@ def score_blocks(
     (bm, bk), (batch, t, k) = block_shape, x3.shape
     if bits and bk % 8:  # the codes are written 8 per group (a word of random bytes per 4)
         return reference.score_blocks(x3, block_shape, criterion, bits, key)
-    if x3.stride(-1) != 1:
-        x3 = x3.contiguous()
+    x3 = x3.contiguous()  # a no-op for activations; one compiled layout for every caller
     n_br, n_bc = -(-batch * t // bm), -(-k // bk)
     scores = torch.empty(n_br, n_bc, dtype=torch.float32)
     low_scales = torch.empty((n_br, n_bc) if bits else (1, 1), dtype=torch.float32)
@@ -243,7 +244,9 @@ def pack_blocks(
 ) -> torch.Tensor:
     """numba version of ``reference.pack_blocks``: reads only the kept blocks of x3."""
     out = torch.empty(rows.numel(), *block_shape, dtype=x3.dtype)
-    _pack_blocks_kernel(x3.detach().numpy(), rows.numpy(), cols.numpy(), *block_shape, out.numpy())
+    _pack_blocks_kernel(
+        x3.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), *block_shape, out.numpy()
+    )
     return out
 
 
@@ -373,7 +376,7 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     row of X̃ decoded into a row buffer, never a tile."""
     out = np.empty(x.shape[1], np.float64)
     _channel_scale_grad_kernel(
-        dy3.detach().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
+        dy3.detach().contiguous().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
         x.ccol_indices.numpy(), out,
     )  # fmt: skip
     return torch.from_numpy(out).to(dy3.dtype)
