@@ -78,43 +78,43 @@ def _configs():
     ]
 
 
-@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
-@pytest.mark.parametrize("b, t, k, n, block", CASES)
-def test_weight_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+def _compressed(b, t, k, n, block, device, dtypes):
+    """(dtype, dy3 [B, T, n] non-contiguous, X̃ of a random [B, T, k]) for every dtype and config."""
     for dtype in dtypes:
         x3 = _source(b, t, k, device, dtype)
         dy3 = _source(b, t, n, device, dtype, transposed=True)
         for config in _configs():
             config = PruneConfig(**{**config.to_dict(), "block_size": block})
-            packed = compress_rows_of(x3, config).dequantized(dtype)
-            got = _backend(backend).weight_grad(dy3, packed)
-            want = reference.rows_of(dy3).double().t() @ packed.to_dense().double()
-            assert got.dtype == dtype and got.shape == (n, k)
-            tol = 2e-2 if dtype == torch.float16 else 1e-4
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+            yield dtype, dy3, compress_rows_of(x3, config).dequantized(dtype)
+
+
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_weight_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+    for dtype, dy3, packed in _compressed(b, t, k, n, block, device, dtypes):
+        got = _backend(backend).weight_grad(dy3, packed)
+        want = reference.rows_of(dy3).double().t() @ packed.to_dense().double()
+        assert got.dtype == dtype and got.shape == (n, k)
+        tol = 2e-2 if dtype == torch.float16 else 1e-4
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
 
 
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("b, t, k, n, block", CASES)
 def test_channel_scale_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
     monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
-    for dtype in dtypes:
-        x3 = _source(b, t, k, device, dtype)
-        dy3 = _source(b, t, k, device, dtype, transposed=True)
-        for config in _configs():
-            config = PruneConfig(**{**config.to_dict(), "block_size": block})
-            packed = compress_rows_of(x3, config).dequantized(dtype)
-            inputs = [t.clone() for t in (dy3, *packed.tensors)]
-            got = _backend(backend).channel_scale_grad(dy3, packed)
-            # the kernel wrote nothing but its output (docs/reliability.md, item 29)
-            assert all(torch.equal(a, c) for a, c in zip(inputs, (dy3, *packed.tensors)))
-            want = (reference.rows_of(dy3).double() * packed.to_dense().double()).sum(0)
-            assert got.dtype == dtype and got.shape == (k,)
-            tol = 2e-2 if dtype == torch.float16 else 1e-5
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
-            ref = reference.channel_scale_grad(dy3, packed)
-            torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
+    for dtype, dy3, packed in _compressed(b, t, k, k, block, device, dtypes):
+        inputs = [a.clone() for a in (dy3, *packed.tensors)]
+        got = _backend(backend).channel_scale_grad(dy3, packed)
+        # the kernel wrote nothing but its output (docs/reliability.md, item 29)
+        assert all(torch.equal(a, c) for a, c in zip(inputs, (dy3, *packed.tensors)))
+        want = (reference.rows_of(dy3).double() * packed.to_dense().double()).sum(0)
+        assert got.dtype == dtype and got.shape == (k,)
+        tol = 2e-2 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+        ref = reference.channel_scale_grad(dy3, packed)
+        torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
 
 
 @pytest.mark.parametrize("choice", ["numba", "triton"])

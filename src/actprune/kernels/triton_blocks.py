@@ -212,6 +212,19 @@ def _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_
 
 
 @triton.jit
+def _next_block(rows_ptr, b, end, step, BITS: tl.constexpr):
+    """(block-row, kept) of a gradient loop's step: without a remainder the loop walks the kept
+    blocks (step-th from b); with one it walks every block-row and b is the next kept block."""
+    if BITS == 0:
+        r = tl.load(rows_ptr + b).to(tl.int64)
+        kept = b < end
+    else:
+        r = tl.cast(step, tl.int64)
+        kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
+    return r, kept
+
+
+@triton.jit
 def _dy_block(dy_ptr, offs_m, offs_c, batch, M, C, stride_b, stride_t, stride_c,
               ROW_MASK: tl.constexpr):  # fmt: skip
     """dy[rows offs_m, columns offs_c] of the row source dy, [len(offs_m), len(offs_c)]."""
@@ -246,12 +259,7 @@ def _weight_grad_kernel(
     v_mask = (i[:, None] < BM) & (j[None, :] < BK)
     b = start
     for step in range(0, (end - start) if BITS == 0 else n_br):
-        if BITS == 0:
-            r = tl.load(rows_ptr + b).to(tl.int64)
-            kept = b < end
-        else:
-            r = tl.cast(step, tl.int64)
-            kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
+        r, kept = _next_block(rows_ptr, b, end, step, BITS)
         offs_m = r * BM + i
         dy = _dy_block(dy_ptr, offs_m, offs_n, batch, M, N, stride_dyb, stride_dyt, stride_dyn,
                        i < BM)  # fmt: skip
@@ -321,12 +329,7 @@ def _channel_scale_grad_kernel(
     v_mask = (i[:, None] < BM) & (j[None, :] < BK)
     b = start
     for step in range(0, (end - start) if BITS == 0 else n_br):
-        if BITS == 0:
-            r = tl.load(rows_ptr + b).to(tl.int64)
-            kept = b < end
-        else:
-            r = tl.cast(step, tl.int64)
-            kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
+        r, kept = _next_block(rows_ptr, b, end, step, BITS)
         offs_m = r * BM + i
         dy = _dy_block(dy_ptr, offs_m, offs_k, batch, M, K, stride_dyb, stride_dyt, stride_dyk,
                        i < BM)  # fmt: skip
