@@ -37,9 +37,7 @@ def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
     row index, so row = token_index · batch + sample (a copy for inputs with 3+ dims; the kernels
     read the same rows through ``row_source`` instead).
     """
-    if t.dim() >= 3 and row_order == "token-major":
-        t = t.movedim(0, -2)
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # explicit rows: 0 columns work too
+    return kernels.reference.rows_of(row_source(t, row_order))
 
 
 def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:

@@ -244,7 +244,6 @@ def _(x, codes, nonfinite, bits, function):
 
 def _activation_setup(ctx, inputs, output) -> None:
     x, codes, nonfinite, ctx.bits, ctx.function = inputs
-    ctx.rows = _rows(x)
     ctx.save_for_backward(codes, nonfinite)
 
 

@@ -333,9 +333,7 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
 
 def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """numba version of ``reference.weight_grad``: X̃ decoded one tile at a time."""
-    if reference.use_block_matmul(x):
-        return reference.weight_grad(dy3, x)
-    return reference.weight_grad_tiled(dy3, x, decode_rows)
+    return reference.weight_grad(dy3, x, decode_rows)
 
 
 @nb.njit(**_JIT)

@@ -38,9 +38,7 @@ def _decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Ten
 
 
 def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    if reference.use_block_matmul(x):
-        return reference.weight_grad(dy3, x)
-    return reference.weight_grad_tiled(dy3, x, _decode_rows)
+    return reference.weight_grad(dy3, x, _decode_rows)
 
 
 def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:

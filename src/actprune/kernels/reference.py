@@ -247,12 +247,17 @@ def use_block_matmul(x: BlockSparse) -> bool:
     return x.remainder is None and x.density <= 0.2 * math.sqrt(bm * bk / 1024)
 
 
-def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+def weight_grad(
+    dy3: torch.Tensor,
+    x: BlockSparse,
+    decode: Callable[[BlockSparse, int, int, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], dy given as the row source dy3 [B, T, N] and X̃ as
-    float blocks; result in dy3.dtype."""
+    float blocks; result in dy3.dtype. ``decode`` writes the tiles of X̃ (default
+    ``decode_rows``; the numba and meta backends pass theirs)."""
     if use_block_matmul(x):
         return _weight_grad_by_blocks(rows_of(dy3), x)
-    return weight_grad_tiled(dy3, x, decode_rows)
+    return weight_grad_tiled(dy3, x, decode or decode_rows)
 
 
 def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
