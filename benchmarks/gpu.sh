@@ -3,8 +3,9 @@
 # kernel correctness (every Triton kernel against the PyTorch reference, remainder codes bit for
 # bit), kernel speed (compress GB/s against a copy, dW with the remainder decoded tile by tile
 # against cuBLAS and torch.sparse), training-step memory and time of ResMLP-S24 at 224 px
-# (dense, checkpointing, the paper's method and the default, in one process), the scope
-# comparison at batch 32 (issue 5's setting). (The planner predicts on the meta device: CPU work.)
+# (dense, checkpointing, the paper's method and the default, in one process), and every frontier
+# configuration's peak and interleaved step time (the step-time JSON is what `actprune plan
+# --step-times` reads for a GPU). (The planner predicts on the meta device: CPU work.)
 #   bash benchmarks/gpu.sh [OUT]        # OUT defaults to docs/results/gpu-<GPU name>
 # Works from a checkout without installing (PYTHONPATH=src) on any torch >= 2.4 with triton.
 # Each step has a time limit and a failed step does not stop the next: whatever finished is kept.
@@ -30,6 +31,7 @@ for dtype in float16 float32; do
 done
 step 100 bench.txt $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 64 \
   --timing-steps 10 --preset recommended paper --out "$OUT"
-step 80 bench.txt $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 32 \
-  --scope linear all --remainder-bits 0 4 --int8 false true --timing-steps 10 --out "$OUT" \
-  --baselines checkpoint --stem memory_scopes_resmlp_s24_224px_b32_cuda
+step 120 bench.txt $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 64 \
+  --frontier --timing-steps 5 --out "$OUT" --stem memory_frontier_resmlp_s24_224px_b64_cuda
+step 120 bench.txt $PY benchmarks/step_time.py --frontier --device cuda --model resmlp_s24 \
+  --batch-size 64 --rounds 10 --out "$OUT"

@@ -44,10 +44,10 @@ def test_methods_list_dense_baselines_then_each_config():
 def test_memory_bench_small(tmp_path):
     configs = [
         MemoryConfig.dense(),
-        MemoryConfig.checkpoint(),
+        MemoryConfig.checkpointing(),
         MemoryConfig.unstructured(0.9),
         MemoryConfig.actprune(PruneConfig(0.9, 16)),
-        MemoryConfig("all", "actprune", PruneConfig(0.9, 16, scope="all")),
+        MemoryConfig("all", PruneConfig(0.9, 16, scope="all")),
     ]
     rows = run_memory_bench("resmlp_tiny", 32, configs, image_size=28, timing_steps=1)
     by = {r.config.name: r for r in rows}
@@ -149,6 +149,9 @@ def test_cli_bench_and_plan(tmp_path, capsys):
                 "cpu",
                 "--max-batch",
                 "4096",
+                "--configs",
+                "dense",
+                "actprune_all_r4_s0.9_b32",
             ]
         )
         == 0
@@ -157,3 +160,5 @@ def test_cli_bench_and_plan(tmp_path, capsys):
     assert "| dense |" in out and "| actprune_all_r4_s0.9_b32 |" in out
     assert main(["plan", "--memory", "lots"]) == 2
     assert "memory size" in capsys.readouterr().err
+    assert main(["plan", "--configs", "dense", "nope"]) == 2
+    assert "--configs: unknown nope; available: dense, checkpoint," in capsys.readouterr().err

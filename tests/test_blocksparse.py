@@ -181,11 +181,11 @@ def test_selection_without_nonzero_static(monkeypatch):
     assert torch.equal(got.ccol_indices, want.ccol_indices)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_low_bit_remainder_is_unbiased_and_within_one_level(bits):
+@pytest.mark.parametrize("bits, sparsity", [(1, 0.75), (2, 0.75), (4, 0.75), (8, 0.75), (4, 1.0)])
+def test_low_bit_remainder_is_unbiased_and_within_one_level(bits, sparsity):
     torch.manual_seed(0)
     x = torch.randn(40, 56) * torch.linspace(0.1, 3, 56)
-    config = PruneConfig(0.75, 8, remainder_bits=bits)
+    config = PruneConfig(sparsity, 8, remainder_bits=bits)
     p = compress(x, config)
     dense = p.to_dense()
     kept = p.block_mask().repeat_interleave(8, 0).repeat_interleave(8, 1)[:40, :56]
@@ -197,7 +197,9 @@ def test_low_bit_remainder_is_unbiased_and_within_one_level(bits):
     assert torch.all((mean - x).abs()[~kept] <= 0.25 * spacing[~kept])  # stochastic rounding
     n_br, n_bc = p.grid_shape
     code_bytes = math.ceil(n_br * 8 * n_bc * 8 * bits / 8)
-    assert p.nbytes == compress(x, PruneConfig(0.75, 8)).nbytes + code_bytes + 4 * n_br * n_bc
+    values = p.values.numel() * 4 + p.row_indices.numel() * 4 + (n_bc + 1) * 4
+    assert p.nnz_blocks == (0 if sparsity == 1 else n_bc * 2)  # uniform keeps no block
+    assert p.nbytes == values + code_bytes + 4 * n_br * n_bc
     with pytest.raises(ValueError, match="not sparse"):
         p.to_sparse_bsr()
 

@@ -15,7 +15,6 @@ def test_defaults_and_normalised_block():
 @pytest.mark.parametrize(
     "kwargs, field, shown",
     [
-        ({"sparsity": 1.0}, "sparsity", "1.0"),
         ({"sparsity": 1.5}, "sparsity", "1.5"),
         ({"sparsity": -0.1}, "sparsity", "-0.1"),
         ({"sparsity": math.nan}, "sparsity", "nan"),
@@ -35,12 +34,20 @@ def test_invalid_values_name_field_value_and_allowed(kwargs, field, shown):
     msg = str(err.value)
     assert f"PruneConfig.{field}" in msg and shown in msg
     allowed = {
-        "sparsity": "[0, 1)",
+        "sparsity": "[0, 1]",
         "block_size": "positive int",
         "criterion": "'l2'",
         "row_order": "'token-major'",
     }
     assert allowed[field] in msg
+
+
+def test_sparsity_one_is_uniform_quantization_and_needs_a_remainder():
+    with pytest.raises(ValueError, match=r"sparsity 1 keeps no block: it needs remainder_bits"):
+        PruneConfig(1.0, 32)
+    uniform = PruneConfig(1, 32, remainder_bits=8)
+    assert uniform.uniform and uniform.kept_blocks(100) == 0 and uniform.kept_grid_blocks(5, 7) == 0
+    assert not PruneConfig(0.999, 32).uniform
 
 
 @pytest.mark.parametrize(

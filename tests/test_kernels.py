@@ -42,7 +42,7 @@ def _source(b, t, k, device, dtype, transposed=False):
 
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize(  # every criterion and every remainder width, not every pair
-    "criterion, bits", [("l2", 0), ("l1", 1), ("max", 2), ("l2", 4)]
+    "criterion, bits", [("l2", 0), ("l1", 1), ("max", 2), ("l2", 4), ("l1", 8)]
 )
 @pytest.mark.parametrize("b, t, k, n, block", CASES)
 def test_score_blocks(backend, device, dtypes, bits, criterion, b, t, k, n, block):
@@ -73,8 +73,8 @@ def _configs():
     return [
         PruneConfig(0.0, 16),
         PruneConfig(0.6, 16, selection="global"),
-        PruneConfig(0.6, 16, remainder_bits=4),
-        PruneConfig(0.75, 8, int8=True, remainder_bits=2),
+        PruneConfig(1.0, 16, remainder_bits=8),  # uniform quantization: no kept block
+        PruneConfig(0.75, 8, int8=True, remainder_bits=4),
     ]
 
 

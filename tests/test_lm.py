@@ -120,7 +120,8 @@ def test_bench_memory_and_plan_take_a_language_model(capsys):
     assert by["actprune_all_r4_s0.9_b32"].saved_bytes < 0.8 * by["dense"].saved_bytes
     assert {"linear", "gelu", "causalselfattention", "layernorm"} <= set(by["dense"].saved_by_kind)
     assert main(["plan", "--model", "gpt_tiny", "--seq-len", "16", "--batch-size", "1",
-                 "--memory", "1GB", "--device", "cpu", "--max-batch", "1"]) == 0  # fmt: skip
+                 "--memory", "1GB", "--device", "cpu", "--max-batch", "1",
+                 "--configs", "dense", "checkpoint"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "gpt_tiny, seq16" in out and "| checkpoint |" in out
 

@@ -6,14 +6,21 @@ from actprune import PruneConfig, measure_training_step, models
 from actprune.methods import MemoryConfig, apply_method
 from actprune.plan import largest_batch, parse_bytes, predict_step
 
-CONFIGS = [
+CONFIGS = [  # one of every family (MemoryConfig.family)
     MemoryConfig.dense(),
-    MemoryConfig.checkpoint(),
-    MemoryConfig.actprune(PruneConfig(0.9, 32)),
+    MemoryConfig.checkpointing(),
+    MemoryConfig.checkpointing(every=2, selective=True),
     MemoryConfig.unstructured(0.8),
-    MemoryConfig.actprune(PruneConfig(0.9, 32, scope="all")),
     MemoryConfig.actprune(PruneConfig(0.9, 32, scope="all", int8=True, remainder_bits=2)),
+    MemoryConfig.actprune(PruneConfig.preset("uniform")),
+    MemoryConfig.composition(PruneConfig.preset("recommended"), every=2),
 ]
+FAMILIES = {"dense", "checkpoint", "selective", "actprune", "unstructured", "uniform",
+            "composition"}  # fmt: skip
+
+
+def test_configs_cover_every_family():
+    assert {c.family for c in CONFIGS} == FAMILIES
 
 
 def measured_peak(name, batch, config, image_size=None, **overrides):

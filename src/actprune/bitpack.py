@@ -1,4 +1,4 @@
-"""Packing small unsigned codes (1, 2, 4 bits) into bytes: how low-bit codes are stored.
+"""Packing small unsigned codes (1, 2, 4 bits; 8 is the identity) into bytes: the low-bit codes.
 
 Both directions work on the codes viewed as wider integers, so each is a handful of contiguous
 shift/or passes instead of one strided pass per lane: 8 // bits consecutive uint8 codes viewed
@@ -21,6 +21,7 @@ _LANES = {
     1: (torch.int64, 0x0101010101010101),
     2: (torch.int32, 0x03030303),
     4: (torch.int16, 0x0F0F),
+    8: (torch.uint8, 0xFF),
 }
 
 

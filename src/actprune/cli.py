@@ -26,8 +26,8 @@ from .compare import compare, report_table
 from .config import PRESETS, PruneConfig
 from .data import DATASETS, DataError
 from .lm import LMConfig, compare_lm, lm_table
-from .methods import BASELINES, methods
-from .plan import largest_batch, parse_bytes, predict_step
+from .methods import BASELINES, frontier_methods, methods
+from .plan import accuracy_deltas, parse_bytes, plan, step_time_ratios
 from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpoint, train
 from .workloads import Workload, WorkloadError, build_workload
 
@@ -295,7 +295,10 @@ def lm_config(args: argparse.Namespace) -> LMConfig:
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     device, out = _device(args.device), _out_folder(args.out)
     work = _workload(args)
-    configs = methods(prune_configs(args), args.baselines, _exclude(args))
+    if args.frontier:
+        configs = frontier_methods(_exclude(args))
+    else:
+        configs = methods(prune_configs(args), args.baselines, _exclude(args))
     rows = run_memory_bench(
         args.model,
         args.batch_size,
@@ -347,29 +350,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
     work = _workload(args)
     try:
         budget = parse_bytes(args.memory)
+        ratios, source = step_time_ratios(args.step_times)
+        accuracy, accuracy_source = accuracy_deltas(args.accuracy)
     except ValueError as err:
         raise UserError(str(err)) from err
-    configs = methods(prune_configs(args), ["checkpoint"], _exclude(args))
-    foreach = args.device != "cpu"  # AdamW's default implementation on each device
+    configs = frontier_methods(_exclude(args))
+    names = {c.name for c in configs}
+    configs += [m for m in methods(prune_configs(args), [], _exclude(args)) if m.name not in names]
+    if args.configs:
+        unknown = set(args.configs) - {c.name for c in configs}
+        if unknown:
+            raise UserError(f"--configs: unknown {', '.join(sorted(unknown))}; available: "
+                            f"{', '.join(c.name for c in configs)}")  # fmt: skip
+        configs = [c for c in configs if c.name in args.configs]
     print(
         f"{args.model}, {work.shape_label}, AdamW; budget {args.memory} = "
-        f"{budget / 2**30:.2f} GiB; predicted on the meta device (nothing is allocated)\n"
+        f"{budget / 2**30:.2f} GiB; peaks predicted on the meta device (nothing is allocated); "
+        f"step time × dense measured: {source}; Δ accuracy measured: {accuracy_source} "
+        f"(exact methods: 0; a composition: as its compression alone)\n"
     )
-    print(f"| config | peak at batch {args.batch_size} | fits | largest batch that fits |")
-    print("|---|---|---|---|")
-    for config in configs:
-
-        def peak(batch: int, config=config) -> int:
-            plan = predict_step(args.model, batch, config, foreach, args.image_size, args.seq_len)
-            return plan.peak_step_bytes
-
-        _progress(f"{config.name}: predicting ...")
-        at_batch = peak(args.batch_size)
-        probe = max(1, args.batch_size // 2)
-        best = largest_batch(peak, budget, probe=probe, limit=args.max_batch)
-        fits = "yes" if at_batch <= budget else "no"
-        shown = best if best < args.max_batch else f">= {best}"
-        print(f"| {config.name} | {at_batch / 2**30:.2f} GiB | {fits} | {shown} |")
+    rows = plan(args.model, args.batch_size, budget, configs, ratios, accuracy,
+                args.accuracy_tolerance,
+                foreach=args.device != "cpu",  # AdamW's default implementation on each device
+                image_size=args.image_size, seq_len=args.seq_len, max_batch=args.max_batch,
+                progress=_progress)  # fmt: skip
+    print(f"| rank | config | family | peak at batch {args.batch_size} | fits | largest batch "
+          "| step × dense | Δ acc (pts) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for i, r in enumerate(rows, 1):
+        shown = r.largest_batch if r.largest_batch < args.max_batch else f">= {r.largest_batch}"
+        ratio = "not measured" if r.step_ratio is None else f"{r.step_ratio:.2f}"
+        delta = "not measured" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}"
+        print(f"| {i} | {r.config.name} | {r.config.family} | {r.peak_step_bytes / 2**30:.2f} GiB "
+              f"| {'yes' if r.fits else 'no'} | {shown} | {ratio} | {delta} |")  # fmt: skip
+    tol = args.accuracy_tolerance
+    best = next((r for r in rows if r.fits and r.step_ratio is not None and r.accurate(tol)), None)
+    if best:
+        print(f"\nFastest that fits batch {args.batch_size} within {tol:g} point of dense "
+              f"accuracy: {best.config.name} (step × {best.step_ratio:.2f} dense, peak "
+              f"{best.peak_step_bytes / 2**30:.2f} GiB).")  # fmt: skip
+    else:
+        print(f"\nNo measured configuration fits batch {args.batch_size} in {args.memory} "
+              f"within {tol:g} point of dense accuracy (largest batches: the table).")  # fmt: skip
     return 0
 
 
@@ -454,13 +475,24 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         default=list(BASELINES),
         help="comparisons besides dense (default: all; none: --baselines with no value)",
     )
+    p.add_argument(
+        "--frontier",
+        action="store_true",
+        help="measure every frontier configuration (checkpointing variants, selective "
+        "checkpointing, the paper's method, the default, uniform quantization, compositions) "
+        "instead of dense + --baselines + the compression flags",
+    )
     p = commands.choices["kernels"]
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=_positive_int, default=10)
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="predict peak memory and the largest batch that fits")
+    p = sub.add_parser(
+        "plan",
+        help="rank the ways to train by step time among those that fit "
+        "a memory budget; predict peaks and the largest batch",
+    )
     _add_model_args(p, "resmlp_b24", 256, specs=True)
     p.add_argument("--memory", default="80GB", help="budget: 80GB (10^9), 80GiB (2^30), 512MiB")
     p.add_argument(
@@ -470,6 +502,34 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="the device the step would run on (AdamW's implementation differs)",
     )
     p.add_argument("--max-batch", type=_positive_int, default=1 << 16)
+    p.add_argument(
+        "--step-times",
+        default=None,
+        metavar="JSON",
+        help="measured step times × dense (a benchmarks/step_time.py JSON; default: the packaged "
+        "CPU run of every frontier configuration on ResMLP-S24)",
+    )
+    p.add_argument(
+        "--accuracy",
+        default=None,
+        metavar="JSON",
+        help="measured Δ accuracy per configuration (a benchmarks/frontier.py JSON; default: "
+        "the packaged Fashion-MNIST runs of the demo model)",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="NAME",
+        help="rank only these configurations (names as in the table; default: every frontier "
+        "configuration and those of the compression flags)",
+    )
+    p.add_argument(
+        "--accuracy-tolerance",
+        type=float,
+        default=0.3,
+        metavar="POINTS",
+        help="accuracy loss still ranked as kept (default %(default)s)",
+    )
     add_compression_args(p, sweep=True)
     p.set_defaults(func=cmd_plan)
 

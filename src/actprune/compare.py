@@ -23,28 +23,35 @@ def run_name(prune: PruneConfig | None) -> str:
     return "dense" if prune is None else f"actprune_{prune.label()}"
 
 
-def compare(base: TrainConfig, prunes: list[PruneConfig], command: str = "") -> list[dict]:
+def compare(
+    base: TrainConfig, prunes: list[PruneConfig], command: str = "", dense: dict | None = None
+) -> list[dict]:
     """Train dense and one run per PruneConfig from ``base`` (same seed, weights, data order).
 
     Args:
         base: the settings shared by every run (its ``prune`` is ignored).
         prunes: the compressed runs to compare with dense.
         command: the command line, quoted in the report.
+        dense: the summary of a dense run with the same model, dataset, seed, epochs and batch
+            made before (dense training is deterministic on one machine and torch version):
+            reused instead of trained again. Its step time is then not from this run.
 
     Returns:
         One summary per run (``train``), dense first, each with its ``run`` name; also written
         to ``base.out``: summary.json, report.md and the plots.
     """
     out = Path(base.out)
-    settings = [None, *prunes]
+    settings = [None, *prunes] if dense is None else list(prunes)
     for prune in settings:
         dataclasses.replace(base, prune=prune).validate()
+    if dense is not None:
+        _check_same_schedule(dense, base)
     prepare_out_dir(out, base.overwrite, base.resume)
     try:
         dataset = data_lib.load(base.dataset, base.data_dir, base.image_size)
     except data_lib.DataError as err:
         raise TrainError(str(err)) from err
-    runs = []
+    runs = [] if dense is None else [{**dense, "run": "dense"}]
     for prune in settings:
         name = run_name(prune)
         cfg = dataclasses.replace(base, prune=prune, out=str(out / name))
@@ -53,6 +60,18 @@ def compare(base: TrainConfig, prunes: list[PruneConfig], command: str = "") -> 
     (out / "report.md").write_text(_report(runs, report_table(runs), command))
     plot(runs, out)
     return runs
+
+
+def _check_same_schedule(dense: dict, base: TrainConfig) -> None:
+    """A reused dense run must have trained what ``base`` would: same model, data, schedule."""
+    theirs = dense["config"]
+    for key in ("model", "dataset", "seed", "epochs", "batch_size", "lr", "weight_decay",
+                "optimizer", "label_smoothing", "warmup_epochs"):  # fmt: skip
+        if theirs.get(key) != getattr(base, key):
+            raise TrainError(
+                f"the dense run to reuse has {key}={theirs.get(key)!r}, this comparison "
+                f"{getattr(base, key)!r}"
+            )
 
 
 def _mib(n: float) -> str:

@@ -21,7 +21,7 @@ ROW_ORDERS = ("token-major", "batch-major")
 SELECTIONS = ("column", "global")
 SCOPES = ("linear", "all")
 ACTIVATION_BITS = (2, 4)
-REMAINDER_BITS = (0, 1, 2, 4)
+REMAINDER_BITS = (0, 1, 2, 4, 8)
 
 
 def _option(help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -41,7 +41,8 @@ class PruneConfig:
     value and what is allowed. Why each field exists, with measurements: docs/design.md.
 
     Args:
-        sparsity: fraction of blocks dropped, in [0, 1).
+        sparsity: fraction of blocks dropped, in [0, 1]; 1 (keep no block exactly) only with a
+            remainder, which is then uniform low-bit quantization of the whole tensor.
         block_size: an int (square blocks) or a (rows, cols) pair; stored as a pair.
         criterion: block score, one of ``CRITERIA``.
         row_order: how an N-D activation becomes rows, one of ``ROW_ORDERS``.
@@ -61,11 +62,14 @@ class PruneConfig:
         >>> PruneConfig(1.5)
         Traceback (most recent call last):
         ...
-        ValueError: PruneConfig.sparsity must be a number in [0, 1), got 1.5
+        ValueError: PruneConfig.sparsity must be a number in [0, 1], got 1.5
     """
 
-    # 0 keeps every block (exact gradients); 0.9 keeps ceil(0.1 · n_blocks) blocks.
-    sparsity: float = _option("fraction of blocks dropped, in [0, 1)")
+    # 0 keeps every block (exact gradients); 0.9 keeps ceil(0.1 · n_blocks) blocks; 1 keeps none,
+    # which with a remainder is plain uniform quantization (ActNN / GACT style, per-block scale,
+    # stochastic rounding): the baseline that block selection has to beat at equal bytes.
+    sparsity: float = _option("fraction of blocks dropped, in [0, 1]; 1 needs a remainder "
+                              "(uniform quantization)")  # fmt: skip
     # Blocks are cut from the 2-D (rows = tokens, cols = features) view of a saved tensor.
     block_size: int | tuple[int, int] = _option("block side, or ROWSxCOLS", default=32)
     # "l2" (keeping the top blocks by it minimises the squared error of the pruned tensor), "l1"
@@ -88,7 +92,7 @@ class PruneConfig:
                                    ACTIVATION_BITS, default=2)  # fmt: skip
     # Backward dequantises one layer at a time.
     int8: bool = _option("keep the kept blocks as int8 with a per-block scale", default=False)
-    # 0: dropped blocks are zero (the seed paper). 1, 2, 4: the whole tensor is also kept at that
+    # 0: dropped blocks are zero (the seed paper). 1, 2, 4, 8: the whole tensor is also kept at that
     # many bits (per-block scale, stochastic rounding, so unbiased) and backward uses the kept
     # blocks exactly and the rest at low precision: dW sees all of x.
     remainder_bits: int = _option("also keep the dropped blocks at this many bits (0: drop them)",
@@ -96,8 +100,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         s = self.sparsity
-        if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (0.0 <= s < 1.0):
-            raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1), got {s!r}")
+        if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (0.0 <= s <= 1.0):
+            raise ValueError(f"PruneConfig.sparsity must be a number in [0, 1], got {s!r}")
         object.__setattr__(self, "sparsity", float(s))
         object.__setattr__(self, "block_size", _block_pair(self.block_size))
         for f in dataclasses.fields(self):
@@ -109,6 +113,11 @@ class PruneConfig:
                 )
         if not isinstance(self.int8, bool):
             raise ValueError(f"PruneConfig.int8 must be True or False, got {self.int8!r}")
+        if self.sparsity == 1.0 and not self.remainder_bits:
+            raise ValueError(
+                "PruneConfig.sparsity 1 keeps no block: it needs remainder_bits > 0 (uniform "
+                "quantization), otherwise nothing of the tensor is saved"
+            )
         # Computed once: the ops take it on every call, also inside torch.compile'd code, which
         # cannot trace json.dumps.
         object.__setattr__(self, "_json", json.dumps(self.to_dict(), sort_keys=True,
@@ -139,9 +148,15 @@ class PruneConfig:
         """(rows, cols) of one block."""
         return self.block_size  # type: ignore[return-value]  # normalised in __post_init__
 
+    @property
+    def uniform(self) -> bool:
+        """True when no block is kept exactly: the remainder alone, i.e. uniform quantization."""
+        return self.sparsity == 1.0
+
     def kept_blocks(self, n_blocks: int) -> int:
-        """k = ceil((1 - sparsity) · n_blocks), computed so that float error never adds a block."""
-        if n_blocks <= 0:
+        """k = ceil((1 - sparsity) · n_blocks), computed so that float error never adds a block;
+        at least one block unless ``uniform``."""
+        if n_blocks <= 0 or self.uniform:
             return 0
         dropped = math.floor(self.sparsity * n_blocks + 1e-9)
         return max(1, n_blocks - dropped)
@@ -155,17 +170,18 @@ class PruneConfig:
 
     def label(self) -> str:
         """A short name for tables and run folders: a tag for every field away from its default,
-        then sparsity and block, e.g. ``"all_int8_r4_s0.9_b32"``."""
+        then sparsity and block, e.g. ``"all_int8_r4_s0.9_b32"``; uniform quantization at b bits
+        is ``u<b>`` without a sparsity, e.g. ``"all_u4_b32"``."""
         bm, bk = self.block_shape
         tags = [
             "all" if self.scope == "all" else "",
             "int8" if self.int8 else "",
-            f"r{self.remainder_bits}" if self.remainder_bits else "",
+            f"{'u' if self.uniform else 'r'}{self.remainder_bits}" if self.remainder_bits else "",
             f"a{self.activation_bits}" if self.scope == "all" and self.activation_bits != 2 else "",
             "global" if self.selection == "global" else "",
             self.criterion if self.criterion != "l2" else "",
             "batchmajor" if self.row_order == "batch-major" else "",
-            f"s{self.sparsity:g}",
+            "" if self.uniform else f"s{self.sparsity:g}",
             f"b{bm}" if bm == bk else f"b{bm}x{bk}",
         ]
         return "_".join(t for t in tags if t)
@@ -218,7 +234,10 @@ def _block_pair(b: object) -> tuple[int, int]:
 # Named settings. "paper": Barley & Fröning 2023 (Linear inputs, global top-k, dropped blocks
 # zero). "recommended": what the command line uses unless told otherwise; chosen by the 10-epoch
 # Fashion-MNIST comparison and the ResMLP-S24 memory runs (docs/design.md, "Presets").
+# "uniform": no block kept exactly, every saved tensor at 4 bits (ActNN / GACT-style
+# quantization; --remainder-bits picks 2 or 8): the baseline of the frontier (docs/results).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"sparsity": 0.9, "block_size": 32, "selection": "global"},
     "recommended": {"sparsity": 0.9, "block_size": 32, "scope": "all", "remainder_bits": 4},
+    "uniform": {"sparsity": 1.0, "block_size": 32, "scope": "all", "remainder_bits": 4},
 }

@@ -1,11 +1,19 @@
 """The ways to train a model that ``bench memory`` measures and ``plan`` predicts, side by side.
 
+A ``MemoryConfig`` says which of the model's repeated blocks run under activation checkpointing
+(none; every ``every``-th one) and how (``"full"``: only the block input is held and the whole
+block runs twice; ``"selective"``: PyTorch's selective checkpointing, the matmul outputs are held
+and only the cheap elementwise ops run twice), and what is compressed (a ``PruneConfig``: in the
+blocks that are not checkpointed and the layers outside the stack, or also inside the checkpointed
+blocks, where it shrinks the recompute's transient). Its ``family`` names the method in tables:
+
 - ``dense``: plain training;
-- ``checkpoint``: every repeated block under ``torch.utils.checkpoint`` (non-reentrant): only
-  block inputs are held, each block's forward runs twice;
+- ``checkpoint`` / ``selective``: checkpointing alone (exact);
 - ``unstructured``: the Linear inputs kept as their top-k *elements* by magnitude, stored as
   values + int32 indices (the DropIT approach, i.e. actprune with 1×1 blocks and global top-k);
-- ``actprune``: ``prune_activations_`` with a ``PruneConfig``.
+- ``uniform``: every saved tensor at b bits, no block kept exactly (``PruneConfig.uniform``);
+- ``actprune``: ``prune_activations_`` with a ``PruneConfig`` that keeps blocks;
+- ``composition``: checkpointing and compression together.
 Layers matching ``exclude`` (default: the classifier head) stay dense in every compressed method.
 """
 
@@ -13,62 +21,139 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from .config import PruneConfig
 from .convert import prune_activations_
 
-METHODS = ("dense", "checkpoint", "unstructured", "actprune")
+CHECKPOINTS = ("none", "full", "selective")
 BASELINES = ("checkpoint", "unstructured")
+
+# Selective checkpointing holds the outputs of these ops (the matmuls: what is expensive to
+# recompute) and recomputes everything else, as torchtitan's and torchtune's policies do.
+_SAVED_BY_SELECTIVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+}
+
+
+def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) -> CheckpointPolicy:
+    if op in _SAVED_BY_SELECTIVE:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class Checkpointed(nn.Module):
     """Runs ``block`` under non-reentrant activation checkpointing: only the block's input is held
-    for backward (saved through saved-tensor hooks, so it is counted, as kind "checkpointed")."""
+    for backward (saved through saved-tensor hooks, so it is counted, as kind "checkpointed").
+    With ``selective``, the matmul outputs are held too and only the other ops are recomputed."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, selective: bool = False) -> None:
         super().__init__()
         self.block = block
+        self.selective = selective
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        if self.selective:
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """One method: its name in tables, the method, and its PruneConfig (None when it has none)."""
+    """One way to train: its name in tables, its checkpointing and its compression.
+
+    Args:
+        name: the row's name in tables (the constructors below name every configuration).
+        prune: what compression does, or None.
+        checkpoint: one of ``CHECKPOINTS``.
+        every: checkpoint blocks 0, every, 2·every, ... of the stack (1: all of them).
+        compress_checkpointed: also compress inside the checkpointed blocks (else they are left
+            as they are and ``prune`` applies to the rest of the model).
+        exclude: name patterns of layers never compressed.
+    """
 
     name: str
-    method: str  # one of METHODS
     prune: PruneConfig | None = None
+    checkpoint: str = "none"
+    every: int = 1
+    compress_checkpointed: bool = False
     exclude: tuple[str, ...] = ("head",)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"MemoryConfig.method must be one of {METHODS}, got {self.method!r}")
-        if (self.prune is None) != (self.method in ("dense", "checkpoint")):
-            raise ValueError(f"MemoryConfig {self.name!r}: a PruneConfig iff the method compresses")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(
+                f"MemoryConfig.checkpoint must be one of {CHECKPOINTS}, got {self.checkpoint!r}"
+            )
+        if not (isinstance(self.every, int) and self.every >= 1):
+            raise ValueError(f"MemoryConfig.every must be a positive int, got {self.every!r}")
+        if self.compress_checkpointed and (self.prune is None or self.checkpoint != "full"):
+            raise ValueError(
+                f"MemoryConfig {self.name!r}: compress_checkpointed needs a PruneConfig and full "
+                "checkpointing"
+            )
+
+    @property
+    def family(self) -> str:
+        """dense, checkpoint, selective, unstructured, uniform, actprune or composition."""
+        if self.prune is None:
+            return {"none": "dense", "full": "checkpoint", "selective": "selective"}[
+                self.checkpoint
+            ]
+        if self.checkpoint != "none":
+            return "composition"
+        if self.prune.block_shape == (1, 1) and self.prune.selection == "global":
+            return "unstructured"
+        return "uniform" if self.prune.uniform else "actprune"
 
     @classmethod
     def dense(cls) -> MemoryConfig:
-        return cls("dense", "dense")
+        return cls("dense")
 
     @classmethod
-    def checkpoint(cls) -> MemoryConfig:
-        return cls("checkpoint", "checkpoint")
+    def checkpointing(cls, every: int = 1, selective: bool = False) -> MemoryConfig:
+        """Checkpoint every ``every``-th block, fully or selectively: "checkpoint",
+        "checkpoint_every2", "selective", ..."""
+        name = "selective" if selective else "checkpoint"
+        name += f"_every{every}" if every > 1 else ""
+        return cls(name, checkpoint="selective" if selective else "full", every=every)
 
     @classmethod
     def unstructured(cls, sparsity: float) -> MemoryConfig:
         """Top-k elements of every Linear input: 1×1 blocks, global selection."""
-        prune = PruneConfig(sparsity, 1, selection="global")
-        return cls(f"unstructured_s{sparsity:g}", "unstructured", prune)
+        return cls(f"unstructured_s{sparsity:g}", PruneConfig(sparsity, 1, selection="global"))
 
     @classmethod
     def actprune(cls, prune: PruneConfig, exclude: Iterable[str] = ("head",)) -> MemoryConfig:
-        """actprune with ``prune``, named ``actprune_<label>``."""
-        return cls(f"actprune_{prune.label()}", "actprune", prune, tuple(exclude))
+        """actprune with ``prune``, named ``actprune_<label>`` (as ``compare`` names its run)."""
+        return cls(f"actprune_{prune.label()}", prune, exclude=tuple(exclude))
+
+    @classmethod
+    def composition(
+        cls,
+        prune: PruneConfig,
+        every: int = 2,
+        inside: bool = False,
+        exclude: Iterable[str] = ("head",),
+    ) -> MemoryConfig:
+        """Checkpoint every ``every``-th block and compress the rest with ``prune``, or (``inside``)
+        checkpoint those blocks and compress inside them too: "checkpoint_every2+all_r4_s0.9_b32",
+        "checkpoint+inside_all_r4_s0.9_b32"."""
+        ckpt = MemoryConfig.checkpointing(every).name
+        name = f"{ckpt}+{'inside_' if inside else ''}{prune.label()}"
+        return cls(name, prune, "full", every, inside, tuple(exclude))
 
 
 def methods(
@@ -84,11 +169,42 @@ def methods(
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
     configs = [MemoryConfig.dense()]
     if "checkpoint" in baselines:
-        configs.append(MemoryConfig.checkpoint())
+        configs.append(MemoryConfig.checkpointing())
     if "unstructured" in baselines:
-        sparsities = dict.fromkeys(p.sparsity for p in prunes)  # in order, once each
+        sparsities = dict.fromkeys(p.sparsity for p in prunes if not p.uniform)  # in order, once
         configs += [MemoryConfig.unstructured(s) for s in sparsities]
     return configs + [MemoryConfig.actprune(p, exclude) for p in prunes]
+
+
+def frontier_prunes() -> list[PruneConfig]:
+    """The compression settings the frontier compares (docs/results, "Frontier"): the seed paper's
+    method at s = 0.5, 0.7, 0.8, 0.9; the default; the default with int8 kept blocks; uniform
+    quantization of every saved tensor at 2, 4 and 8 bits."""
+    paper = [PruneConfig.preset("paper", sparsity=s) for s in (0.5, 0.7, 0.8, 0.9)]
+    default = [PruneConfig.preset("recommended"), PruneConfig.preset("recommended", int8=True)]
+    uniform = [PruneConfig.preset("uniform", remainder_bits=b) for b in (2, 4, 8)]
+    return paper + default + uniform
+
+
+def frontier_methods(exclude: Iterable[str] = ("head",)) -> list[MemoryConfig]:
+    """Every configuration of the frontier: dense; full checkpointing of every 1st, 2nd and 4th
+    block; selective checkpointing; each of ``frontier_prunes``; and compositions of the default
+    with checkpointing (every 2nd / 4th block checkpointed, the rest compressed; every block
+    checkpointed and compressed inside)."""
+    default = PruneConfig.preset("recommended")
+    checkpoints = [MemoryConfig.checkpointing(k) for k in (1, 2, 4)]
+    compositions = [
+        MemoryConfig.composition(default, 2, exclude=exclude),
+        MemoryConfig.composition(default, 4, exclude=exclude),
+        MemoryConfig.composition(default, 1, inside=True, exclude=exclude),
+    ]
+    return [
+        MemoryConfig.dense(),
+        *checkpoints,
+        MemoryConfig.checkpointing(selective=True),
+        *[MemoryConfig.actprune(p, exclude) for p in frontier_prunes()],
+        *compositions,
+    ]
 
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
@@ -105,11 +221,20 @@ def repeated_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
 
 
 def apply_method(model: nn.Module, config: MemoryConfig) -> nn.Module:
-    """Convert ``model`` in place for ``config``; returns it."""
-    if config.method == "checkpoint":
+    """Convert ``model`` in place for ``config``; returns it.
+
+    Compression is applied first, skipping the blocks to checkpoint unless
+    ``config.compress_checkpointed``; then those blocks are wrapped in ``Checkpointed``."""
+    chosen: list[int] = []
+    if config.checkpoint != "none":
         blocks = repeated_blocks(model)
-        for i, block in enumerate(list(blocks)):
-            blocks[i] = Checkpointed(block)
-    elif config.prune is not None:
-        prune_activations_(model, config.prune, exclude=config.exclude)
+        chosen = list(range(0, len(blocks), config.every))
+    if config.prune is not None:
+        exclude = list(config.exclude)
+        if not config.compress_checkpointed:
+            names = {id(m): n for n, m in model.named_modules()}
+            exclude += [f"{names[id(blocks[i])]}.*" for i in chosen]
+        prune_activations_(model, config.prune, exclude=exclude)
+    for i in chosen:
+        blocks[i] = Checkpointed(blocks[i], selective=config.checkpoint == "selective")
     return model

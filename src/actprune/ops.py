@@ -69,15 +69,15 @@ def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:
 def _require_saved(ctx, op: str) -> None:
     if not ctx.compressed:
         raise RuntimeError(
-            f"actprune::{op} got no compressed input (empty values), so it kept nothing to "
-            "compute the parameter gradient from; pass compress_rows' outputs when the "
-            "parameter needs grad"
+            f"actprune::{op} got no compressed input (empty values and codes), so it kept "
+            "nothing to compute the parameter gradient from; pass compress_rows' outputs when "
+            "the parameter needs grad"
         )
 
 
 def _save_compressed(ctx, x, parts, config, *params) -> None:
     ctx.x_shape, ctx.config = x.shape, PruneConfig.from_json(config)
-    ctx.compressed = parts[0].numel() > 0
+    ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     ctx.save_for_backward(*params, *parts)
 
 

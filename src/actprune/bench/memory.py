@@ -52,7 +52,7 @@ def run_memory_bench(
     name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``; ``overrides``: a zoo model's arguments);
     ratios are to the dense row of this run."""
     configs = list(configs or methods([PruneConfig.preset("recommended")]))
-    if configs[0].method != "dense":
+    if configs[0].family != "dense":
         raise ValueError("the first configuration must be dense: it is every ratio's baseline")
     torch.manual_seed(0)
     work = build_workload(spec, image_size, seq_len, num_classes, **overrides)
@@ -139,7 +139,7 @@ def plot_memory(rows: list[MemoryRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    pruned = [r for r in rows if r.config.method == "actprune"]
+    pruned = [r for r in rows if r.config.family in ("actprune", "uniform")]
     sparsities = sorted({r.config.prune.sparsity for r in pruned})
     for ax, key, title in (
         (axes[0], "peak", "peak step memory"),
@@ -157,13 +157,13 @@ def plot_memory(rows: list[MemoryRow], path: Path) -> None:
         unstructured = sorted(
             (r.config.prune.sparsity, r.ratios[key])
             for r in rows
-            if r.config.method == "unstructured"
+            if r.config.family == "unstructured"
         )
         if unstructured:
             ax.plot(*zip(*unstructured), marker="x", ls="--", color="gray", label="unstructured")
         for r in rows:
-            if r.config.method == "checkpoint":
-                ax.axhline(r.ratios[key], color="tab:red", ls=":", label="checkpointing")
+            if r.config.family in ("checkpoint", "selective"):
+                ax.axhline(r.ratios[key], color="tab:red", ls=":", lw=1, label=r.config.name)
         if key == "saved" and sparsities:
             # Ideal: only the pruned tensors shrink, to (1 - s) of their dense bytes.
             dense = rows[0]
@@ -202,6 +202,12 @@ def write_memory_results(
         "saved but held once. Every × is to the dense row of this run.\n\n"
         f"{table}\n"
     )
+    if any(r.config.family == "selective" for r in rows):
+        md += (
+            "\nSelective checkpointing holds the matmul outputs in its own cache, not through "
+            "saved-tensor hooks: its saved column counts only the block inputs; its peak counts "
+            "everything.\n"
+        )
     (out_dir / f"{stem}.md").write_text(md)
     payload = {
         **setup,

@@ -79,7 +79,9 @@ def _pack_lanes(lanes, bits, out):
     """Pack the codes ``lanes`` (uint8, one per code, length a multiple of 8) into ``out``,
     8 // bits per byte, first code in the lowest bits: ``bitpack``'s scheme, through a wider view
     of the lanes so that each loop is contiguous and vectorised."""
-    if bits == 4:
+    if bits == 8:
+        out[:] = lanes
+    elif bits == 4:
         wide = lanes.view(np.uint16)
         for q in range(out.shape[0]):
             out[q] = np.uint8((wide[q] & 0x0F) | ((wide[q] >> 4) & 0xF0))
@@ -102,7 +104,9 @@ def _pack_lanes(lanes, bits, out):
 @nb.njit(**_JIT)
 def _unpack_lanes(packed, bits, lanes):
     """The inverse of ``_pack_lanes``: one code per byte of ``lanes``."""
-    if bits == 4:
+    if bits == 8:
+        lanes[:] = packed
+    elif bits == 4:
         wide = lanes.view(np.uint16)
         for q in range(packed.shape[0]):
             b = np.uint16(packed[q])

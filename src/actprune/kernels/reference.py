@@ -103,6 +103,10 @@ def select_blocks(
     scores: torch.Tensor, k: int, *, per_column: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch version of ``kernels.select_blocks`` (static shapes: runs on "meta" too)."""
+    if k == 0:  # uniform quantization keeps no block
+        empty = torch.empty(0, device=scores.device, dtype=torch.int32)
+        return empty, empty, torch.zeros(scores.shape[1] + 1, device=scores.device,
+                                         dtype=torch.int32)  # fmt: skip
     if per_column:
         return _select_per_column(scores, k)
     n_br, n_bc = scores.shape
