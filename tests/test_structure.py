@@ -167,7 +167,8 @@ def test_every_command_takes_the_same_compression_flags_and_defaults(command):
 def test_presets_and_the_cli_preset_flag():
     assert PruneConfig.preset("paper") == PruneConfig(0.9, 32, selection="global")
     assert PruneConfig.preset("recommended") == PruneConfig(0.9, 32, scope="all", remainder_bits=4)
-    assert set(PRESETS) == {"paper", "recommended"}
+    assert PruneConfig.preset("uniform") == PruneConfig(1.0, 32, scope="all", remainder_bits=4)
+    assert set(PRESETS) == {"paper", "recommended", "uniform"}
     with pytest.raises(ValueError, match="unknown preset 'fast'; available: paper, recommended"):
         PruneConfig.preset("fast")
     args = build_parser().parse_args(["compare", "--preset", "paper", "--sparsity", "0.8", "0.5"])

@@ -148,7 +148,7 @@ def accuracy_table(points: list[AccuracyPoint]) -> str:
         return "(no accuracy runs given)"
     keys = sorted({k for p in points for k in p.delta})
     head = " | ".join(f"{e} ep seed {s}: acc (Δ)" for e, s in keys)
-    lines = [f"| config | saved × dense | peak × dense | {head} | Pareto |",
+    lines = [f"| config | saved × dense (this task) | peak × dense (this task) | {head} | Pareto |",
              "|---|---|---|" + "---|" * len(keys) + "---|"]  # fmt: skip
     for p in sorted(points, key=lambda p: p.saved):
         cells = " | ".join(
