@@ -121,20 +121,25 @@ def test_step_time_ratios_read_a_step_time_json(tmp_path):
         step_time_ratios(tmp_path / "missing.json")
 
 
-def test_cli_plan_ranks_every_frontier_configuration(capsys, tmp_path):
+def test_cli_plan_ranks_by_accuracy_kept_then_step_time(capsys, tmp_path):
     path, accuracy = tmp_path / "st.json", tmp_path / "frontier.json"
     ratios = {"dense": 1.0, "checkpoint": 1.3, "actprune_all_u4_b32": 1.1, "actprune_all_u2_b32": 1}
     path.write_text(json.dumps({"rows": [{"config": k, "ratio": v} for k, v in ratios.items()]}))
     deltas = [{"name": "actprune_all_u4_b32", "delta": {"3ep_seed0": -0.2}},
               {"name": "actprune_all_u2_b32", "delta": {"3ep_seed0": -0.9}}]  # fmt: skip
     accuracy.write_text(json.dumps({"accuracy": deltas}))
+    names = ["dense", "checkpoint", "actprune_all_u4_b32", "actprune_all_u2_b32", "selective"]
     argv = ["plan", "--model", "resmlp_tiny", "--image-size", "28", "--device", "cpu",
             "--batch-size", "64", "--max-batch", "512", "--step-times", str(path),
-            "--accuracy", str(accuracy)]  # fmt: skip
+            "--accuracy", str(accuracy), "--configs", *names]  # fmt: skip
     assert main([*argv, "--memory", "30MiB"]) == 0  # dense needs 37 MiB at batch 64
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ") and "rank" not in line]
-    assert {line.split(" | ")[1] for line in table} == {c.name for c in frontier_methods()}
+    assert [line.split(" | ")[1] for line in table][:3] == [
+        "actprune_all_u4_b32",  # fits, keeps accuracy, fastest measured
+        "checkpoint",
+        "selective",  # fits, exact, step time not measured here
+    ]  # fmt: skip
     # u2 is faster but loses 0.9 points
     assert ("Fastest that fits batch 64 within 0.3 point of dense accuracy: actprune_all_u4_b32 "
             "(step × 1.10 dense") in out  # fmt: skip

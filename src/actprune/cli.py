@@ -36,7 +36,6 @@ EPILOG = """examples:
   actprune compare --epochs 10 --out runs/long --sparsity 0.9 0.8
   actprune compare --scope linear all                # Linear inputs only (the paper) vs everything
   actprune compare --preset paper                    # the seed paper's method
-  actprune compare --preset uniform --remainder-bits 2 8   # plain low-bit quantization
   actprune train --model resmlp_s12 --dataset cifar10 --data-dir ~/data --image-size 32 \\
                  --patch-size 4 --sparsity 0.9 --epochs 30 --out runs/s12
   actprune train --out runs/s12 --resume             # continue an interrupted run
