@@ -136,10 +136,13 @@ def budget_table(points: list[StepPoint]) -> str:
     ]
     for budget, best, ckpt in budget_winners(points):
         ckpt_cells = f"{ckpt.name} | {ckpt.step:.3f}" if ckpt else "none fits | —"
-        gain = f"{(ckpt.step / best.step - 1) * 100:.1f} %" if ckpt and best is not ckpt else ""
-        gain = gain if best.family not in CHECKPOINTING else ""
-        lines.append(f"| {budget:.3f} | {best.name} | {best.step:.3f} | {ckpt_cells} | "
-                     f"{gain if ckpt else 'only compression fits'} |")  # fmt: skip
+        if ckpt is None:
+            gain = "only compression fits"
+        elif best is ckpt or best.family in CHECKPOINTING:
+            gain = ""
+        else:
+            gain = f"{(ckpt.step / best.step - 1) * 100:.1f} %"
+        lines.append(f"| {budget:.3f} | {best.name} | {best.step:.3f} | {ckpt_cells} | {gain} |")
     return "\n".join(lines)
 
 
