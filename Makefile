@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto  # one worker per core, one thread each (tests/conftest.py)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

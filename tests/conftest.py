@@ -19,6 +19,10 @@ _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="actprune-inductor-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
 atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (make test: pytest -n auto)
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # read when numba is first imported
+    torch.set_num_threads(1)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
