@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         MemoryConfig.dense(),
         MemoryConfig.checkpointing(),
         MemoryConfig.actprune(PruneConfig.preset("recommended")),
+        MemoryConfig.actprune(PruneConfig.preset("blocks")),
         MemoryConfig.actprune(PruneConfig.preset("paper")),
     ]  # fmt: skip
     runs = []  # timing only: each model has its own random initialisation

@@ -116,7 +116,9 @@ def test_train_then_resume(capsys, tmp_path):
 def test_compare_scopes_reports_compression_and_gradient_cosines(capsys, tmp_path):
     out = tmp_path / "scopes"
     argv = ["compare", *TINY, "--epochs", "2", "--out", str(out), "--block-size", "16"]
-    code, stdout, _ = run(capsys, *argv, "--scope", "linear", "all", "--remainder-bits", "2")
+    code, stdout, _ = run(
+        capsys, *argv, "--scope", "linear", "all", "--remainder-bits", "2", "--preset", "blocks"
+    )
     assert code == 0
     runs = json.loads((out / "summary.json").read_text())
     assert [r["run"] for r in runs] == ["dense", "actprune_r2_s0.9_b16", "actprune_all_r2_s0.9_b16"]

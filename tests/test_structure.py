@@ -166,23 +166,28 @@ def test_every_command_takes_the_same_compression_flags_and_defaults(command):
 
 def test_presets_and_the_cli_preset_flag():
     assert PruneConfig.preset("paper") == PruneConfig(0.9, 32, selection="global")
-    assert PruneConfig.preset("recommended") == PruneConfig(0.9, 32, scope="all", remainder_bits=4)
+    assert PruneConfig.preset("blocks") == PruneConfig(0.9, 32, scope="all", remainder_bits=4)
     assert PruneConfig.preset("uniform") == PruneConfig(1.0, 32, scope="all", remainder_bits=4)
-    assert set(PRESETS) == {"paper", "recommended", "uniform"}
-    with pytest.raises(ValueError, match="unknown preset 'fast'; available: paper, recommended"):
+    assert PruneConfig.preset("recommended") == PruneConfig.preset("uniform")
+    assert set(PRESETS) == {"paper", "blocks", "uniform", "recommended"}
+    with pytest.raises(ValueError, match="unknown preset 'fast'; available: paper, blocks"):
         PruneConfig.preset("fast")
     args = build_parser().parse_args(["compare", "--preset", "paper", "--sparsity", "0.8", "0.5"])
     assert prune_configs(args) == [PruneConfig.preset("paper", sparsity=s) for s in (0.8, 0.5)]
     args = build_parser().parse_args(["bench", "kernels", "--preset", "recommended", "paper"])
     assert prune_configs(args) == [PruneConfig.preset(n) for n in ("recommended", "paper")]
-    args = build_parser().parse_args(["bench", "memory", "--int8", "--block-size", "16x32"])
-    assert prune_configs(args) == [
-        PruneConfig.preset("recommended", int8=True, block_size=(16, 32))
-    ]
-    args = build_parser().parse_args(["plan", "--int8", "false", "true", "--scope", "linear"])
+    args = build_parser().parse_args(
+        ["bench", "memory", "--preset", "blocks", "--int8", "--block-size", "16x32"]
+    )
+    assert prune_configs(args) == [PruneConfig.preset("blocks", int8=True, block_size=(16, 32))]
+    args = build_parser().parse_args(
+        ["plan", "--preset", "blocks", "--int8", "false", "true", "--scope", "linear"]
+    )
     assert [c.int8 for c in prune_configs(args)] == [False, True]
-    args = build_parser().parse_args(["train", "--int8", "--remainder-bits", "0"])
-    assert prune_configs(args) == [PruneConfig.preset("recommended", int8=True, remainder_bits=0)]
+    args = build_parser().parse_args(
+        ["train", "--sparsity", "0.9", "--int8", "--remainder-bits", "0"]
+    )
+    assert prune_configs(args) == [PruneConfig(0.9, 32, scope="all", int8=True)]
 
 
 def test_help_runs_for_every_command():

@@ -147,6 +147,8 @@ class CompressedLayer:
         """How this layer keeps its saved tensor (``describe_compression``)."""
         c = self.config
         bm, bk = c.block_shape
+        if c.uniform:
+            return f"every element at {c.remainder_bits} bits, one scale per {bm}x{bk} block"
         values = "int8 + per-block scale" if c.int8 else "native dtype"
         how = f"sparsity {c.sparsity:g}, {bm}x{bk} blocks, {c.selection} top-k, {values}"
         return how + (f"; dropped blocks at {c.remainder_bits} bits" if c.remainder_bits else "")

@@ -178,25 +178,26 @@ def methods(
 
 def frontier_prunes() -> list[PruneConfig]:
     """The compression settings the frontier compares (docs/results, "Frontier"): the seed paper's
-    method at s = 0.5, 0.7, 0.8, 0.9; the default; the default with int8 kept blocks; uniform
-    quantization of every saved tensor at 2, 4 and 8 bits."""
+    method at s = 0.5, 0.7, 0.8, 0.9; block selection with a 4-bit remainder (``"blocks"``), with
+    float32 and int8 kept blocks; uniform quantization of every saved tensor at 2, 4 and 8 bits
+    (4 bits: the default)."""
     paper = [PruneConfig.preset("paper", sparsity=s) for s in (0.5, 0.7, 0.8, 0.9)]
-    default = [PruneConfig.preset("recommended"), PruneConfig.preset("recommended", int8=True)]
+    blocks = [PruneConfig.preset("blocks"), PruneConfig.preset("blocks", int8=True)]
     uniform = [PruneConfig.preset("uniform", remainder_bits=b) for b in (2, 4, 8)]
-    return paper + default + uniform
+    return paper + blocks + uniform
 
 
 def frontier_methods(exclude: Iterable[str] = ("head",)) -> list[MemoryConfig]:
     """Every configuration of the frontier: dense; full checkpointing of every 1st, 2nd and 4th
-    block; selective checkpointing; each of ``frontier_prunes``; and compositions of the default
-    with checkpointing (every 2nd / 4th block checkpointed, the rest compressed; every block
-    checkpointed and compressed inside)."""
-    default = PruneConfig.preset("recommended")
+    block; selective checkpointing; each of ``frontier_prunes``; and compositions of block
+    selection (``"blocks"``) with checkpointing (every 2nd / 4th block checkpointed, the rest
+    compressed; every block checkpointed and compressed inside)."""
+    blocks = PruneConfig.preset("blocks")
     checkpoints = [MemoryConfig.checkpointing(k) for k in (1, 2, 4)]
     compositions = [
-        MemoryConfig.composition(default, 2, exclude=exclude),
-        MemoryConfig.composition(default, 4, exclude=exclude),
-        MemoryConfig.composition(default, 1, inside=True, exclude=exclude),
+        MemoryConfig.composition(blocks, 2, exclude=exclude),
+        MemoryConfig.composition(blocks, 4, exclude=exclude),
+        MemoryConfig.composition(blocks, 1, inside=True, exclude=exclude),
     ]
     return [
         MemoryConfig.dense(),

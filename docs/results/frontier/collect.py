@@ -26,9 +26,9 @@ def old10(folder):
     return [{**d[0], "run": "dense"}, {**d[1], "run": "actprune_all_r4_s0.9_b32"}]
 ten0, ten1 = old10("compare_fashion_mnist_10ep_r4"), old10("compare_fashion_mnist_10ep_r4_seed1")
 ten0.append(run(R / "train_3ep_variants/all_r4_int8_10ep/summary.json", "actprune_all_int8_r4_s0.9_b32"))
-u4ten = RUNS / "frontier_10ep_u4_seed0/actprune_all_u4_b32/summary.json"
-if have(u4ten):
-    ten0.append(run(u4ten))
+for seed, ten in ((0, ten0), (1, ten1)):  # benchmarks/accuracy.py --epochs 10 --dense-from ...
+    for p in sorted(RUNS.glob(f"acc10_s{seed}_*/actprune_*/summary.json")):
+        ten.append(run(p))
 files = {"accuracy_3ep_seed0.json": grid, "accuracy_3ep_seed0_uniform.json": uni,
          "accuracy_3ep_seed0_earlier.json": old3, "accuracy_10ep_seed0.json": ten0,
          "accuracy_10ep_seed1.json": ten1}
