@@ -27,10 +27,10 @@ step 150 tests.txt $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py te
   tests/test_scope_all.py
 for dtype in float16 float32; do
   step 50 bench.txt $PY -m actprune bench kernels --device cuda --dtype "$dtype" --batch-size 64 \
-    --model resmlp_s24 --repeats 50 --preset recommended paper --out "$OUT"
+    --model resmlp_s24 --repeats 50 --preset recommended blocks paper --out "$OUT"
 done
 step 100 bench.txt $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 64 \
-  --timing-steps 10 --preset recommended paper --out "$OUT"
+  --timing-steps 10 --preset recommended blocks paper --out "$OUT"
 step 120 bench.txt $PY -m actprune bench memory --device cuda --model resmlp_s24 --batch-size 64 \
   --frontier --timing-steps 5 --out "$OUT" --stem memory_frontier_resmlp_s24_224px_b64_cuda
 step 120 bench.txt $PY benchmarks/step_time.py --frontier --device cuda --model resmlp_s24 \

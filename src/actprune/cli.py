@@ -32,10 +32,10 @@ from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpo
 from .workloads import Workload, WorkloadError, build_workload
 
 EPILOG = """examples:
-  actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs s=0.9
+  actprune compare                                   # resmlp_tiny on Fashion-MNIST, dense vs 4-bit
   actprune compare --epochs 10 --out runs/long --sparsity 0.9 0.8
-  actprune compare --scope linear all                # Linear inputs only (the paper) vs everything
-  actprune compare --preset paper                    # the seed paper's method
+  actprune compare --scope linear all                # Linear inputs only vs every saved tensor
+  actprune compare --preset paper blocks             # the paper's method; top blocks exact + 4-bit
   actprune train --model resmlp_s12 --dataset cifar10 --data-dir ~/data --image-size 32 \\
                  --patch-size 4 --sparsity 0.9 --epochs 30 --out runs/s12
   actprune train --out runs/s12 --resume             # continue an interrupted run
