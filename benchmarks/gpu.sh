@@ -23,7 +23,7 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, keep its output, repo
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
-step 150 tests.txt $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_layers.py \
+step 150 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py tests/test_layers.py \
   tests/test_scope_all.py
 for dtype in float16 float32; do
   step 50 bench.txt $PY -m actprune bench kernels --device cuda --dtype "$dtype" --batch-size 64 \

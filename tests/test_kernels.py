@@ -29,6 +29,10 @@ CASES = [  # (B, T, K, N, block): awkward shapes exercise every mask; B > 1 is t
 ]
 
 
+def _small_tiles(monkeypatch, elements):
+    monkeypatch.setattr(reference, "TILE_ELEMENTS", dict.fromkeys(("cpu", "cuda"), elements))
+
+
 def _backend(name):
     return importlib.import_module(f"actprune.kernels.{name}")
 
@@ -91,7 +95,7 @@ def _compressed(b, t, k, n, block, device, dtypes):
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("b, t, k, n, block", CASES)
 def test_weight_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+    _small_tiles(monkeypatch, 512)  # several tiles even here
     for dtype, dy3, packed in _compressed(b, t, k, n, block, device, dtypes):
         got = _backend(backend).weight_grad(dy3, packed)
         want = reference.rows_of(dy3).double().t() @ packed.to_dense().double()
@@ -100,10 +104,26 @@ def test_weight_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
+@pytest.mark.parametrize("block_kernel", [True, False], ids=["kept-blocks", "decoded-tiles"])
+@pytest.mark.parametrize("b, t, k, n, block", CASES)
+def test_triton_weight_grad_both_paths(monkeypatch, block_kernel, b, t, k, n, block):
+    """Both ways to dW, forced: the kept-block kernel (any config without a remainder) and cuBLAS
+    over decoded tiles (any config)."""
+    triton_blocks = _backend("triton_blocks")
+    choice = (lambda x, dtype: x.remainder is None) if block_kernel else (lambda x, dtype: False)
+    monkeypatch.setattr(triton_blocks, "use_block_kernel", choice)
+    _small_tiles(monkeypatch, 512)
+    for _, dy3, packed in _compressed(b, t, k, n, block, DEVICE, (torch.float32,)):
+        want = reference.rows_of(dy3).double().t() @ packed.to_dense().double()
+        got = triton_blocks.weight_grad(dy3, packed)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=4e-4)
+
+
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("b, t, k, n, block", CASES)
 def test_channel_scale_grad(monkeypatch, backend, device, dtypes, b, t, k, n, block):
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 512)  # several tiles even here
+    _small_tiles(monkeypatch, 512)  # several tiles even here
     for dtype, dy3, packed in _compressed(b, t, k, k, block, device, dtypes):
         inputs = [a.clone() for a in (dy3, *packed.tensors)]
         got = _backend(backend).channel_scale_grad(dy3, packed)
@@ -132,18 +152,18 @@ def test_compress_is_the_same_on_every_backend(monkeypatch, choice, config):
     assert all(torch.equal(g, w) for g, w in zip(got.tensors, want.tensors))
 
 
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: c.label())
-def test_numba_decode_rows_is_the_reference(monkeypatch, config):
-    pytest.importorskip("numba")
-    from actprune.kernels import cpu_blocks
-
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 2048)
-    x = compress_rows_of(torch.randn(3, 50, 40), config).dequantized(torch.float32)
-    tiles = list(reference.row_tiles(x, batch=3))
-    assert len(tiles) > 1
-    for start, stop in tiles:
-        want = reference.decode_rows(x, start, stop, 3)
-        assert torch.equal(cpu_blocks.decode_rows(x, start, stop, 3), want)
+def test_decode_rows_is_the_reference(monkeypatch, backend, device, dtypes, config):
+    _small_tiles(monkeypatch, 2048)
+    for dtype in dtypes:
+        x3 = torch.randn(3, 50, 40, device=device).to(dtype)
+        x = compress_rows_of(x3, config).dequantized(dtype)
+        tiles = list(reference.row_tiles(x, batch=3))
+        assert len(tiles) > 1
+        for start, stop in tiles:
+            want = reference.decode_rows(x, start, stop, 3)
+            assert torch.equal(_backend(backend).decode_rows(x, start, stop, 3), want)
 
 
 @pytest.mark.parametrize("function, bits", [("gelu", 2), ("silu", 4)])
@@ -164,7 +184,7 @@ def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape
 
 
 def test_row_tiles_cover_every_block_row_once_on_whole_tokens(monkeypatch):
-    monkeypatch.setattr(reference, "TILE_ELEMENTS", 4096)
+    _small_tiles(monkeypatch, 4096)
     x = compress(torch.randn(3 * 700, 64), PruneConfig(0.5, (32, 16), remainder_bits=1))
     tiles = list(reference.row_tiles(x, batch=3))
     assert tiles[0][0] == 0 and tiles[-1][1] == x.grid_shape[0] and len(tiles) > 1

@@ -81,6 +81,10 @@ def _bsr_dw(dy: torch.Tensor, x_masked_t_bsr: torch.Tensor) -> Callable[[], torc
             return None
         if bsr_dense_mm is None:
             return None
+        try:  # its Triton kernel refuses some shapes (a dy width not divisible by 16)
+            bsr_dense_mm(x_masked_t_bsr, dy)
+        except ValueError:
+            return None
         return lambda: bsr_dense_mm(x_masked_t_bsr, dy).t()
     if dy.dtype != torch.float32:  # CPU BSR @ dense is fp32-only
         return None

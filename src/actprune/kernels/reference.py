@@ -32,9 +32,10 @@ _REDUCE_ROWS = {  # then across the block's rows: -> [n_br, n_bc]
     "max": lambda r: r.amax(1),
 }
 
-# Elements of X̃ decoded at a time by the tiled gradients: big enough for full-speed matmuls, small
-# enough that the transient stays far below the dense tensor (docs/design.md, "Backward").
-TILE_ELEMENTS = 1 << 20
+# Elements of X̃ decoded at a time by the tiled gradients, by device type: big enough for
+# full-speed matmuls (and on CUDA for each tile's launches to cost less than its work), small enough
+# that the transient stays far below the dense tensor (docs/design.md, "Backward").
+TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 23}
 
 
 def rows_of(x3: torch.Tensor) -> torch.Tensor:
@@ -176,14 +177,16 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
 
 
 def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
-    """Block-row ranges [start, stop) of about ``TILE_ELEMENTS`` elements each, every start a row
-    that is a multiple of ``batch`` (so a tile's rows are whole tokens of the row source)."""
+    """Block-row ranges [start, stop) of about ``TILE_ELEMENTS`` elements each (the CPU's figure
+    off CUDA, "meta" included), every start a row that is a multiple of ``batch`` (so a tile's
+    rows are whole tokens of the row source)."""
     (bm, bk), (n_br, n_bc) = x.block_shape, x.grid_shape
+    tile_elements = TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
     step_rows = math.lcm(bm, batch)
     if x.remainder is not None:  # a tile's codes start on a byte: rows · n_bc·bk · bits ≡ 0 (8)
         step_rows = math.lcm(step_rows, 8 // math.gcd(n_bc * bk * x.remainder.bits, 8))
     per_step = step_rows // bm  # block-rows per step
-    steps = max(1, TILE_ELEMENTS // (step_rows * n_bc * x.block_shape[1]))
+    steps = max(1, tile_elements // (step_rows * n_bc * bk))
     for start in range(0, n_br, per_step * steps):
         yield start, min(n_br, start + per_step * steps)
 
@@ -264,15 +267,20 @@ def weight_grad(
     return weight_grad_tiled(dy3, x, decode or decode_rows)
 
 
-def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
+def channel_scale_grad(
+    dy3: torch.Tensor,
+    x: BlockSparse,
+    decode: Callable[[BlockSparse, int, int, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k], dy the rows of dy3 [B, T, K]: over the kept blocks only,
-    or tile by tile with a remainder; accumulated in float32, dy3.dtype out."""
+    or tile by tile with a remainder or a ``decode`` (``decode_rows``' contract; the Triton
+    backend passes its own); accumulated in float32, dy3.dtype out."""
     acc = _accumulator(dy3)
-    if x.remainder is not None:
+    if x.remainder is not None or decode is not None:
         (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
         out = dy3.new_zeros(k, dtype=acc)
         for start, stop in row_tiles(x, batch):
-            tile = decode_rows(x, start, stop, batch)[:, :k]
+            tile = (decode or decode_rows)(x, start, stop, batch)[:, :k]
             out += (_dy_tile(dy3, start, stop, bm).to(acc) * tile.to(acc)).sum(0)
         return out.to(dy3.dtype)
     bk = x.block_shape[1]

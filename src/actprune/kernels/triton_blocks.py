@@ -1,4 +1,5 @@
-"""Triton kernels: block scores with the remainder code, block packing, parameter gradients.
+"""Triton kernels: block scores with the remainder code, block packing, decoding, and the weight
+gradient over kept blocks.
 
 Each kernel sits beside its launcher; the PyTorch reference with the same contract is the function
 of the same name in ``reference.py``. This module imports triton, so it is only imported by the
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from .. import rng
 from ..storage import BlockSparse
+from . import reference
 
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
@@ -131,9 +133,7 @@ def score_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``reference.score_blocks``: one read of x3 for scores and codes."""
     (bm, bk), (batch, t, k) = block_shape, x3.shape
-    if bits and (bk * bits) % 8:
-        from . import reference  # a byte would span two blocks: not one program's to write
-
+    if bits and (bk * bits) % 8:  # a byte would span two blocks: not one program's to write
         return reference.score_blocks(x3, block_shape, criterion, bits, key)
     m = batch * t
     n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
@@ -143,6 +143,7 @@ def score_blocks(
     _score_blocks_kernel[(n_br, n_bc)](
         x3, scores, low_scales, codes, key, batch, m, k, *x3.stride(), n_bc,
         **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion], BITS=bits,
+        enable_fp_fusion=False,  # a fused u·c − floor(u) would round the fraction unlike the spec
     )  # fmt: skip
     return scores, codes, low_scales
 
@@ -211,72 +212,45 @@ def _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_
     return tl.where(v_mask, tl.where(kept, v, low), 0.0)
 
 
-@triton.jit
-def _next_block(rows_ptr, b, end, step, BITS: tl.constexpr):
-    """(block-row, kept) of a gradient loop's step: without a remainder the loop walks the kept
-    blocks (step-th from b); with one it walks every block-row and b is the next kept block."""
-    if BITS == 0:
-        r = tl.load(rows_ptr + b).to(tl.int64)
-        kept = b < end
-    else:
-        r = tl.cast(step, tl.int64)
-        kept = (b < end) & (tl.load(rows_ptr + b, mask=b < end, other=-1) == r)
-    return r, kept
+# --- decode block-rows of X̃ to a dense tile: read the codes (and kept blocks), write the tile ---
 
 
 @triton.jit
-def _dy_block(dy_ptr, offs_m, offs_c, batch, M, C, stride_b, stride_t, stride_c,
-              ROW_MASK: tl.constexpr):  # fmt: skip
-    """dy[rows offs_m, columns offs_c] of the row source dy, [len(offs_m), len(offs_c)]."""
-    rows = _row_offsets(offs_m, batch, stride_b, stride_t)
-    mask = ROW_MASK[:, None] & (offs_m[:, None] < M) & (offs_c[None, :] < C)
-    return tl.load(dy_ptr + rows[:, None] + offs_c[None, :] * stride_c, mask=mask, other=0.0)
-
-
-# --- weight gradient dW = dyᵀ·X̃: reads dy once per block and N-tile, no dense X̃ ever -----------
-
-
-@triton.jit
-def _weight_grad_kernel(
-    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, codes_ptr, low_scales_ptr, dw_ptr, batch, M, N, K, n_br,
-    n_bc, stride_dyb, stride_dyt, stride_dyn, stride_dwn, stride_dwk, BM: tl.constexpr,
-    BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BITS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _decode_rows_kernel(
+    vals_ptr, rows_ptr, ccol_ptr, codes_ptr, low_scales_ptr, out_ptr, start, steps, batch, M,
+    n_bc, t0, tokens, BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr, BITS: tl.constexpr,
 ):  # fmt: skip
-    # One program owns dW[n-tile, block-column c]. Without a remainder it walks that column's kept
-    # blocks (BSC order, FLOPs ∝ density); with one it walks every block-row, taking the kept
-    # block where there is one and the decoded remainder elsewhere, so X̃ is never materialised.
-    pid_n = tl.program_id(0)
+    # One program per block (r, c) of the tile. Whether it is kept is a binary search of
+    # block-column c's sorted block-rows (``steps`` halvings), so no dense map of kept blocks is
+    # built; each row goes to its batch-major place (``reference.decode_rows``).
+    r = start + tl.program_id(0)
     c = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    lo = tl.load(ccol_ptr + c)
+    end = tl.load(ccol_ptr + c + 1)
+    hi = end
+    for _ in range(steps):  # lo = the first kept block of column c at block-row >= r
+        active = lo < hi
+        mid = (lo + hi) // 2
+        less = tl.load(rows_ptr + mid, mask=active, other=0) < r
+        lo = tl.where(active & less, mid + 1, lo)
+        hi = tl.where(active & ~less, mid, hi)
+    kept = (lo < end) & (tl.load(rows_ptr + lo, mask=lo < end, other=-1) == r)
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
+    offs_m = r.to(tl.int64) * BM + i
     offs_k = c.to(tl.int64) * BK + j
-    start = tl.load(ccol_ptr + c)
-    end = tl.load(ccol_ptr + c + 1)
-    acc = tl.zeros((BLOCK_N, TILE_K), dtype=tl.float32)
-    v_ptrs = vals_ptr + start.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
     v_mask = (i[:, None] < BM) & (j[None, :] < BK)
-    b = start
-    for step in range(0, (end - start) if BITS == 0 else n_br):
-        r, kept = _next_block(rows_ptr, b, end, step, BITS)
-        offs_m = r * BM + i
-        dy = _dy_block(dy_ptr, offs_m, offs_n, batch, M, N, stride_dyb, stride_dyt, stride_dyn,
-                       i < BM)  # fmt: skip
-        if BITS == 0:
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        else:
-            v = _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k,
-                        n_bc, BK, BITS).to(dy.dtype)  # fmt: skip
-        acc += tl.dot(tl.trans(dy), v, input_precision=INPUT_PRECISION)
-        b += kept.to(tl.int32)
-        v_ptrs += kept.to(tl.int64) * (BM * BK)
-    out_mask = (offs_n[:, None] < N) & (j[None, :] < BK) & (offs_k[None, :] < K)
-    tl.store(
-        dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-        acc.to(dw_ptr.dtype.element_ty),
-        mask=out_mask,
-    )
+    v_ptrs = vals_ptr + lo.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
+    if BITS == 0:
+        v = tl.load(v_ptrs, mask=v_mask & kept, other=0.0)
+    else:
+        v = _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k, n_bc,
+                    BK, BITS)  # fmt: skip
+    t = offs_m // batch
+    out_rows = (offs_m - t * batch) * tokens + t - t0
+    tl.store(out_ptr + out_rows[:, None] * (n_bc * BK) + offs_k[None, :],
+             v.to(out_ptr.dtype.element_ty), mask=v_mask & (offs_m[:, None] < M))  # fmt: skip
 
 
 def _low_parts(x: BlockSparse) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -286,76 +260,93 @@ def _low_parts(x: BlockSparse) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x.remainder.codes, x.remainder.scales, x.remainder.bits
 
 
+def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
+    """Triton version of ``reference.decode_rows``: block-rows [start, stop) of X̃ as a dense
+    batch-major tile in x.dtype, bit for bit the reference's."""
+    (m, _), (bm, bk), (n_br, n_bc) = x.shape, x.block_shape, x.grid_shape
+    count = min(m, stop * bm) - start * bm
+    out = x.values.new_empty(count, n_bc * bk)
+    codes, low_scales, bits = _low_parts(x)
+    _decode_rows_kernel[(stop - start, n_bc)](
+        x.values, x.row_indices, x.ccol_indices, codes, low_scales, out, start,
+        max(1, n_br.bit_length()), batch, m, n_bc, start * bm // batch, count // batch,
+        **_block_args(x.block_shape), BITS=bits,
+        enable_fp_fusion=False,  # (c·2/L − 1)·s rounded step by step, as ``LowBitBlocks.decode``
+    )  # fmt: skip
+    return out
+
+
+# --- weight gradient dW = dyᵀ·X̃ over the kept blocks alone: reads dy once per block and N-tile ---
+
+
+@triton.jit
+def _weight_grad_kernel(
+    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, dw_ptr, batch, M, N, K, stride_dyb, stride_dyt,
+    stride_dyn, stride_dwn, stride_dwk, BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One program owns dW[n-tile, block-column c] and walks that column's kept blocks (BSC
+    # order): FLOPs ∝ density.
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i = tl.arange(0, TILE_M)
+    j = tl.arange(0, TILE_K)
+    offs_k = c.to(tl.int64) * BK + j
+    start = tl.load(ccol_ptr + c)
+    end = tl.load(ccol_ptr + c + 1)
+    acc = tl.zeros((BLOCK_N, TILE_K), dtype=tl.float32)
+    v_mask = (i[:, None] < BM) & (j[None, :] < BK)
+    for b in range(start, end):
+        offs_m = tl.load(rows_ptr + b).to(tl.int64) * BM + i
+        rows = _row_offsets(offs_m, batch, stride_dyb, stride_dyt)
+        dy_mask = (i[:, None] < BM) & (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        dy = tl.load(dy_ptr + rows[:, None] + offs_n[None, :] * stride_dyn, mask=dy_mask,
+                     other=0.0)  # fmt: skip
+        v_ptrs = vals_ptr + tl.cast(b, tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        acc += tl.dot(tl.trans(dy), v, input_precision=INPUT_PRECISION)
+    out_mask = (offs_n[:, None] < N) & (j[None, :] < BK) & (offs_k[None, :] < K)
+    tl.store(
+        dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
+
+
+def use_block_kernel(x: BlockSparse, dtype: torch.dtype) -> bool:
+    """Kept blocks alone (``_weight_grad_kernel``) or decoded tiles through cuBLAS: on an H200 at
+    ResMLP-S24 shapes the block kernel ran at about 4 % of cuBLAS's rate in 16-bit and 20 % in
+    float32 (docs/design.md, "Backward"), so it pays only below those densities, and never with a
+    remainder (X̃ is dense then)."""
+    return x.remainder is None and x.density <= (0.2 if dtype == torch.float32 else 0.04)
+
+
 def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """Triton version of ``reference.weight_grad``: dW [N, K] = dyᵀ·X̃ in dy3.dtype."""
     if dy3.dtype != x.dtype:
         raise ValueError(f"weight_grad: dy dtype {dy3.dtype} differs from values dtype {x.dtype}")
+    if not use_block_kernel(x, dy3.dtype):
+        return reference.weight_grad_tiled(dy3, x, decode_rows)
     m, k = x.shape
     n = dy3.shape[-1]
     dw = torch.empty(n, k, device=dy3.device, dtype=dy3.dtype)
     block_n = min(64, _tile(n))
     # fp32 follows torch's matmul setting (exact by default); 16-bit operands ignore it.
     tf32 = dy3.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if tf32 else "ieee"
-    n_br, n_bc = x.grid_shape
-    codes, low_scales, bits = _low_parts(x)
-    _weight_grad_kernel[(triton.cdiv(n, block_n), n_bc)](
-        dy3, x.values, x.row_indices, x.ccol_indices, codes, low_scales, dw, dy3.shape[0], m, n,
-        k, n_br, n_bc, *dy3.stride(), dw.stride(0), dw.stride(1), **_block_args(x.block_shape),
-        BLOCK_N=block_n, BITS=bits, INPUT_PRECISION=precision,
+    _weight_grad_kernel[(triton.cdiv(n, block_n), x.grid_shape[1])](
+        dy3, x.values, x.row_indices, x.ccol_indices, dw, dy3.shape[0], m, n, k, *dy3.stride(),
+        dw.stride(0), dw.stride(1), **_block_args(x.block_shape), BLOCK_N=block_n,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
     )  # fmt: skip
     return dw
 
 
-# --- per-channel scale gradient Σ_m dy ⊙ X̃ ------------------------------------------------------
-
-
-@triton.jit
-def _channel_scale_grad_kernel(
-    dy_ptr, vals_ptr, rows_ptr, ccol_ptr, codes_ptr, low_scales_ptr, out_ptr, batch, M, K, n_br,
-    n_bc, stride_dyb, stride_dyt, stride_dyk, BM: tl.constexpr, BK: tl.constexpr,
-    TILE_M: tl.constexpr, TILE_K: tl.constexpr, BITS: tl.constexpr,
-):  # fmt: skip
-    # One program owns the bk channels of block-column c: its kept blocks only (no remainder), or
-    # every block-row with the remainder decoded where no block is kept.
-    c = tl.program_id(0)
-    i = tl.arange(0, TILE_M)
-    j = tl.arange(0, TILE_K)
-    offs_k = c.to(tl.int64) * BK + j
-    start = tl.load(ccol_ptr + c)
-    end = tl.load(ccol_ptr + c + 1)
-    acc = tl.zeros((TILE_K,), dtype=tl.float32)
-    v_ptrs = vals_ptr + start.to(tl.int64) * (BM * BK) + i[:, None] * BK + j[None, :]
-    v_mask = (i[:, None] < BM) & (j[None, :] < BK)
-    b = start
-    for step in range(0, (end - start) if BITS == 0 else n_br):
-        r, kept = _next_block(rows_ptr, b, end, step, BITS)
-        offs_m = r * BM + i
-        dy = _dy_block(dy_ptr, offs_m, offs_k, batch, M, K, stride_dyb, stride_dyt, stride_dyk,
-                       i < BM)  # fmt: skip
-        if BITS == 0:
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0).to(tl.float32)
-        else:  # decoded values in the dtype backward sees them in (``LowBitBlocks.decode``)
-            v = _x_tile(v_ptrs, v_mask, kept, codes_ptr, low_scales_ptr, r, c, offs_m, offs_k,
-                        n_bc, BK, BITS).to(dy.dtype).to(tl.float32)  # fmt: skip
-        acc += tl.sum(tl.where(v_mask, dy.to(tl.float32) * v, 0.0), axis=0)
-        b += kept.to(tl.int32)
-        v_ptrs += kept.to(tl.int64) * (BM * BK)
-    tl.store(out_ptr + offs_k, acc.to(out_ptr.dtype.element_ty), mask=(j < BK) & (offs_k < K))
-
-
 def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    """Triton version of ``reference.channel_scale_grad``: [K] in dy3.dtype."""
+    """Triton version of ``reference.channel_scale_grad``: [K] in dy3.dtype, X̃ decoded tile by
+    tile (``decode_rows``) and reduced by PyTorch ops."""
     if dy3.dtype != x.dtype:
         raise ValueError(
             f"channel_scale_grad: dy dtype {dy3.dtype} differs from values dtype {x.dtype}"
         )
-    m, k = x.shape
-    out = torch.empty(k, device=dy3.device, dtype=dy3.dtype)
-    n_br, n_bc = x.grid_shape
-    codes, low_scales, bits = _low_parts(x)
-    _channel_scale_grad_kernel[(n_bc,)](
-        dy3, x.values, x.row_indices, x.ccol_indices, codes, low_scales, out, dy3.shape[0], m, k,
-        n_br, n_bc, *dy3.stride(), **_block_args(x.block_shape), BITS=bits,
-    )  # fmt: skip
-    return out
+    return reference.channel_scale_grad(dy3, x, decode_rows)
