@@ -62,14 +62,19 @@ def backend_for(x: torch.Tensor) -> str:
     return "torch"
 
 
-_MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks"}
+_MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks", "meta": "meta_blocks"}
+
+
+@cache
+def _module(backend: str) -> ModuleType:
+    """The module of a backend, imported on first use (once: every kernel call asks)."""
+    name = _MODULES.get(backend)
+    return reference if name is None else importlib.import_module(f".{name}", __name__)
 
 
 def _impl(x: torch.Tensor) -> ModuleType:
-    if x.device.type == "meta":  # the planner: allocate what the fast backends allocate
-        return importlib.import_module(".meta_blocks", __name__)
-    name = _MODULES.get(backend_for(x))
-    return reference if name is None else importlib.import_module(f".{name}", __name__)
+    # "meta" is the planner: allocate what the fast backends allocate
+    return _module("meta" if x.device.type == "meta" else backend_for(x))
 
 
 def readable(x3: torch.Tensor) -> torch.Tensor:
@@ -121,6 +126,8 @@ def pack_blocks(
     x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
     """values [nnz, bm, bk]: block (rows[i], cols[i]) of the rows of x3, zero-padded at edges."""
+    if rows.numel() == 0:  # uniform quantization keeps no block: no launch
+        return x3.new_empty(0, *block_shape)
     return _impl(x3).pack_blocks(x3, rows, cols, block_shape)
 
 
