@@ -166,6 +166,27 @@ def test_decode_rows_is_the_reference(monkeypatch, backend, device, dtypes, conf
             assert torch.equal(_backend(backend).decode_rows(x, start, stop, 3), want)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_numba_row_chunks_are_the_reference(bits):
+    """Rows wider than 128 elements make the numba kernels work a chunk of rows (not the whole
+    block-row) at a time (``cpu_blocks._CODE_CHUNK``): codes, decoding and the channel-scale
+    gradient across chunk boundaries, with a last block-row past M and kept blocks."""
+    pytest.importorskip("numba")
+    from actprune.kernels import cpu_blocks
+
+    x3, dy3 = torch.randn(3, 50, 300), torch.randn(3, 50, 300)  # M = 150, K = 300
+    want = reference.score_blocks(x3, (32, 32), "l2", bits, 99)
+    got = cpu_blocks.score_blocks(x3, (32, 32), "l2", bits, 99)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    x = compress_rows_of(x3, PruneConfig(0.8, 32, remainder_bits=bits))
+    n_br = x.grid_shape[0]
+    assert torch.equal(cpu_blocks.decode_rows(x, 0, n_br, 3), reference.decode_rows(x, 0, n_br, 3))
+    torch.testing.assert_close(
+        cpu_blocks.channel_scale_grad(dy3, x), reference.channel_scale_grad(dy3, x),
+        rtol=1e-5, atol=1e-4,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("function, bits", [("gelu", 2), ("silu", 4)])
 @pytest.mark.parametrize("shape", [(3, 7, 10), (17, 12), (9,)])
 def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape):

@@ -76,11 +76,12 @@ def _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top):
 
 @nb.njit(**_JIT)
 def _pack_lanes(lanes, bits, out):
-    """Pack the codes ``lanes`` (uint8, one per code, length a multiple of 8) into ``out``,
-    8 // bits per byte, first code in the lowest bits: ``bitpack``'s scheme, through a wider view
-    of the lanes so that each loop is contiguous and vectorised."""
+    """Pack the first ``len(out) · 8 // bits`` codes of ``lanes`` (uint8, one per code, length a
+    multiple of 8) into ``out``, 8 // bits per byte, first code in the lowest bits: ``bitpack``'s
+    scheme, through a wider view of the lanes so that each loop is contiguous and vectorised."""
     if bits == 8:
-        out[:] = lanes
+        for q in range(out.shape[0]):
+            out[q] = lanes[q]
     elif bits == 4:
         wide = lanes.view(np.uint16)
         for q in range(out.shape[0]):
@@ -103,9 +104,11 @@ def _pack_lanes(lanes, bits, out):
 
 @nb.njit(**_JIT)
 def _unpack_lanes(packed, bits, lanes):
-    """The inverse of ``_pack_lanes``: one code per byte of ``lanes``."""
+    """The inverse of ``_pack_lanes``: the codes of ``packed``, one per byte, into the start of
+    ``lanes``."""
     if bits == 8:
-        lanes[:] = packed
+        for q in range(packed.shape[0]):
+            lanes[q] = packed[q]
     elif bits == 4:
         wide = lanes.view(np.uint16)
         for q in range(packed.shape[0]):
@@ -126,46 +129,59 @@ def _unpack_lanes(packed, bits, lanes):
             wide8[q] = v
 
 
+# Elements coded per flat pass: a few rows' buffers stay in L1 (docs/design.md, "CPU fast path").
+_CODE_CHUNK = 4096
+
+
 @nb.njit(**_JIT)
 def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
-    """Write the packed codes of block-row br. Each phase is a plain loop over one row that LLVM
-    vectorises: the row's random words (their bytes, viewed as uint8, are the elements' bytes),
-    the codes (IEEE float32 arithmetic, as the reference), then packing ``8 // bits`` codes per
-    byte through a wider view of the codes (``bitpack``'s scheme)."""
+    """Write the packed codes of block-row br, a chunk of rows at a time (``_CODE_CHUNK``
+    elements, at least one row). A chunk's rows are gathered into one contiguous buffer (rows
+    past M and columns past K as zeros), so that each phase is a flat loop over the chunk that
+    LLVM vectorises, without per-row setup (which dominated for narrow rows: K = 16): the random
+    words (consecutive rows have consecutive words; their bytes, viewed as uint8, are the
+    elements' bytes), the codes (IEEE float32 arithmetic, as the reference), then packing
+    ``8 // bits`` codes per byte through a wider view of the codes (``bitpack``'s scheme)."""
     batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
     n_bc = scales.shape[0]
     k_padded, per, levels = n_bc * bk, 8 // bits, np.float32((1 << bits) - 1)
     one, f256, zero = np.float32(1.0), np.float32(256.0), np.float32(0.0)
     half = levels / np.float32(2.0)
-    words = np.empty(k_padded // 4, np.uint32)
-    values = np.zeros(k_padded, np.float32)
+    rows = max(1, min(bm, _CODE_CHUNK // k_padded))
+    n = rows * k_padded
+    values = np.zeros(n, np.float32)  # columns past K stay zero: only rows are written
+    words = np.empty(n // 4, np.uint32)
+    random = words.view(np.uint8)
+    lanes = np.empty(n, np.uint8)
     divisor = np.empty(k_padded, np.float32)
-    lanes = np.empty(k_padded, np.uint8)
     for bc in range(n_bc):
         divisor[bc * bk : (bc + 1) * bk] = max(scales[bc], np.float32(1e-30))
-    for i in range(bm):
-        r = br * bm + i
-        if r < m:
-            t, b = divmod(r, batch)
-            row = x[b, t]
-            for j in range(k):
-                values[j] = row[j]
-        else:
-            values[:] = 0
-        first_word = r * (k_padded // 4)
-        for w in range(k_padded // 4):
+    for i0 in range(0, bm, rows):
+        count = min(rows, bm - i0)
+        r0 = br * bm + i0
+        valid = max(0, min(count, m - r0))
+        for i in range(valid):
+            t, b = divmod(r0 + i, batch)
+            for j in range(k):  # a plain loop: numba's slice assignment checks for overlap
+                values[i * k_padded + j] = x[b, t, j]
+        values[valid * k_padded :] = 0  # rows past M (the last block-row only)
+        first_word = r0 * (k_padded // 4)
+        for w in range(count * k_padded // 4):
             words[w] = _random_word(key, first_word + w)
-        random = words.view(np.uint8)
-        for j in range(k_padded):
-            unit = (values[j] / divisor[j] + one) * half
-            low = np.floor(unit)
-            code = low + np.float32((unit - low) * f256 > np.float32(random[j]))
-            lanes[j] = np.uint8(min(max(code, zero), levels))
-        out = codes[r * k_padded // per : (r + 1) * k_padded // per]
-        _pack_lanes(lanes, bits, out)
+        for i in range(count):
+            for j in range(k_padded):
+                e = i * k_padded + j
+                unit = (values[e] / divisor[j] + one) * half
+                low = np.floor(unit)
+                code = low + np.float32((unit - low) * f256 > np.float32(random[e]))
+                lanes[e] = np.uint8(min(max(code, zero), levels))
+        out = codes[r0 * k_padded // per : (r0 + count) * k_padded // per]
+        _pack_lanes(lanes, bits, out)  # packs out's length: the chunk's codes
         for bc in range(n_bc):
             if not finite[bc]:
-                out[bc * bk // per : (bc + 1) * bk // per] = 0
+                for i in range(count):
+                    start = (i * k_padded + bc * bk) // per
+                    out[start : start + bk // per] = 0
 
 
 @nb.njit(**_JIT)
@@ -265,25 +281,32 @@ def _kept_map(row_indices, ccol, n_br):
     return kept
 
 
-@nb.njit(**_JIT)
-def _decode_row(codes, bits, r, scales, bk, kept, values, i, lanes, out):
-    """Row r of X̃ (row i of its block-row) into out [n_bc·bk]: the remainder's codes unpacked
-    through a wider view (``bitpack``'s scheme, reversed) and scaled, in contiguous loops that LLVM
-    vectorises, then the kept blocks' rows written over it. ``scales`` [n_bc·bk] holds each
-    element's block scale; ``kept`` is the block-row's row of ``_kept_map``."""
-    k_padded = out.shape[0]
+@nb.njit(inline="always")
+def _decoded_row(lanes, i, scales, bits, kept, values, block_row_i, row):
+    """Row ``block_row_i`` of a block-row of X̃ into ``row`` [n_bc·bk]: codes ``lanes[i·n_bc·bk:]``
+    (unpacked) scaled by each element's block scale (``scales``), or zeros without a remainder,
+    then the kept blocks' rows over it. ``kept`` is the block-row's row of ``_kept_map``. Plain
+    loops: numba's slice assignment checks for overlap and cost more than the copy."""
+    k_padded, bk = row.shape[0], values.shape[2]
     if bits:
-        per = 8 // bits
-        packed = codes[r * k_padded // per : (r + 1) * k_padded // per]
-        _unpack_lanes(packed, bits, lanes)
         step, one = np.float32(2.0 / ((1 << bits) - 1)), np.float32(1.0)
         for j in range(k_padded):
-            out[j] = (np.float32(lanes[j]) * step - one) * scales[j]
+            row[j] = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
     else:
-        out[:] = 0
+        for j in range(k_padded):
+            row[j] = 0
     for c in range(kept.shape[0]):
         if kept[c] >= 0:
-            out[c * bk : (c + 1) * bk] = values[kept[c], i]
+            for j in range(bk):
+                row[c * bk + j] = values[kept[c], block_row_i, j]
+
+
+@nb.njit(**_JIT)
+def _unpack_rows(codes, bits, r0, count, k_padded, lanes):
+    """The codes of rows [r0, r0 + count) (contiguous: one flat pass) into ``lanes``."""
+    if bits:
+        per = 8 // bits
+        _unpack_lanes(codes[r0 * k_padded // per : (r0 + count) * k_padded // per], bits, lanes)
 
 
 @nb.njit(**_JIT)
@@ -291,21 +314,31 @@ def _block_row_scales(low_scales, br, bk, bits, out):
     """Each element's block scale along block-row br (nothing without a remainder)."""
     if bits:
         for c in range(low_scales.shape[1]):
-            out[c * bk : (c + 1) * bk] = low_scales[br, c]
+            for j in range(bk):
+                out[c * bk + j] = low_scales[br, c]
 
 
 @nb.njit(**_JIT)
 def _decode_block_row(codes, low_scales, bits, values, kept, br, m, batch, t0, out):
-    """Rows of block-row br of X̃ into a tile ``out`` in batch-major order (``decode_rows``)."""
+    """Rows of block-row br of X̃ into a tile ``out`` in batch-major order (``decode_rows``),
+    a chunk of rows at a time, each row copied to its place by 2-D indexing (a row view per row
+    cost more than the row's work at K = 16)."""
     nnz, bm, bk = values.shape
     k_padded, tokens = out.shape[1], out.shape[0] // batch
     scales = np.empty(k_padded, np.float32)
-    lanes = np.empty(k_padded, np.uint8)
     _block_row_scales(low_scales, br, bk, bits, scales)
-    for i in range(min(bm, m - br * bm)):
-        t, b = divmod(br * bm + i, batch)
-        row = out[b * tokens + t - t0]
-        _decode_row(codes, bits, br * bm + i, scales, bk, kept, values, i, lanes, row)
+    lanes = np.empty(max(1, min(bm, _CODE_CHUNK // k_padded)) * k_padded, np.uint8)
+    row = np.empty(k_padded, values.dtype)
+    rows = lanes.shape[0] // k_padded
+    for i0 in range(0, min(bm, m - br * bm), rows):
+        count = min(rows, m - br * bm - i0, bm - i0)
+        _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
+        for i in range(count):
+            _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
+            t, b = divmod(br * bm + i0 + i, batch)
+            o = b * tokens + t - t0
+            for j in range(k_padded):
+                out[o, j] = row[j]
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -342,23 +375,27 @@ def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 @nb.njit(**_JIT)
 def _channel_scale_block_row(dy, codes, low_scales, bits, values, kept, br, out):
-    """Σ over the rows of block-row br of dy ⊙ X̃ into out [K] (float64)."""
+    """Σ over the rows of block-row br of dy ⊙ X̃ into out [K] (float64), X̃'s rows decoded a
+    chunk at a time as ``_decode_block_row`` does, dy read in place."""
     batch, m, k = dy.shape[0], dy.shape[0] * dy.shape[1], dy.shape[2]
     nnz, bm, bk = values.shape
     k_padded = kept.shape[0] * bk
     scales = np.empty(k_padded, np.float32)
-    lanes = np.empty(k_padded, np.uint8)
-    row = np.empty(k_padded, values.dtype)
     _block_row_scales(low_scales, br, bk, bits, scales)
+    lanes = np.empty(max(1, min(bm, _CODE_CHUNK // k_padded)) * k_padded, np.uint8)
+    row = np.empty(k_padded, values.dtype)
     acc = np.zeros(k, values.dtype)  # bm rows in the input's precision, then float64
-    for i in range(min(bm, m - br * bm)):
-        r = br * bm + i
-        t, b = divmod(r, batch)
-        _decode_row(codes, bits, r, scales, bk, kept, values, i, lanes, row)
-        dy_row = dy[b, t]
-        for j in range(k):
-            acc[j] += dy_row[j] * row[j]
-    out[:] = acc
+    rows = lanes.shape[0] // k_padded
+    for i0 in range(0, min(bm, m - br * bm), rows):
+        count = min(rows, m - br * bm - i0, bm - i0)
+        _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
+        for i in range(count):
+            _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
+            t, b = divmod(br * bm + i0 + i, batch)
+            for j in range(k):
+                acc[j] += dy[b, t, j] * row[j]
+    for j in range(k):
+        out[j] = acc[j]
 
 
 @nb.njit(parallel=True, **_JIT)
