@@ -319,26 +319,32 @@ def _block_row_scales(low_scales, br, bk, bits, out):
 
 
 @nb.njit(**_JIT)
-def _decode_block_row(codes, low_scales, bits, values, kept, br, m, batch, t0, out):
-    """Rows of block-row br of X̃ into a tile ``out`` in batch-major order (``decode_rows``),
-    a chunk of rows at a time, each row copied to its place by 2-D indexing (a row view per row
-    cost more than the row's work at K = 16)."""
+def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out, dy, acc):
+    """Decode the rows of block-row br of X̃ a chunk at a time (``_CODE_CHUNK`` elements: the
+    chunk's codes are contiguous, one flat pass unpacks them) into a row buffer, then use each
+    row: with ``dy`` empty, copy it to its batch-major place in the tile ``out`` (``decode_rows``);
+    otherwise add dy ⊙ row into ``acc`` [K] (the channel-scale gradient; dy read in place).
+    Arrays are indexed in 2-D / 3-D: a row view per row cost more than the row's work at K = 16."""
     nnz, bm, bk = values.shape
-    k_padded, tokens = out.shape[1], out.shape[0] // batch
+    k_padded = kept.shape[0] * bk
     scales = np.empty(k_padded, np.float32)
     _block_row_scales(low_scales, br, bk, bits, scales)
-    lanes = np.empty(max(1, min(bm, _CODE_CHUNK // k_padded)) * k_padded, np.uint8)
+    rows = max(1, min(bm, _CODE_CHUNK // k_padded))
+    lanes = np.empty(rows * k_padded, np.uint8)
     row = np.empty(k_padded, values.dtype)
-    rows = lanes.shape[0] // k_padded
+    to_tile, tokens = dy.size == 0, out.shape[0] // batch
     for i0 in range(0, min(bm, m - br * bm), rows):
         count = min(rows, m - br * bm - i0, bm - i0)
         _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
         for i in range(count):
             _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
             t, b = divmod(br * bm + i0 + i, batch)
-            o = b * tokens + t - t0
-            for j in range(k_padded):
-                out[o, j] = row[j]
+            if to_tile:
+                for j in range(k_padded):
+                    out[b * tokens + t - t0, j] = row[j]
+            else:
+                for j in range(acc.shape[0]):
+                    acc[j] += dy[b, t, j] * row[j]
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -346,8 +352,10 @@ def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, n_br
                         stop, out):  # fmt: skip
     kept = _kept_map(row_indices, ccol, n_br)
     t0 = start * values.shape[1] // batch
+    no_dy, no_acc = np.empty((0, 0, 0), values.dtype), np.empty(0, values.dtype)
     for br in nb.prange(start, stop):
-        _decode_block_row(codes, low_scales, bits, values, kept[br], br, m, batch, t0, out)
+        _block_row_of_x(codes, low_scales, bits, values, kept[br], br, m, batch, t0, out, no_dy,
+                        no_acc)  # fmt: skip
 
 
 def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
@@ -375,26 +383,11 @@ def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 @nb.njit(**_JIT)
 def _channel_scale_block_row(dy, codes, low_scales, bits, values, kept, br, out):
-    """Σ over the rows of block-row br of dy ⊙ X̃ into out [K] (float64), X̃'s rows decoded a
-    chunk at a time as ``_decode_block_row`` does, dy read in place."""
-    batch, m, k = dy.shape[0], dy.shape[0] * dy.shape[1], dy.shape[2]
-    nnz, bm, bk = values.shape
-    k_padded = kept.shape[0] * bk
-    scales = np.empty(k_padded, np.float32)
-    _block_row_scales(low_scales, br, bk, bits, scales)
-    lanes = np.empty(max(1, min(bm, _CODE_CHUNK // k_padded)) * k_padded, np.uint8)
-    row = np.empty(k_padded, values.dtype)
-    acc = np.zeros(k, values.dtype)  # bm rows in the input's precision, then float64
-    rows = lanes.shape[0] // k_padded
-    for i0 in range(0, min(bm, m - br * bm), rows):
-        count = min(rows, m - br * bm - i0, bm - i0)
-        _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
-        for i in range(count):
-            _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
-            t, b = divmod(br * bm + i0 + i, batch)
-            for j in range(k):
-                acc[j] += dy[b, t, j] * row[j]
-    for j in range(k):
+    """Σ over the rows of block-row br of dy ⊙ X̃ into out [K] (float64)."""
+    acc = np.zeros(dy.shape[2], values.dtype)  # bm rows in the input's precision, then float64
+    _block_row_of_x(codes, low_scales, bits, values, kept, br, dy.shape[0] * dy.shape[1],
+                    dy.shape[0], 0, np.empty((0, 0), values.dtype), dy, acc)  # fmt: skip
+    for j in range(acc.shape[0]):
         out[j] = acc[j]
 
 
