@@ -185,14 +185,13 @@ def _pack_blocks_kernel(
 def pack_blocks(
     x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
-    """Triton version of ``reference.pack_blocks``: values [nnz, bm, bk] in x3.dtype."""
-    nnz = rows.numel()
+    """Triton version of ``reference.pack_blocks``: values [nnz, bm, bk] in x3.dtype, nnz ≥ 1
+    (``kernels.pack_blocks`` launches nothing for none)."""
+    nnz, (batch, t, k) = rows.numel(), x3.shape
     out = torch.empty(nnz, *block_shape, device=x3.device, dtype=x3.dtype)
-    if nnz:
-        batch, t, k = x3.shape
-        _pack_blocks_kernel[(nnz,)](
-            x3, rows, cols, out, batch, batch * t, k, *x3.stride(), **_block_args(block_shape)
-        )
+    _pack_blocks_kernel[(nnz,)](
+        x3, rows, cols, out, batch, batch * t, k, *x3.stride(), **_block_args(block_shape)
+    )
     return out
 
 
