@@ -80,7 +80,10 @@ def compress_rows_of(x3: torch.Tensor, config: PruneConfig) -> BlockSparse:
     block_shape, bits = config.block_shape, config.remainder_bits
     x3 = kernels.readable(x3.detach())
     key = rng.next_key() if bits else 0
-    scores, codes, low_scales = kernels.score_blocks(x3, block_shape, config.criterion, bits, key)
+    # Uniform quantization selects no block: its scores need only the block max, which the
+    # scales need anyway (an l2 or l1 score would be a sum computed for nothing).
+    criterion = "max" if config.uniform else config.criterion
+    scores, codes, low_scales = kernels.score_blocks(x3, block_shape, criterion, bits, key)
     per_column = config.selection == "column"
     k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
     rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
