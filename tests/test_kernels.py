@@ -187,6 +187,28 @@ def test_numba_row_chunks_are_the_reference(bits):
     )  # fmt: skip
 
 
+def test_numba_random_words_are_the_reference_past_2_to_the_31():
+    """The numba hash is 32-bit LLVM arithmetic on a truncated word index: the same words as
+    ``rng.random_words`` for keys and word indices past 2^31 and past 2^32 (which wrap)."""
+    pytest.importorskip("numba")
+    import numba as nb
+    import numpy as np
+
+    from actprune.kernels import cpu_blocks
+
+    @nb.njit
+    def words(key, first, n):
+        out = np.empty(n, np.uint32)
+        for w in range(n):
+            out[w] = cpu_blocks._random_word(key, first + w)
+        return out
+
+    for key, first in ((0, 0), (2**32 - 1, 2**31 - 3), (2**31 + 5, 2**32 - 2), (7, 3 * 2**32)):
+        want = rng.random_words(key, torch.arange(first, first + 8) % 2**32)
+        got = torch.from_numpy(words(np.uint32(key), first, 8).astype(np.int64))
+        assert torch.equal(got, want), (key, first)
+
+
 @pytest.mark.parametrize("function, bits", [("gelu", 2), ("silu", 4)])
 @pytest.mark.parametrize("shape", [(3, 7, 10), (17, 12), (9,)])
 def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape):
