@@ -345,18 +345,19 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
     lanes = np.empty(rows * k_padded, np.uint8)
     row = np.empty(k_padded, values.dtype)
     to_tile, tokens = dy.size == 0, out.shape[0] // batch
+    t, b = divmod(br * bm, batch)
     for i0 in range(0, min(bm, m - br * bm), rows):
         count = min(rows, m - br * bm - i0, bm - i0)
         _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
         for i in range(count):
             _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
-            t, b = divmod(br * bm + i0 + i, batch)
             if to_tile:
                 for j in range(k_padded):
                     out[b * tokens + t - t0, j] = row[j]
             else:
                 for j in range(acc.shape[0]):
                     acc[j] += dy[b, t, j] * row[j]
+            t, b = (t + 1, 0) if b == batch - 1 else (t, b + 1)  # the next row: no division
 
 
 @nb.njit(parallel=True, **_JIT)
