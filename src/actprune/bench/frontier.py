@@ -193,7 +193,8 @@ def plot_frontier(step: list[StepPoint], accuracy: list[AccuracyPoint], out: Pat
              [p.optimal for p in step], [p.family for p in step], "peak step memory × dense",
              "step time × dense", out / "frontier_step.png")  # fmt: skip
     if accuracy:
-        key = min(set.intersection(*(set(p.delta) for p in accuracy)))
+        # the longest schedule that every point has (its first seed): the most settled accuracy
+        key = max(set.intersection(*(set(p.delta) for p in accuracy)), key=lambda k: (k[0], -k[1]))
         draw([p.saved for p in accuracy], [p.delta[key] for p in accuracy],
              [p.name for p in accuracy], [p.optimal for p in accuracy],
              ["dense" if p.name == "dense" else "compressed" for p in accuracy],
