@@ -55,6 +55,13 @@ def _random_word(typingctx, key, word):
     return types.uint32(types.uint32, types.int64), codegen
 
 
+@nb.njit(inline="always")
+def _next_row(t, b, batch):
+    """(t, b) of the row after row t·batch + b in token-major order, without a division (the
+    kernels step through a block-row's rows; a ``divmod`` per row cost more than a narrow row)."""
+    return (t + 1, 0) if b == batch - 1 else (t, b + 1)
+
+
 @nb.njit(fastmath={"reassoc", "nsz"}, **_JIT)
 def _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top):
     """Per block of block-row br: Σ v² (l2) or Σ |v| (l1) into acc, and the max of the magnitude
@@ -77,7 +84,7 @@ def _block_row_sums(x, x_bits, mask, br, bm, bk, criterion, acc, top):
         for j in range(k):
             v = x_bits[b, t, j] & mask
             col_top[j] = v if v > col_top[j] else col_top[j]
-        t, b = (t + 1, 0) if b == batch - 1 else (t, b + 1)  # the next row: no division
+        t, b = _next_row(t, b, batch)
     for j in range(k):  # plain loops: a slice per block is an array view (a refcount) each
         bc = j // bk
         acc[bc] += col_acc[j]
@@ -174,7 +181,7 @@ def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
         for i in range(valid):
             for j in range(k):  # a plain loop: numba's slice assignment checks for overlap
                 values[i * k_padded + j] = x[b, t, j]
-            t, b = (t + 1, 0) if b == batch - 1 else (t, b + 1)
+            t, b = _next_row(t, b, batch)
         values[valid * k_padded :] = 0  # rows past M (the last block-row only)
         first_word = r0 * (k_padded // 4)
         for w in range(count * k_padded // 4):
@@ -357,7 +364,7 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
             else:
                 for j in range(acc.shape[0]):
                     acc[j] += dy[b, t, j] * row[j]
-            t, b = (t + 1, 0) if b == batch - 1 else (t, b + 1)  # the next row: no division
+            t, b = _next_row(t, b, batch)
 
 
 @nb.njit(parallel=True, **_JIT)
