@@ -76,9 +76,10 @@ class LowBitBlocks:
     Element x of block b is coded as one of 2^bits evenly spaced levels over [−s_b, s_b],
     s_b = max |x| in the block, chosen by stochastic rounding between the two nearest levels, so
     the decoded value is an unbiased estimate of x (error < one level spacing, 2·s_b / (2^bits−1)).
-    The rounding compares the fraction with a random byte (``rng.random_bytes``; cheaper than a
-    float, docs/design.md, "Remainder"), which leaves a bias below 1/256 of a level. Codes are
-    packed in the padded tensor's row-major order (``bitpack``); the kernels write them
+    The rounding adds a random byte (``rng.random_bytes``) to x's position in fixed point with 8
+    fraction bits (``kernels.reference.low_bit_code``; one multiply-add, no division:
+    docs/design.md, "Remainder"), which leaves a bias below 1/512 of a level. Codes are packed in
+    the padded tensor's row-major order (``bitpack``); the kernels write them
     (``kernels.score_blocks``).
     """
 

@@ -62,21 +62,24 @@ def low_bit_code(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``storage.LowBitBlocks`` codes and scales of x [M, K] (padded to whole blocks).
 
-    Element v of a block with scale s = max |block| becomes u = (v / max(s, 1e-30) + 1) · L / 2,
-    L = 2^bits − 1, all in float32; its code is floor(u) + 1 where the fraction · 256 exceeds the
+    Element v of a block with scale s = max |block| lies u = (v / s + 1) · L / 2 levels above −s,
+    L = 2^bits − 1. Its code is stochastic rounding of u in fixed point with 8 fraction bits:
+    q = int(v · c + 128·L + ½), c = 128·L / max(s, 1e-30) (float32, each operation rounded, no
+    fused multiply-add), so q = round(256·u); the code is (q + byte) >> 8, clamped to L, byte the
     element's random byte (``rng.random_bytes(key, i)``, i its row-major index in the padded
-    tensor), clamped to [0, L]. Codes of blocks holding NaN/±Inf are unspecified (their scale is
-    not finite; such blocks are kept exactly)."""
+    tensor). Its expectation is q / 256: unbiased to 1/512 of a level. One multiply-add per
+    element and no division (docs/design.md, "Remainder"). Codes of blocks holding NaN/±Inf are
+    unspecified (their scale is not finite; such blocks are kept exactly)."""
     blocks = blocked_view(x.contiguous(), block_shape)  # row-major, so flat order = index
     levels = (1 << bits) - 1
     scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
-    unit = (blocks.float() / scales.clamp_min(1e-30)[:, None, :, None]).add_(1).mul_(levels / 2)
-    low = unit.floor()
+    # A true division (``scalar / tensor`` would multiply by a rounded reciprocal).
+    c = torch.full_like(scales, 128 * levels).div_(scales.clamp_min(1e-30))
+    fixed = (blocks.float() * c[:, None, :, None]).add_(128 * levels + 0.5).to(torch.int32)
     # The blocked view of the padded tensor is a view: its flat order is the padded row-major one.
-    index = torch.arange(unit.numel(), device=x.device).view(unit.shape)
-    up = unit.sub_(low).mul_(256) > rng.random_bytes(key, index)
-    codes = low.add_(up).clamp_(0, levels).to(torch.uint8)
-    return pack_codes(codes.view(-1), bits), scales
+    index = torch.arange(fixed.numel(), device=x.device).view(fixed.shape)
+    codes = fixed.add_(rng.random_bytes(key, index)).bitwise_right_shift_(8).clamp_(0, levels)
+    return pack_codes(codes.to(torch.uint8).view(-1), bits), scales
 
 
 def score_blocks(

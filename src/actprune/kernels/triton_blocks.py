@@ -112,13 +112,12 @@ def _score_blocks_kernel(
         LEVELS: tl.constexpr = (1 << BITS) - 1
         scale = tl.max(tl.max(a, axis=1), axis=0)
         tl.store(low_scales_ptr + pid_r * n_bc + pid_c, tl.where(bad, float("nan"), scale))
-        unit = (tl.div_rn(x, tl.maximum(scale, 1e-30)) + 1.0) * (LEVELS / 2)
-        low = tl.floor(unit)
+        c = tl.div_rn(tl.zeros_like(scale) + 128.0 * LEVELS, tl.maximum(scale, 1e-30))
+        # >= 0, so truncation is floor; a non-finite block codes zeros (its scale is NaN).
+        fixed = tl.where(bad, 0.0, x * c + (128.0 * LEVELS + 0.5)).to(tl.int32)
         k_padded = n_bc * BK
         index = offs_m[:, None] * k_padded + offs_k[None, :]
-        up = (unit - low) * 256.0 > _random_bytes(key, index).to(tl.float32)
-        code = tl.minimum(tl.maximum(low + up.to(tl.float32), 0.0), LEVELS)
-        code = tl.where(bad, 0.0, code).to(tl.int32)
+        code = tl.minimum((fixed + _random_bytes(key, index).to(tl.int32)) >> 8, LEVELS)
         shifts = tl.arange(0, PER) * BITS
         grouped = tl.reshape(code, (TILE_M, TILE_K // PER, PER)) << shifts[None, None, :]
         packed = tl.sum(grouped, axis=2).to(tl.uint8)  # disjoint bits: the sum is the OR
@@ -143,7 +142,7 @@ def score_blocks(
     _score_blocks_kernel[(n_br, n_bc)](
         x3, scores, low_scales, codes, key, batch, m, k, *x3.stride(), n_bc,
         **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion], BITS=bits,
-        enable_fp_fusion=False,  # a fused u·c − floor(u) would round the fraction unlike the spec
+        enable_fp_fusion=False,  # a fused x·c + offset would round unlike the reference
     )  # fmt: skip
     return scores, codes, low_scales
 
