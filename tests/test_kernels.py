@@ -2,6 +2,10 @@
 on CPU (natively on CUDA). Scores to rounding; kept blocks, indices and remainder codes exact."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,3 +292,41 @@ def test_pruned_linear_backward_on_every_backend(monkeypatch, choice):
     rng.manual_seed(2)  # the same key: the same remainder codes
     layer(x).backward(dy)
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-4, atol=1e-4)
+
+
+# Compiles the remainder's Triton kernels for sm_90 (triton ships its own ptxas: no GPU needed) and
+# prints, per kernel, whether its PTX has plain float32 multiplies and fused multiply-adds, with
+# the launchers' options and with fusion on. A process of its own: the tests' TRITON_INTERPRET=1
+# makes every @triton.jit an interpreted function that cannot be compiled.
+_PTX_PROBE = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from actprune.kernels import triton_blocks as tb
+args = tb._block_args((32, 32))
+kernels = [
+    (tb._score_blocks_kernel, "*fp32 *fp32 *fp32 *u8 i64" + " i32" * 7,
+     {**args, "CRITERION": 2, "BITS": 4}),
+    (tb._decode_rows_kernel, "*fp32 *i32 *i32 *u8 *fp32 *fp32" + " i32" * 7, {**args, "BITS": 4}),
+]
+found = []
+for kernel, types, constexprs in kernels:
+    signature = dict(zip(kernel.arg_names, types.split())) | dict.fromkeys(constexprs, "constexpr")
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    for options in (tb.EXACT, {"enable_fp_fusion": True}):
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        found.append(["mul.rn.f32" in ptx, "fma.rn.f32" in ptx])
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
+def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add():
+    # The codes and their decoding must round each float32 multiply and add as the reference
+    # does; the interpreter never fuses, so only compiled code can show a fused one (an H200 did
+    # once: docs/results/gpu-NVIDIA-H200/README.md).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    score_exact, score_fused, decode_exact, decode_fused = json.loads(run.stdout)
+    assert score_exact == decode_exact == [True, False]  # multiplies, none fused
+    assert score_fused[1] and decode_fused[1]  # with fusion on they would be: the check can fail

@@ -24,6 +24,11 @@ from . import reference
 
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
+# Launch options of the kernels whose float32 arithmetic must be the reference's bit for bit (the
+# remainder's codes and their decoding): no fused multiply-add, which rounds once where the
+# reference rounds twice (found on an H200: docs/results/gpu-NVIDIA-H200/README.md).
+EXACT = {"enable_fp_fusion": False}
+
 
 def _tile(n: int) -> int:
     """Power-of-two tile side >= 16 that holds n."""
@@ -142,7 +147,7 @@ def score_blocks(
     _score_blocks_kernel[(n_br, n_bc)](
         x3, scores, low_scales, codes, key, batch, m, k, *x3.stride(), n_bc,
         **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion], BITS=bits,
-        enable_fp_fusion=False,  # a fused x·c + offset would round unlike the reference
+        **EXACT,
     )  # fmt: skip
     return scores, codes, low_scales
 
@@ -269,7 +274,7 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
         x.values, x.row_indices, x.ccol_indices, codes, low_scales, out, start,
         max(1, n_br.bit_length()), batch, m, n_bc, start * bm // batch, count // batch,
         **_block_args(x.block_shape), BITS=bits,
-        enable_fp_fusion=False,  # (c·2/L − 1)·s rounded step by step, as ``LowBitBlocks.decode``
+        **EXACT,
     )  # fmt: skip
     return out
 
