@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="LABEL",
                         help="train only these frontier configurations (their labels)")  # fmt: skip
     parser.add_argument("--dense-from", type=Path, metavar="SUMMARY",
-                        help="reuse the dense run of this compare summary.json (same seed and "
-                        "schedule) instead of training it again")  # fmt: skip
+                        help="reuse the dense run of this summary.json (a compare run's list, or "
+                        "the dense run's own; same seed and schedule) instead of training it "
+                        "again")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     prunes = frontier_prunes()
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
     dense = None
     if args.dense_from:
-        dense = next(r for r in json.loads(args.dense_from.read_text()) if r["run"] == "dense")
+        summary = json.loads(args.dense_from.read_text())
+        if isinstance(summary, dict):  # a run's own summary.json, not a compare run's list
+            summary = [{**summary, "run": "dense"}] if summary.get("prune") is None else []
+        dense = next((r for r in summary if r.get("run") == "dense"), None)
+        if dense is None:
+            parser.error(f"--dense-from {args.dense_from}: no dense run in it")
     runs = compare(base, prunes, command, dense)
     for r in runs:
         print(f"{r['run']:32s} {r['test_acc']:.2f}")
