@@ -56,27 +56,32 @@ def _random_word(typingctx, key, word):
 
 
 @intrinsic
-def _stochastic_code(typingctx, v, c, offset, byte, levels):
-    """``reference.low_bit_code`` of one element: min((int32(v · c + offset) + byte) >> 8,
-    levels) as uint8, offset = 128·levels + ½, emitted as 32-bit LLVM operations (a float32
+def _stochastic_code(typingctx, v, c, byte, levels):
+    """``reference.low_bit_code`` of one element: min((int32(v · c + 128·levels + ½) + byte) >> 8,
+    levels) as uint8, emitted as 32-bit LLVM operations (a float32
     multiply, then an add: no fused multiply-add, as the reference rounds each) for the reason
     ``_random_word`` gives. The conversion's input is clamped to [0, 2^16] first (NaN to 0), so
     no conversion is undefined; only non-finite blocks, whose codes are zeroed, reach the clamp."""
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        v, c, offset, byte, levels = args
+        v, c, byte, levels = args
+        levels = builder.trunc(levels, i32)
+        # 128·levels + ½, exact in float32; loop-invariant, so LLVM computes it once per loop
+        offset = builder.fadd(
+            builder.sitofp(builder.shl(levels, ir.Constant(i32, 7)), ir.FloatType()),
+            ir.Constant(ir.FloatType(), 0.5),
+        )
         w = builder.fadd(builder.fmul(v, c), offset)
         zero, top = ir.Constant(ir.FloatType(), 0.0), ir.Constant(ir.FloatType(), 65536.0)
         w = builder.select(builder.fcmp_ordered(">", w, zero), w, zero)  # NaN to 0: maxps
         w = builder.select(builder.fcmp_ordered("<", w, top), w, top)
         q = builder.add(builder.fptosi(w, i32), builder.zext(byte, i32))
         code = builder.lshr(q, ir.Constant(i32, 8))
-        levels = builder.trunc(levels, i32)
         code = builder.select(builder.icmp_unsigned("<", code, levels), code, levels)
         return builder.trunc(code, ir.IntType(8))
 
-    sig = types.uint8(types.float32, types.float32, types.float32, types.uint8, types.int64)
+    sig = types.uint8(types.float32, types.float32, types.uint8, types.int64)
     return sig, codegen
 
 
@@ -188,7 +193,6 @@ def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
     batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
     n_bc = scales.shape[0]
     k_padded, per, levels = n_bc * bk, 8 // bits, (1 << bits) - 1
-    offset = np.float32(128 * levels + 0.5)
     rows = max(1, min(bm, _CODE_CHUNK // k_padded))
     n = rows * k_padded
     values = np.zeros(n, np.float32)  # columns past K stay zero: only rows are written
@@ -214,7 +218,7 @@ def _block_row_codes(x, br, bm, bk, scales, finite, bits, key, codes):
         for i in range(count):
             for j in range(k_padded):
                 e = i * k_padded + j
-                lanes[e] = _stochastic_code(values[e], c[j], offset, random[e], levels)
+                lanes[e] = _stochastic_code(values[e], c[j], random[e], levels)
         out = codes[r0 * k_padded // per : (r0 + count) * k_padded // per]
         _pack_lanes(lanes, bits, out)  # packs out's length: the chunk's codes
         for bc in range(n_bc):
