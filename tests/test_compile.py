@@ -55,8 +55,8 @@ def test_registered_ops_pass_opcheck():
         checks = ("test_schema", "test_faketensor")
         if not config.remainder_bits:
             checks += ("test_autograd_registration", "test_aot_dispatch_dynamic")
-        torch.library.opcheck(ops.compress_rows, (x.detach(), key), test_utils=checks)
-        parts = ops.compress_rows(x.detach(), key)
+        torch.library.opcheck(ops.compress_rows, (x.detach(), key, 0), test_utils=checks)
+        parts = ops.compress_rows(x.detach(), key, 0)
         # dy as a row source [B, T, N] (token-major: 20 tokens of a batch of 3)
         for param, dy in (
             ("weight", torch.randn(3, 20, 10)),

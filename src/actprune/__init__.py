@@ -18,6 +18,7 @@ from .layers import (
     CodedSiLU,
     PrunedChannelScale,
     PrunedLinear,
+    PrunedTransposedLinear,
     exact_gradients,
 )
 from .memory import (
@@ -44,6 +45,7 @@ __all__ = [
     "PrunedChannelScale",
     "PrunedLayerScale",
     "PrunedLinear",
+    "PrunedTransposedLinear",
     "SavedTensorLog",
     "StepMemory",
     "activation_derivative",

@@ -40,18 +40,19 @@ def as_rows(t: torch.Tensor, row_order: str) -> torch.Tensor:
     return kernels.reference.rows_of(row_source(t, row_order))
 
 
-def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
+def compress(x: torch.Tensor, config: PruneConfig, stream: rng.Stream | None = None) -> BlockSparse:
     """Keep the highest-scoring ceil((1 - sparsity) · n) blocks of a 2-D tensor, n the blocks of
     each block-column or of the whole tensor (``config.selection``).
 
     Scoring, remainder coding and packing run as Triton kernels on CUDA, as numba kernels on CPU
     and as PyTorch ops otherwise (``actprune.kernels``). Blocks holding NaN/Inf always rank first
-    (see ``kernels.score_blocks``). The remainder's stochastic rounding takes one key of
-    actprune's own random stream (``rng.next_key``); torch's generators are never touched.
+    (see ``kernels.score_blocks``). The remainder's stochastic rounding takes one key of one of
+    actprune's own random streams (``actprune.rng``); torch's generators are never touched.
 
     Args:
         x: a non-empty 2-D floating-point tensor [M, K] (``as_rows`` makes one of an activation).
         config: sparsity, block shape, criterion, selection, int8 and remainder bits.
+        stream: the ``rng.Stream`` to draw from (default: the calling thread's).
 
     Returns:
         The ``BlockSparse`` of x.
@@ -67,10 +68,12 @@ def compress(x: torch.Tensor, config: PruneConfig) -> BlockSparse:
         raise TypeError(f"compress expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"compress expects a 2-D tensor, got shape {tuple(x.shape)}")
-    return compress_rows_of(x.unsqueeze(0), config)
+    return compress_rows_of(x.unsqueeze(0), config, stream)
 
 
-def compress_rows_of(x3: torch.Tensor, config: PruneConfig) -> BlockSparse:
+def compress_rows_of(
+    x3: torch.Tensor, config: PruneConfig, stream: rng.Stream | None = None
+) -> BlockSparse:
     """``compress`` of the rows of a row source x3 [B, T, C] (``row_source``), read in place."""
     if not x3.is_floating_point():
         raise ValueError(f"compress expects a floating-point tensor, got dtype {x3.dtype}")
@@ -79,7 +82,7 @@ def compress_rows_of(x3: torch.Tensor, config: PruneConfig) -> BlockSparse:
         raise ValueError(f"compress expects a non-empty tensor, got shape {shape}")
     block_shape, bits = config.block_shape, config.remainder_bits
     x3 = kernels.readable(x3.detach())
-    key = rng.next_key() if bits else 0
+    key = (stream or rng.thread_stream()).next_key() if bits else 0
     # Uniform quantization selects no block: its scores need only the block max, which the
     # scales need anyway (an l2 or l1 score would be a sum computed for nothing).
     criterion = "max" if config.uniform else config.criterion

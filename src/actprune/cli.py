@@ -27,7 +27,7 @@ from .config import PRESETS, PruneConfig
 from .data import DATASETS, DataError
 from .lm import LMConfig, compare_lm, lm_table
 from .methods import BASELINES, frontier_methods, methods
-from .plan import accuracy_deltas, parse_bytes, plan, step_time_ratios
+from .plan import accuracy_deltas, parse_bytes, plan, require_fits, step_time_ratios
 from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpoint, train
 from .workloads import Workload, WorkloadError, build_workload
 
@@ -295,6 +295,7 @@ def lm_config(args: argparse.Namespace) -> LMConfig:
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     device, out = _device(args.device), _out_folder(args.out)
     work = _workload(args)
+    require_fits(args.model, args.batch_size, device, args.image_size, args.seq_len)
     if args.frontier:
         configs = frontier_methods(_exclude(args))
     else:

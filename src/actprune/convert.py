@@ -21,8 +21,17 @@ from typing import TypeVar
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import rng
 from .config import SCOPES, PruneConfig
-from .layers import CodedGELU, CodedReLU, CodedSiLU, CompressedLayer, PrunedLinear, rebuild_as
+from .layers import (
+    CodedGELU,
+    CodedReLU,
+    CodedSiLU,
+    CompressedLayer,
+    PrunedLinear,
+    check_config,
+    rebuild_as,
+)
 
 LayerFilter = Callable[[str, nn.Module], bool]
 C = TypeVar("C", bound=type)
@@ -165,6 +174,7 @@ def prune_activations_(
     versions and registered per-channel scales (ResMLP's, timm's) their pruned versions. Each
     holds the same Parameter objects, so state_dict keys and optimizer references stay valid.
     Layers converted before get the new config (or back to dense when the scope leaves them out).
+    The layers of one model share one random stream (``actprune.rng``).
 
     Args:
         model: the model (or a single layer) to convert.
@@ -187,25 +197,24 @@ def prune_activations_(
         >>> [type(m).__name__ for m in model]
         ['PrunedLinear', 'GELU', 'Linear']
     """
-    if not isinstance(config, PruneConfig):
-        raise TypeError(f"config must be an actprune.PruneConfig, got {type(config).__name__}")
+    config, selected = check_config(config), _selector(filter, include, exclude)
     _register_integrations()
-    selected = _selector(filter, include, exclude)
+    stream = rng.model_stream(model) or rng.Stream()  # one per model (``actprune.rng``)
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if not selected(name, module):
             return None
         if isinstance(module, CompressedLayer):
             _, scopes = _REGISTRY[module.dense_class]
-            if config.scope in scopes:
-                module.config = config
-                return None
-            return _dense(module)
+            if config.scope not in scopes:
+                return _dense(module)
+            module.config = config
+            return None
         compressed = _conversion(module, config.scope)
         if compressed is None or _left_dense(name, module):
             return None
         new = compressed.from_module(module, config)
-        new._actprune_dense_class = type(module)
+        new._actprune_dense_class, new.stream = type(module), stream
         return new
 
     return _swap_(model, make)
@@ -226,7 +235,7 @@ def _left_dense(name: str, module: nn.Module) -> bool:
 
 def _dense(module: nn.Module) -> nn.Module:
     dense_class = module.__dict__.get("_actprune_dense_class", module.dense_class)
-    return rebuild_as(dense_class, module, drop=("config", "_actprune_dense_class"))
+    return rebuild_as(dense_class, module, drop=("config", "_actprune_dense_class", "stream"))
 
 
 def restore_dense_(model: nn.Module) -> nn.Module:

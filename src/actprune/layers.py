@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import ops
+from . import ops, rng
 from .config import PruneConfig
 from .storage import Parts
 
@@ -90,14 +90,15 @@ class _CompressionCache:
 _cache = _CompressionCache()
 
 
-def compressed_rows(x: torch.Tensor, config: PruneConfig) -> Parts:
-    """``ops.compress_rows`` of x, reusing an earlier call's tensors for the same x and config."""
+def compressed_rows(x: torch.Tensor, config: PruneConfig, stream: int = 0) -> Parts:
+    """``ops.compress_rows`` of x, reusing an earlier call's tensors for the same x and config
+    (drawn from whichever stream compressed it first)."""
     key = config.to_json()
     if torch.compiler.is_compiling():
-        return ops.compress_rows(x.detach(), key)
+        return ops.compress_rows(x.detach(), key, stream)
     found = _cache.get(x, key)
     if found is None:
-        found = ops.compress_rows(x.detach(), key)
+        found = ops.compress_rows(x.detach(), key, stream)
         _cache.put(x, key, found)
     return found
 
@@ -123,6 +124,14 @@ class CompressedLayer:
     config: PruneConfig
     dense_class: type[nn.Module]  # what it is built from and restored to
     saved_for: str  # what backward reads the saved tensor for (``describe``)
+    # The random stream of the model it belongs to (set by ``prune_activations_``); None: the
+    # calling thread's (``actprune.rng``).
+    stream: rng.Stream | None = None
+
+    @property
+    def stream_id(self) -> int:
+        """The id of ``stream`` as the operators take it (0: the calling thread's)."""
+        return 0 if self.stream is None else self.stream.id
 
     @classmethod
     def from_module(cls, module: nn.Module, config: PruneConfig) -> nn.Module:
@@ -134,7 +143,7 @@ class CompressedLayer:
                 f"(or subclass), got {type(module).__name__}"
             )
         new = rebuild_as(_with_parametrizations(cls, module), module)
-        new.config = _check_config(config)
+        new.config = check_config(config)
         return new
 
     @classmethod
@@ -155,10 +164,15 @@ class CompressedLayer:
 
 
 def linear_keeping_compressed_input(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: PruneConfig
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: PruneConfig,
+    stream: int = 0,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias), keeping x compressed with ``config`` for dW: the computation of
-    every pruned linear layer (``PrunedLinear``; GPT-2's Conv1D passes its weight transposed)."""
+    every pruned linear layer (``PrunedLinear``; GPT-2's Conv1D passes its weight transposed).
+    ``stream``: the ``rng.Stream`` id its rounding draws from (``CompressedLayer.stream_id``)."""
     if not _needs_graph(x, weight, bias):
         return F.linear(x, weight, bias)
     kind = x.device.type
@@ -168,7 +182,7 @@ def linear_keeping_compressed_input(
         dtype = torch.get_autocast_dtype(kind)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    parts = compressed_rows(x, config) if weight.requires_grad else _nothing_saved(x)
+    parts = compressed_rows(x, config, stream) if weight.requires_grad else _nothing_saved(x)
     return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
 
 
@@ -207,7 +221,7 @@ class PrunedLinear(CompressedLayer, nn.Linear):
         config: PruneConfig,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = _check_config(config)
+        self.config = check_config(config)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: PruneConfig) -> PrunedLinear:
@@ -220,21 +234,71 @@ class PrunedLinear(CompressedLayer, nn.Linear):
                 f"PrunedLinear expects input of shape (..., {self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
-        return linear_keeping_compressed_input(x, self.weight, self.bias, self.config)
+        return linear_keeping_compressed_input(
+            x, self.weight, self.bias, self.config, self.stream_id
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {_describe(self.config)}"
 
 
+class PrunedTransposedLinear(CompressedLayer):
+    """Base of the linear layers that store their weight as [in, out] (y = x·W + b, W =
+    ``self.weight``, ``self.bias`` or None): GPT-2's Conv1D and the like. Output, input gradient
+    and bias gradient are the dense layer's; dW = (dyᵀ·X̃)ᵀ with X̃ the compressed input, as for
+    ``PrunedLinear`` (the op sees the weight transposed, a view: no copy). A subclass names its
+    dense class (second base) and is registered with ``actprune.register_conversion``; the dense
+    class's forward must compute exactly ``x·W + b`` (``torch.addmm`` of the flattened rows).
+
+    Attributes:
+        weight: [in, out] Parameter; bias: [out] Parameter or None (the dense class's).
+        config: the ``PruneConfig`` the saved input is compressed with.
+        dense_class: the class it is built from and restored to (set by ``register_conversion``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from actprune import PruneConfig, PrunedTransposedLinear, register_conversion
+        >>> class Proj(nn.Module):                      # a user's own [in, out] projection
+        ...     def __init__(self, n_in, n_out):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        ...         self.bias = nn.Parameter(torch.zeros(n_out))
+        ...     def forward(self, x):
+        ...         return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(
+        ...             *x.shape[:-1], -1)
+        >>> @register_conversion(Proj, scopes=("linear", "all"))
+        ... class PrunedProj(PrunedTransposedLinear, Proj):
+        ...     pass
+        >>> PrunedProj.from_module(Proj(64, 32), PruneConfig(0.5, 16))(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+    """
+
+    saved_for = "input (for the weight gradient)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_in = self.weight.shape[0]
+        if x.dim() == 0 or x.shape[-1] != n_in:
+            raise ValueError(f"{type(self).__name__} expects input of shape (..., {n_in}), got "
+                             f"{tuple(x.shape)}")  # fmt: skip
+        return linear_keeping_compressed_input(
+            x, self.weight.t(), self.bias, self.config, self.stream_id
+        )
+
+
 def scale_channels(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, config: PruneConfig
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    config: PruneConfig,
+    stream: int = 0,
 ) -> torch.Tensor:
     """x ⊙ scale (+ shift), one value per channel (last dim), keeping x compressed with
     ``config`` for the gradient of ``scale``: the computation of every ``PrunedChannelScale``,
     also for a scale that is a bare Parameter inside a block's forward."""
     if not _needs_graph(x, scale, shift):
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
-    parts = compressed_rows(x, config) if scale.requires_grad else _nothing_saved(x)
+    parts = compressed_rows(x, config, stream) if scale.requires_grad else _nothing_saved(x)
     return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
 
 
@@ -281,7 +345,7 @@ class PrunedChannelScale(CompressedLayer):
                 f"{type(self).__name__} expects input of shape (..., {scale.numel()}), "
                 f"got {tuple(x.shape)}"
             )
-        return scale_channels(x, scale, shift, self.config)
+        return scale_channels(x, scale, shift, self.config, self.stream_id)
 
     def extra_repr(self) -> str:
         return _describe(self.config)
@@ -447,7 +511,8 @@ def _with_parametrizations(cls: type[nn.Module], module: nn.Module) -> type[nn.M
     return type(f"Parametrized{cls.__name__}", (cls,), injected)
 
 
-def _check_config(config: object) -> PruneConfig:
+def check_config(config: object) -> PruneConfig:
+    """``config`` if it is a PruneConfig, else TypeError saying what it is."""
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be an actprune.PruneConfig, got {type(config).__name__}")
     return config

@@ -26,14 +26,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import rng
+from . import models, rng
 from .compare import compression_section, cosine_by_layer, run_name
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_
 from .memory import measure_training_step
+from .plan import require_fits
 from .text import VOCAB_SIZE, Corpus, python_stdlib_corpus
 from .train import TrainError, gradient_cosines, lr_at, prepare_out_dir, resolve_device
-from .workloads import Workload, WorkloadError, build_workload
+from .workloads import Workload, WorkloadError, build_workload, language_model
 
 
 @dataclass
@@ -75,6 +76,9 @@ def build_lm(cfg: LMConfig, device: torch.device | str = "cpu") -> Workload:
     """The run's model (random init, seeded) as a causal-LM ``Workload`` over bytes."""
     torch.manual_seed(cfg.seed)
     on_meta = torch.device(device).type == "meta"  # checking the spec only: no weights
+    if not language_model(cfg.model) and cfg.model in models.list_models():
+        raise TrainError(f"must be a causal language model; {cfg.model} is an image model",
+                         "model")  # fmt: skip
     try:
         work = build_workload(cfg.model, seq_len=cfg.seq_len, device="meta" if on_meta else None)
     except WorkloadError as err:
@@ -115,7 +119,7 @@ def train_lm(cfg: LMConfig, corpus: Corpus) -> dict:
     model = work.model
     if cfg.prune is not None:
         prune_activations_(model, cfg.prune, exclude=cfg.exclude)
-    rng.manual_seed(cfg.seed)
+    rng.manual_seed(cfg.seed, model)  # the remainder's rounding: the model's own stream
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))  # fmt: skip
     batches = torch.Generator().manual_seed(cfg.seed)
@@ -199,6 +203,11 @@ def compare_lm(base: LMConfig, prunes: list[PruneConfig], command: str = "") -> 
     for prune in (None, *prunes):
         dataclasses.replace(base, prune=prune).validate()
     build_lm(base, "meta")  # a bad --model fails before the corpus is read
+    try:  # and one that cannot fit, before anything is allocated
+        require_fits(base.model, base.batch_size, resolve_device(base.device),
+                     seq_len=base.seq_len)  # fmt: skip
+    except WorkloadError as err:
+        raise TrainError(str(err), "model") from err
     prepare_out_dir(out, base.overwrite, resume=False)
     corpus = python_stdlib_corpus()
     runs = []

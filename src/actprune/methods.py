@@ -210,10 +210,11 @@ def frontier_methods(exclude: Iterable[str] = ("head",)) -> list[MemoryConfig]:
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The model's stack of repeated blocks: the ModuleList / Sequential with the most children
-    that all share one class (ResMLP's and timm's ``blocks``, Hugging Face's ``layers`` / ``h``)."""
+    that all share one class (ResMLP's and timm's ``blocks``, Hugging Face's ``layers`` / ``h``;
+    a stack of one block counts: a one-layer model checkpoints its layer)."""
     best: nn.Module | None = None
     for module in model.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 1:
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
                 best = module
     if best is None:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, rng
 from .bitpack import pack_codes, unpack_codes
 from .blocksparse import compress_rows_of, row_source
 from .config import PruneConfig
@@ -39,14 +39,15 @@ from .storage import BlockSparse, Parts
 
 
 @torch.library.custom_op("actprune::compress_rows", mutates_args=())
-def compress_rows(x: torch.Tensor, config: str) -> Parts:
-    """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``."""
+def compress_rows(x: torch.Tensor, config: str, stream: int) -> Parts:
+    """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``, its
+    rounding drawn from ``rng.stream(stream)`` (0: the calling thread's) when the op runs."""
     c = PruneConfig.from_json(config)
-    return compress_rows_of(row_source(x.detach(), c.row_order), c).parts()
+    return compress_rows_of(row_source(x.detach(), c.row_order), c, rng.stream(stream)).parts()
 
 
 @compress_rows.register_fake
-def _(x, config):
+def _(x, config, stream):
     c = PruneConfig.from_json(config)
     (bm, bk), k = c.block_shape, x.shape[-1]
     n_br, n_bc = math.ceil(x.numel() // k / bm), math.ceil(k / bk)

@@ -15,6 +15,7 @@ user's own run on their device).
 from __future__ import annotations
 
 import json
+import os
 import re
 import weakref
 from collections.abc import Callable, Iterable
@@ -28,11 +29,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .methods import MemoryConfig, apply_method
-from .workloads import Workload, build_workload
+from .workloads import Workload, WorkloadError, build_workload
 
 
 class LiveStorageBytes(TorchDispatchMode):
-    """Bytes of the storages created under this mode that are still alive, and their peak."""
+    """Bytes of the storages created under this mode that are still alive, and their peak.
+
+    A branch on a value (``bool(t)``, ``t.item()``) cannot be decided on "meta". The one kind
+    models take on every step is a check on their inputs that holds for the planner's batches:
+    no padding, no packed sequences (Hugging Face's mask code asks ``(mask == 0).all()``-style
+    questions). So a one-element boolean meta tensor reads as True; any other value raises as on
+    "meta"."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,6 +53,10 @@ class LiveStorageBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            (t,) = args
+            if t.is_meta and t.dtype == torch.bool:
+                return True
         out = func(*args, **kwargs)
         # Outputs that alias an input (in-place ops, views) allocate nothing.
         inputs = {
@@ -93,7 +104,8 @@ def optimizer_footprint(
     opt = torch.optim.AdamW(model.parameters(), foreach=True if foreach is None else foreach)
     one = work.empty_batch(1, "meta")
     for _ in range(2):  # the first creates the state, the second is what a step costs
-        work.loss(model, one).backward()
+        with LiveStorageBytes():  # (its meta branches)
+            work.loss(model, one).backward()
         with LiveStorageBytes() as tracker:
             opt.step()
     state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -152,6 +164,56 @@ def predict_step(
 ) -> StepPlan:
     """``StepPredictor(spec, config, ...)(batch)``: one prediction."""
     return StepPredictor(spec, config, foreach, image_size, seq_len, **overrides)(batch)
+
+
+def available_bytes(device: str | torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can take now: CUDA's free memory, or the host's
+    ``MemAvailable`` (Linux; else free physical pages); None where it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_fits(
+    spec: str,
+    batch: int,
+    device: str | torch.device,
+    image_size: int | None = None,
+    seq_len: int | None = None,
+) -> int:
+    """Refuse, before anything is allocated, a model and batch whose dense training step cannot
+    fit in ``device``'s available memory (``available_bytes``); the peak is predicted on "meta"
+    (``predict_step``).
+
+    Returns:
+        The predicted peak of the dense step, in bytes.
+
+    Raises:
+        WorkloadError: saying how many bytes the step needs and how many are available.
+    """
+    kind = torch.device(device).type
+    need = predict_step(spec, batch, MemoryConfig.dense(), foreach=kind != "cpu",
+                        image_size=image_size, seq_len=seq_len).peak_step_bytes  # fmt: skip
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise WorkloadError(
+            f"{spec} at batch {batch}{f', seq_len {seq_len}' if seq_len else ''} needs "
+            f"{need:,} bytes ({need / 2**30:.1f} GiB) for one dense training step (predicted "
+            f"on the meta device); {device} has {have / 2**30:.1f} GiB available"
+        )
+    return need
 
 
 @dataclass

@@ -2,34 +2,134 @@
 
 A training step with compression must leave ``torch.get_rng_state()`` exactly as the dense step
 leaves it: the same dropout masks, the same next ``torch.rand`` for the user. So no draw here uses a
-torch generator. The stream is counter-based, like Philox's (seed, offset): each compression takes
-one 32-bit ``next_key()`` derived from (seed, counter), and the random byte of element i is a fixed
-hash of (key, i) (``random_bytes``). The pair (seed, counter) is the whole state: ``get_state`` /
-``set_state`` save and restore it (training checkpoints do, so resume stays exact). Because the byte
-of an element depends only on the key and the element's index, every kernel backend (PyTorch,
-numba, Triton) computes the same bytes in whatever order its threads visit the elements, so the
-backends write identical codes. The seed is ``manual_seed``'s, or else ``torch.initial_seed()``
-(the seed the user gave ``torch.manual_seed``) read at each draw.
+torch generator. A ``Stream`` is counter-based, like Philox's (seed, offset): each compression
+takes one 32-bit key derived from (seed, counter), and the random byte of element i is a fixed
+hash of (key, i) (``random_bytes``). Because the byte of an element depends only on the key and the
+element's index, every kernel backend (PyTorch, numba, Triton) computes the same bytes in whatever
+order its threads visit the elements, so the backends write identical codes.
+
+Whose counter: every model converted by ``prune_activations_`` has a stream of its own, shared by
+its layers; anything else (``compress``, a layer converted on its own) draws from the calling
+thread's stream. So a run repeats exactly however many runs came before it in the process, and two
+models trained in two threads at once each draw their own sequence. A stream takes its seed at its
+first draw: ``manual_seed``'s if one was given, else ``torch.initial_seed()`` (the seed the user
+gave ``torch.manual_seed``). ``get_state`` / ``set_state`` save and restore a model's pair (training
+checkpoints do, so resume stays exact).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import weakref
 
 import torch
 
 _MASK = (1 << 63) - 1
 _MASK32 = (1 << 32) - 1
-_lock = threading.Lock()
-_seed: int | None = None
-_counter = 0
+_lock = threading.Lock()  # guards the globals below
+_seed: int | None = None  # manual_seed's; None: torch.initial_seed() at a stream's first draw
+_streams: weakref.WeakValueDictionary[int, Stream] = weakref.WeakValueDictionary()
+_ids = itertools.count(1)  # 0 names the calling thread's stream
+_local = threading.local()  # .stream: this thread's stream
 
 
-def manual_seed(seed: int) -> None:
-    """Start actprune's stream at ``seed`` (counter 0).
+class Stream:
+    """One sequence of keys: the pair (seed, counter), counter + 1 per key.
+
+    A model's layers share one (``prune_activations_`` sets it); operators find it by ``id``
+    (``stream``). Copies (``copy.deepcopy``, pickling) are new streams in the same state.
+
+    Args:
+        seed: the seed, or None to take it at the first draw (see the module docstring).
+        counter: keys drawn so far.
+    """
+
+    def __init__(self, seed: int | None = None, counter: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.seed, self.counter = seed, counter
+        with _lock:
+            self.id = next(_ids)
+            _streams[self.id] = self
+
+    def next_key(self) -> int:
+        """The key of one compression's random bytes, in [0, 2^32): a hash of (seed, counter),
+        then counter + 1."""
+        with self._lock:
+            if self.seed is None:
+                self.seed = _default_seed()
+            seed, counter = self.seed, self.counter
+            self.counter += 1
+        # Distinct, well-spread keys for consecutive counters (a 64-bit LCG step of the pair).
+        mixed = (seed * 6364136223846793005 + counter * 1442695040888963407 + 1) & _MASK
+        return (mixed ^ (mixed >> 32)) & _MASK32
+
+    def get_state(self) -> dict[str, int]:
+        """``{"seed": ..., "counter": ...}`` (plain ints; the seed it would take if none yet)."""
+        with self._lock:
+            return {"seed": _default_seed() if self.seed is None else self.seed,
+                    "counter": self.counter}  # fmt: skip
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Restore a state from ``get_state``; ValueError if it is not one."""
+        problem = state_problem(state)
+        if problem:
+            raise ValueError(f"not an actprune.rng state: {problem}")
+        with self._lock:
+            self.seed, self.counter = int(state["seed"]), int(state["counter"])
+
+    def __deepcopy__(self, memo: dict) -> Stream:
+        return Stream(self.seed, self.counter)
+
+    def __reduce__(self) -> tuple:
+        return (Stream, (self.seed, self.counter))
+
+    def __repr__(self) -> str:
+        return f"Stream(seed={self.seed}, counter={self.counter})"
+
+
+def _default_seed() -> int:
+    return torch.initial_seed() if _seed is None else _seed
+
+
+def thread_stream() -> Stream:
+    """The calling thread's stream (``compress`` and layers outside a converted model draw
+    from it)."""
+    found = getattr(_local, "stream", None)
+    if found is None:
+        found = _local.stream = Stream()
+    return found
+
+
+def stream(ident: int) -> Stream:
+    """The stream whose ``id`` is ``ident``; 0 (or one no longer alive) is the thread's."""
+    found = _streams.get(ident) if ident else None
+    return thread_stream() if found is None else found
+
+
+def model_stream(model: torch.nn.Module) -> Stream | None:
+    """The stream of a model's converted layers (``prune_activations_``), or None."""
+    for module in model.modules():
+        found = getattr(module, "stream", None)
+        if isinstance(found, Stream):
+            return found
+    return None
+
+
+def _target(model: torch.nn.Module | None) -> Stream:
+    """``model``'s stream; the thread's without a model or for a model with no actprune layers
+    (which draws nothing)."""
+    found = None if model is None else model_stream(model)
+    return thread_stream() if found is None else found
+
+
+def manual_seed(seed: int, model: torch.nn.Module | None = None) -> None:
+    """Restart streams at ``seed`` (counter 0).
 
     Args:
         seed: any int.
+        model: restart only this converted model's stream. Without it, every stream restarts
+            (this thread's, every model's) and streams made later start at ``seed`` too.
 
     Returns:
         None.
@@ -39,30 +139,32 @@ def manual_seed(seed: int) -> None:
         >>> rng.manual_seed(7); rng.get_state()
         {'seed': 7, 'counter': 0}
     """
-    global _seed, _counter
+    global _seed
+    if model is not None:
+        _target(model).set_state({"seed": int(seed), "counter": 0})
+        return
     with _lock:
-        _seed, _counter = int(seed), 0
+        _seed = int(seed)
+        streams = list(_streams.values())
+    for s in streams:
+        s.set_state({"seed": int(seed), "counter": 0})
 
 
-def get_state() -> dict[str, int]:
-    """The stream's state: ``{"seed": ..., "counter": ...}`` (plain ints)."""
-    with _lock:
-        return {"seed": torch.initial_seed() if _seed is None else _seed, "counter": _counter}
+def get_state(model: torch.nn.Module | None = None) -> dict[str, int]:
+    """The state of ``model``'s stream (this thread's without a model): ``{"seed", "counter"}``."""
+    return _target(model).get_state()
 
 
-def set_state(state: dict[str, int]) -> None:
-    """Restore a state from ``get_state``."""
-    global _seed, _counter
-    with _lock:
-        _seed, _counter = int(state["seed"]), int(state["counter"])
+def set_state(state: dict[str, int], model: torch.nn.Module | None = None) -> None:
+    """Restore a state from ``get_state`` into ``model``'s stream (this thread's without one)."""
+    _target(model).set_state(state)
 
 
 def next_key() -> int:
-    """The key of one compression's random bytes, in [0, 2^32): a hash of (seed, counter), then
-    counter + 1.
+    """The next key of this thread's stream.
 
     Returns:
-        The key, a plain int.
+        The key, a plain int in [0, 2^32).
 
     Example:
         >>> from actprune import rng
@@ -70,13 +172,17 @@ def next_key() -> int:
         >>> rng.manual_seed(7); rng.next_key() == a and a != b
         True
     """
-    global _counter
-    with _lock:
-        seed = torch.initial_seed() if _seed is None else _seed
-        counter, _counter = _counter, _counter + 1
-    # Distinct, well-spread keys for consecutive counters (a 64-bit LCG step of the pair).
-    mixed = (seed * 6364136223846793005 + counter * 1442695040888963407 + 1) & _MASK
-    return (mixed ^ (mixed >> 32)) & _MASK32
+    return thread_stream().next_key()
+
+
+def state_problem(state: object) -> str | None:
+    """What is wrong with a would-be ``get_state`` result, or None."""
+    if not isinstance(state, dict) or set(state) != {"seed", "counter"}:
+        return f"must be a dict with the keys seed and counter, got {state!r}"[:200]
+    for name, value in state.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+            return f"{name} must be an integer in [0, 2^64), got {value!r}"
+    return None
 
 
 # The random byte of element i under key k is byte i mod 4 (little-endian) of the 32-bit word
@@ -102,7 +208,7 @@ def random_bytes(key: int, index: torch.Tensor) -> torch.Tensor:
     definition the numba and Triton kernels reproduce bit for bit. Word indices wrap modulo 2^32.
 
     Args:
-        key: from ``next_key()``.
+        key: from ``Stream.next_key()``.
         index: int64 tensor of element indices, any shape.
 
     Returns:

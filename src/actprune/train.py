@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -196,7 +197,6 @@ def build_model(cfg: TrainConfig, dataset: data_lib.Dataset, device: torch.devic
     """Initial weights depend only on cfg.seed; pruning converts layers without touching them."""
     c, h, _ = dataset.image_shape
     torch.manual_seed(cfg.seed)
-    rng.manual_seed(cfg.seed)  # the remainder's rounding: a stream of its own
     overrides = {"img_size": h, "in_chans": c, "num_classes": dataset.num_classes}
     try:
         model = models.create(cfg.model, **{**overrides, **cfg.model_overrides})
@@ -205,7 +205,9 @@ def build_model(cfg: TrainConfig, dataset: data_lib.Dataset, device: torch.devic
     model.to(device)
     if cfg.prune is None:
         return model
-    return prune_activations_(model, cfg.prune, exclude=cfg.exclude)
+    model = prune_activations_(model, cfg.prune, exclude=cfg.exclude)
+    rng.manual_seed(cfg.seed, model)  # the remainder's rounding: the model's own stream
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -408,7 +410,7 @@ def save_checkpoint(run: Run, progress: Progress) -> None:
         "rng": {
             "cpu": torch.get_rng_state(),
             **({"cuda": torch.cuda.get_rng_state(run.device)} if cuda else {}),
-            "actprune": rng.get_state(),
+            "actprune": rng.get_state(run.core),
         },
         "config": run.cfg.to_dict(),
     }
@@ -455,7 +457,154 @@ def read_checkpoint(path: Path, device: torch.device) -> dict:
     keys = {"model", "optimizer", "scaler", "epoch", "history", "step_times", "rng", "config"}
     if not isinstance(ckpt, dict) or not keys <= set(ckpt):
         raise TrainError(f"{path} is not an actprune training checkpoint", "resume")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise TrainError(f"{path} is not a valid actprune checkpoint: {problem}", "resume")
     return ckpt
+
+
+# What a resumed run may set through the checkpoint's model_overrides: the model flags' fields.
+MODEL_OVERRIDES = ("patch_size", "width", "depth")
+
+
+def checkpoint_problem(ckpt: dict) -> str | None:
+    """What is wrong with the fields of a checkpoint (a file from anywhere), by type and range,
+    before anything of it is used; None when nothing is. Whether its tensors fit the model and
+    optimizer is ``state_problem``'s question, once they are built."""
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        return f"config must be a dict, got {type(config).__name__}"
+    try:
+        saved = config_from_dict(config)
+    except TrainError as err:
+        return f"config: {err}"
+    epoch = ckpt["epoch"]
+    if not _is_int(epoch) or not 0 <= epoch < saved.epochs:
+        return f"epoch (the last one done) must be an integer in [0, {saved.epochs}), got {epoch!r}"
+    history, times = ckpt["history"], ckpt["step_times"]
+    if not (isinstance(history, list) and len(history) == epoch + 1
+            and all(isinstance(h, dict) for h in history)):  # fmt: skip
+        return f"history must be a list of {epoch + 1} dicts (one per epoch done)"
+    if not (isinstance(times, list) and all(_is_number(t) and t >= 0 for t in times)):
+        return "step_times must be a list of non-negative numbers"
+    states = ckpt["rng"]
+    if not isinstance(states, dict) or not {"cpu", "actprune"} <= set(states):
+        return "rng must be a dict holding 'cpu' and 'actprune'"
+    for name in ("cpu", "cuda"):
+        state = states.get(name, torch.empty(0, dtype=torch.uint8))
+        tensor = isinstance(state, torch.Tensor)
+        if not (tensor and state.dtype == torch.uint8 and state.dim() == 1):
+            got = f"{state.dtype} {tuple(state.shape)}" if tensor else type(state).__name__
+            return f"rng.{name} must be a 1-D uint8 tensor (torch.get_rng_state()), got {got}"
+    if states["cpu"].numel() != torch.get_rng_state().numel():
+        return f"rng.cpu must hold {torch.get_rng_state().numel()} bytes"
+    problem = rng.state_problem(states["actprune"])
+    if problem:
+        return f"rng.actprune: {problem}"
+    model, opt, scaler = ckpt["model"], ckpt["optimizer"], ckpt["scaler"]
+    tensors = isinstance(model, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
+    )
+    if not (tensors and model):
+        return "model must be a non-empty dict of parameter names to tensors"
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+            and isinstance(opt.get("param_groups"), list)):  # fmt: skip
+        return "optimizer must be an optimizer state_dict (state and param_groups)"
+    if not isinstance(scaler, dict):
+        return f"scaler must be a dict (GradScaler.state_dict()), got {type(scaler).__name__}"
+    return None
+
+
+def state_problem(ckpt: dict, model: nn.Module, opt: torch.optim.Optimizer) -> str | None:
+    """Whether a checkpoint's model and optimizer state fit ``model`` and ``opt``: the same
+    parameter names and shapes, the same parameter groups, state tensors shaped like their
+    parameters. None when they do."""
+    want = model.state_dict()
+    got = ckpt["model"]
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        return (f"model tensors differ from the model's: missing {missing[:3]}, unexpected "
+                f"{extra[:3]}")  # fmt: skip
+    for name, tensor in want.items():
+        if got[name].shape != tensor.shape or got[name].dtype != tensor.dtype:
+            return (f"model tensor {name} is {got[name].dtype} {tuple(got[name].shape)}, the "
+                    f"model's is {tensor.dtype} {tuple(tensor.shape)}")  # fmt: skip
+    groups, saved = opt.state_dict()["param_groups"], ckpt["optimizer"]["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved) or [
+        len(g["params"]) for g in saved
+    ] != sizes:
+        return f"optimizer param_groups must be {len(sizes)} group(s) of {sizes} parameters"
+    params = [p for group in opt.param_groups for p in group["params"]]
+    ids = [i for g in saved for i in g["params"]]
+    for key, state in ckpt["optimizer"]["state"].items():
+        if key not in ids or not isinstance(state, dict):
+            return f"optimizer state {key!r} belongs to no parameter"
+        shape = params[ids.index(key)].shape
+        for field_name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != shape:
+                return (f"optimizer state {key}.{field_name} is {tuple(value.shape)}, its "
+                        f"parameter {tuple(shape)}")  # fmt: skip
+    return None
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """The TrainConfig of ``TrainConfig.to_dict()``'s output, each field checked by type and
+    range (``validate``); TrainError naming the field otherwise."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise TrainError(f"unknown fields {unknown}")
+    values = dict(d)
+    for name, value in d.items():
+        if name == "prune":
+            if value is not None:
+                if not isinstance(value, dict):
+                    raise TrainError(f"must be a dict or None, got {value!r}", name)
+                try:
+                    values[name] = PruneConfig.from_dict(value)
+                except (ValueError, TypeError) as err:
+                    raise TrainError(str(err), name) from None
+        elif name == "exclude":
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise TrainError(f"must be a list of name patterns, got {value!r}", name)
+            values[name] = tuple(value)
+        elif name == "model_overrides":
+            if not (isinstance(value, dict) and set(value) <= set(MODEL_OVERRIDES)
+                    and all(_is_int(v) and v > 0 for v in value.values())):  # fmt: skip
+                raise TrainError(
+                    f"must map some of {', '.join(MODEL_OVERRIDES)} to positive integers, "
+                    f"got {value!r}", name,
+                )  # fmt: skip
+        elif not _fits_type(value, fields[name].type):
+            raise TrainError(f"has the wrong type: {value!r}", name)
+    cfg = TrainConfig(**values)
+    try:
+        cfg.validate()
+    except (TypeError, ValueError) as err:
+        raise err if isinstance(err, TrainError) else TrainError(str(err)) from None
+    return cfg
+
+
+def _fits_type(value: object, annotation: str) -> bool:
+    """Whether value suits a TrainConfig field annotated ``annotation`` ("int | None", ...)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    checks = {
+        "int": _is_int(value),
+        "float": _is_number(value),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "None": value is None,
+    }
+    return any(checks.get(k, False) for k in kinds)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def check_resumable(cfg: TrainConfig, ckpt: dict) -> None:
@@ -494,13 +643,16 @@ def load_checkpoint(run: Run) -> Progress:
     metrics.jsonl is rewritten from the checkpoint's history, the record of what was done."""
     ckpt = read_checkpoint(run.checkpoint_path, run.device)
     check_resumable(run.cfg, ckpt)
+    problem = state_problem(ckpt, run.core, run.opt)
+    if problem:
+        raise TrainError(f"{run.checkpoint_path} does not fit this run: {problem}", "resume")
     run.core.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if run.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
-    rng.set_state(ckpt["rng"]["actprune"])  # the remainder's stochastic rounding
+    rng.set_state(ckpt["rng"]["actprune"], run.core)  # the remainder's stochastic rounding
     if run.dist.main:
         lines = "".join(json.dumps(record) + "\n" for record in ckpt["history"])
         (run.out / "metrics.jsonl").write_text(lines)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -123,22 +125,36 @@ def build_workload(
     kind, _, rest = spec.partition(":")
     if overrides and rest:
         raise WorkloadError(f"{spec}: model overrides {sorted(overrides)} apply to zoo models only")
-    if rest and kind == "timm":
-        return _timm(spec, rest, image_size, num_classes, device)
-    if rest and kind == "hf":
-        return _hf(spec, rest, seq_len, device)
-    if spec not in models.list_models():
+    if not (rest and kind in ("timm", "hf")) and spec not in models.list_models():
         raise WorkloadError(
             f"unknown model {spec!r}: give a zoo name ({', '.join(models.list_models())}), "
             "timm:NAME or hf:TYPE[:key=value,...]"
         )
-    if spec.startswith("gpt"):
-        over = overrides | _given(block_size=seq_len)
-        model = models.create(spec, device=device, **over)
+    language = language_model(spec)
+    if language and image_size is not None:
+        raise WorkloadError(f"image_size (--image-size) applies to image models; {spec} is a "
+                            "language model (its length: --seq-len)")  # fmt: skip
+    if not language and seq_len is not None:
+        raise WorkloadError(f"seq_len (--seq-len) applies to language models; {spec} is an "
+                            "image model (its input: --image-size)")  # fmt: skip
+    if kind == "timm":
+        return _timm(spec, rest, image_size, num_classes, device)
+    if kind == "hf":
+        return _hf(spec, rest, seq_len, device)
+    given = _given(block_size=seq_len) if language else _given(num_classes=num_classes,
+                                                                img_size=image_size)
+    try:
+        model = models.create(spec, device=device, **(overrides | given))
+    except (ValueError, TypeError) as err:  # the zoo configs name the field and its range
+        raise WorkloadError(f"{spec}: {err}") from None
+    if language:
         return Workload(spec, model, "causal_lm", model.config.block_size, model.config.vocab_size)
-    over = overrides | _given(num_classes=num_classes, img_size=image_size)
-    model = models.create(spec, device=device, **over)
     return Workload(spec, model, "image", model.config.img_size, model.config.num_classes)
+
+
+def language_model(spec: str) -> bool:
+    """Whether a spec names a language model (hf:..., the zoo's GPTs) rather than an image one."""
+    return spec.startswith(("hf:", "gpt"))
 
 
 def _given(**kwargs: object) -> dict:
@@ -168,25 +184,77 @@ def _hf(spec: str, rest: str, seq_len, device) -> Workload:
     model_type, _, args = rest.partition(":")
     overrides = dict(_override(kv) for kv in args.split(",") if kv)
     try:
+        defaults = transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        raise WorkloadError(f"{spec}: Hugging Face has no model type {model_type!r}") from None
+    for key, value in overrides.items():
+        _check_override(spec, defaults, key, value)
+    try:
         config = transformers.AutoConfig.for_model(model_type, **overrides)
-    except (ValueError, TypeError) as err:
-        raise WorkloadError(f"{spec}: {err}") from err
+    except Exception as err:  # the library's own validation of a user's field
+        raise WorkloadError(f"{spec}: {_first_line(err)}") from None
+    if hasattr(config, "use_cache") and "use_cache" not in overrides:
+        # Training keeps no key/value cache; with one, a checkpointed block's recompute would
+        # append to the cache its forward filled and attend over twice the keys.
+        config.use_cache = False
     heads = importlib.import_module("transformers.models.auto.modeling_auto")
     masked = model_type in heads.MODEL_FOR_MASKED_LM_MAPPING_NAMES  # encoders: BERT's own task
     causal = not masked and model_type in heads.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not (masked or causal):
         raise WorkloadError(f"{spec}: {model_type} has no causal or masked LM head")
+    longest = getattr(config, "max_position_embeddings", None)
+    if seq_len is not None and longest is not None and seq_len > longest:
+        field = config.attribute_map.get("max_position_embeddings", "max_position_embeddings")
+        raise WorkloadError(
+            f"seq_len (--seq-len) must be at most {spec}'s {longest} positions, got {seq_len} "
+            f"(more positions: {spec}{',' if args else ':'}{field}=N)"
+        )
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
-    with torch.device(device or "cpu"):
-        model = auto.from_config(config, attn_implementation="sdpa")
-    longest = getattr(config, "max_position_embeddings", None) or config.n_positions
+    try:
+        with torch.device(device or "cpu"):
+            model = auto.from_config(config, attn_implementation="sdpa")
+    except Exception as err:  # e.g. a width the heads do not divide: the library says which
+        raise WorkloadError(f"{spec}: cannot build the model: {_first_line(err)}") from None
     task = "causal_lm" if causal else "masked_lm"
     return Workload(spec, model.train(), task, seq_len or longest, config.vocab_size)
 
 
+# A field named like a size (n_embd, num_heads, vocab_size, head_dim, max_position_embeddings):
+# a count of something, so a positive integer.
+_SIZE_FIELD = re.compile(r"^(n|num)_|_(size|dim|embeddings|positions)$")
+
+
+def _check_override(spec: str, defaults: object, key: str, value: object) -> None:
+    """WorkloadError unless ``key`` is a field of the config and ``value`` fits its type."""
+    if not hasattr(defaults, key):
+        raise WorkloadError(f"{spec}: {type(defaults).__name__} has no field {key!r}")
+    default = getattr(defaults, key)
+    if _SIZE_FIELD.search(key) and (default is None or _is_int(default)):
+        if not (_is_int(value) and value >= 1) and not (default is None and value is None):
+            raise WorkloadError(f"{spec}: {key} must be an integer >= 1, got {value!r}")
+    elif isinstance(default, bool) and not isinstance(value, bool):
+        raise WorkloadError(f"{spec}: {key} must be True or False, got {value!r}")
+    elif _is_int(default) and not _is_int(value):
+        raise WorkloadError(f"{spec}: {key} must be an integer, got {value!r}")
+    elif isinstance(default, float) and not (
+        (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    ):
+        raise WorkloadError(f"{spec}: {key} must be a finite number, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's message as one line of at most 300 characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise WorkloadError(f"hf override {text!r} is not key=value")
     try:
         return key.strip(), ast.literal_eval(value.strip())

@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import activations
 from transformers.pytorch_utils import Conv1D
 
 from ..convert import register_conversion
-from ..layers import CodedActivation, CompressedLayer, linear_keeping_compressed_input
+from ..layers import CodedActivation, PrunedTransposedLinear
 
 __all__ = ["CodedGELUActivation", "CodedGELUTanh", "CodedNewGELU", "CodedSiLUActivation",
            "PrunedConv1D"]  # fmt: skip
 
 
 @register_conversion(Conv1D, scopes=("linear", "all"))
-class PrunedConv1D(CompressedLayer, Conv1D):
-    """GPT-2's Conv1D keeping a compressed copy of its input for the weight gradient only.
-
-    Output, input gradient and bias gradient are Conv1D's; dW = (dyᵀ·X̃)ᵀ with X̃ the compressed
-    input, as for ``PrunedLinear`` (the op sees the weight transposed, a view: no copy).
+class PrunedConv1D(PrunedTransposedLinear, Conv1D):
+    """GPT-2's Conv1D keeping a compressed copy of its input for the weight gradient only: a
+    ``PrunedTransposedLinear`` (Conv1D's weight is [in, out]).
 
     Example:
         >>> import torch
@@ -41,14 +38,6 @@ class PrunedConv1D(CompressedLayer, Conv1D):
         >>> layer(torch.randn(8, 64, requires_grad=True)).shape
         torch.Size([8, 32])
     """
-
-    saved_for = "input (for the weight gradient)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 0 or x.shape[-1] != self.nx:
-            raise ValueError(f"PrunedConv1D expects input of shape (..., {self.nx}), got "
-                             f"{tuple(x.shape)}")  # fmt: skip
-        return linear_keeping_compressed_input(x, self.weight.t(), self.bias, self.config)
 
 
 class _CodedHF(CodedActivation):

@@ -54,7 +54,7 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
     # Two single-dim reductions: faster on CPU than one over dims (1, 3) (docs/design.md).
     acc = torch.promote_types(x.dtype, torch.float32)
     per_row = _REDUCE_COLS[criterion](blocked_view(x, block_shape), acc)
-    return _REDUCE_ROWS[criterion](per_row).float().nan_to_num_(nan=math.inf)
+    return _REDUCE_ROWS[criterion](per_row).float().nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 def low_bit_code(
@@ -68,8 +68,9 @@ def low_bit_code(
     fused multiply-add), so q = round(256·u); the code is (q + byte) >> 8, clamped to L, byte the
     element's random byte (``rng.random_bytes(key, i)``, i its row-major index in the padded
     tensor). Its expectation is q / 256: unbiased to 1/512 of a level. One multiply-add per
-    element and no division (docs/design.md, "Remainder"). Codes of blocks holding NaN/±Inf are
-    unspecified (their scale is not finite; such blocks are kept exactly)."""
+    element and no division (docs/design.md, "Remainder"). A block holding NaN/±Inf has scale NaN
+    and all-zero codes, so it decodes to NaN (such blocks score +inf and are kept exactly when
+    any block is kept)."""
     blocks = blocked_view(x.contiguous(), block_shape)  # row-major, so flat order = index
     levels = (1 << bits) - 1
     scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
@@ -79,6 +80,9 @@ def low_bit_code(
     # The blocked view of the padded tensor is a view: its flat order is the padded row-major one.
     index = torch.arange(fixed.numel(), device=x.device).view(fixed.shape)
     codes = fixed.add_(rng.random_bytes(key, index)).bitwise_right_shift_(8).clamp_(0, levels)
+    finite = scales.isfinite()  # amax is NaN with a NaN, +inf with an infinity
+    codes = torch.where(finite[:, None, :, None], codes, 0)
+    scales = torch.where(finite, scales, torch.nan)
     return pack_codes(codes.to(torch.uint8).view(-1), bits), scales
 
 
