@@ -345,7 +345,8 @@ def test_item5_non_finite_block_scores_inf_with_nan_scale_and_zero_codes(backend
         torch.testing.assert_close(scales, want[2], rtol=0, atol=0, equal_nan=True)
 
 
-def test_item5_conv1d_like_layer_converts_without_transformers():
+@pytest.mark.parametrize("n_in, n_out", [(40, 24), (32, 32)])  # square: a dropped .t() runs
+def test_item5_conv1d_like_layer_converts_without_transformers(n_in, n_out):
     class Proj(nn.Module):  # GPT-2's Conv1D, restated: weight [in, out], y = x·W + b
         def __init__(self, n_in, n_out):
             super().__init__()
@@ -363,17 +364,17 @@ def test_item5_conv1d_like_layer_converts_without_transformers():
         class PrunedProj(PrunedTransposedLinear, Proj):
             pass
 
-        dense = Proj(40, 24)
+        dense = Proj(n_in, n_out)
         model = prune_activations_(nn.Sequential(dense), PruneConfig(0.5, 8))
         assert isinstance(model[0], PrunedProj) and model[0].weight is dense.weight
-        x = torch.randn(3, 16, 40, requires_grad=True)
-        dy = torch.randn(3, 16, 24)
+        x = torch.randn(3, 16, n_in, requires_grad=True)
+        dy = torch.randn(3, 16, n_out)
         y = model(x)
         y.backward(dy)
         x2 = x.detach().clone().requires_grad_()
-        want_y = torch.addmm(dense.bias.detach(), x2.view(-1, 40), dense.weight.detach())
-        assert torch.equal(y, want_y.view(3, 16, 24))  # the output, bit for bit
-        want_y.view(3, 16, 24).backward(dy)
+        want_y = torch.addmm(dense.bias.detach(), x2.view(-1, n_in), dense.weight.detach())
+        assert torch.equal(y, want_y.view(3, 16, n_out))  # the output, bit for bit
+        want_y.view(3, 16, n_out).backward(dy)
         assert torch.equal(x.grad, x2.grad)  # dx exact
         stored = compress(as_rows(x.detach(), "token-major"), PruneConfig(0.5, 8)).to_dense()
         want_dw = (as_rows(dy, "token-major").t() @ stored).t()  # [in, out], like the weight
