@@ -330,3 +330,25 @@ def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add()
     score_exact, score_fused, decode_exact, decode_fused = json.loads(run.stdout)
     assert score_exact == decode_exact == [True, False]  # multiplies, none fused
     assert score_fused[1] and decode_fused[1]  # with fusion on they would be: the check can fail
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="no numba")
+@pytest.mark.parametrize("per_column", [False, True])
+def test_select_blocks_numba_is_the_reference(per_column):
+    """The numba selection (partition, no sort) keeps exactly the reference's blocks, in BSC
+    order, on every k of grids full of ties (integer scores) and of +inf (non-finite blocks)."""
+    from actprune.kernels import cpu_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n_br, n_bc = torch.randint(1, 10, (2,), generator=gen).tolist()
+        if trial % 2:
+            scores = torch.randint(0, 3, (n_br, n_bc), generator=gen).float()
+        else:
+            scores = torch.randn(n_br, n_bc, generator=gen)
+        scores[0, -1] = float("inf") if trial % 3 == 0 else scores[0, -1]
+        for k in range(1, (n_br if per_column else n_br * n_bc) + 1):
+            want = reference.select_blocks(scores, k, per_column=per_column)
+            got = cpu_blocks.select_blocks(scores, k, per_column=per_column)
+            for a, b in zip(got, want):
+                assert a.dtype == torch.int32 and torch.equal(a, b), (trial, k)

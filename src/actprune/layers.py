@@ -98,7 +98,8 @@ def compressed_rows(x: torch.Tensor, config: PruneConfig, stream: int = 0) -> Pa
         return ops.compress_rows(x.detach(), key, stream)
     found = _cache.get(x, key)
     if found is None:
-        found = ops.compress_rows(x.detach(), key, stream)
+        with torch.no_grad():
+            found = ops.compress_parts(x, key, stream)
         _cache.put(x, key, found)
     return found
 
@@ -183,7 +184,9 @@ def linear_keeping_compressed_input(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     parts = compressed_rows(x, config, stream) if weight.requires_grad else _nothing_saved(x)
-    return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
+    if torch.compiler.is_compiling():
+        return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
+    return ops.PrunedLinearFunction.apply(x, weight, bias, *parts, config.to_json())
 
 
 class PrunedLinear(CompressedLayer, nn.Linear):
@@ -299,7 +302,9 @@ def scale_channels(
     if not _needs_graph(x, scale, shift):
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
     parts = compressed_rows(x, config, stream) if scale.requires_grad else _nothing_saved(x)
-    return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
+    if torch.compiler.is_compiling():
+        return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
+    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, *parts, config.to_json())
 
 
 class PrunedChannelScale(CompressedLayer):

@@ -38,12 +38,18 @@ from .derivative_code import ACTIVATIONS, derivative_code
 from .storage import BlockSparse, Parts
 
 
-@torch.library.custom_op("actprune::compress_rows", mutates_args=())
-def compress_rows(x: torch.Tensor, config: str, stream: int) -> Parts:
+def compress_parts(x: torch.Tensor, config: str, stream: int) -> Parts:
     """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``, its
-    rounding drawn from ``rng.stream(stream)`` (0: the calling thread's) when the op runs."""
+    rounding drawn from ``rng.stream(stream)`` (0: the calling thread's): ``compress_rows``'s
+    body, which eager mode calls directly (no operator dispatch)."""
     c = PruneConfig.from_json(config)
     return compress_rows_of(row_source(x.detach(), c.row_order), c, rng.stream(stream)).parts()
+
+
+@torch.library.custom_op("actprune::compress_rows", mutates_args=())
+def compress_rows(x: torch.Tensor, config: str, stream: int) -> Parts:
+    """``compress_parts`` as an operator (torch.compile and the meta device see its shapes)."""
+    return compress_parts(x, config, stream)
 
 
 @compress_rows.register_fake
@@ -106,7 +112,7 @@ def _linear_setup(ctx, inputs, output) -> None:
     _save_compressed(ctx, x, parts, config, weight)
 
 
-def _linear_backward(ctx, dy):
+def _linear_backward(ctx, dy, param_grad=None):
     weight, *parts = ctx.saved_tensors
     dy2d = dy.reshape(math.prod(ctx.x_shape[:-1]), dy.shape[-1])  # also when dy has 0 columns
     dx = dw = db = None
@@ -115,7 +121,7 @@ def _linear_backward(ctx, dy):
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_linear")
         rows, cols = dy2d.shape[0], ctx.x_shape[-1]
-        dw = block_sparse_grad(
+        dw = (param_grad or block_sparse_grad)(
             _dy_rows(ctx, dy), *parts, ctx.config.to_json(), rows, cols, "weight"
         )
     if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -124,6 +130,21 @@ def _linear_backward(ctx, dy):
 
 
 pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+class PrunedLinearFunction(torch.autograd.Function):
+    """``pruned_linear`` for eager mode: the same setup and backward, without the operator
+    dispatch (a custom op's Python dispatch costs more than a small layer's whole step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *parts_and_config):
+        out = F.linear(x, weight, bias)
+        _linear_setup(ctx, (x, weight, bias, *parts_and_config), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _linear_backward(ctx, dy, param_grad_eager)
 
 
 # --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
@@ -151,7 +172,7 @@ def _scale_setup(ctx, inputs, output) -> None:
     _save_compressed(ctx, x, parts, config, scale)
 
 
-def _scale_backward(ctx, dy):
+def _scale_backward(ctx, dy, param_grad=None):
     scale, *parts = ctx.saved_tensors
     dx = dscale = dshift = None
     channels = ctx.x_shape[-1]
@@ -160,8 +181,8 @@ def _scale_backward(ctx, dy):
     if ctx.needs_input_grad[1]:
         _require_saved(ctx, "pruned_channel_scale")
         rows, config = dy.numel() // channels, ctx.config.to_json()
-        dscale = block_sparse_grad(_dy_rows(ctx, dy), *parts, config, rows, channels,
-                                   "channel_scale")  # fmt: skip
+        dscale = (param_grad or block_sparse_grad)(_dy_rows(ctx, dy), *parts, config, rows,
+                                                   channels, "channel_scale")  # fmt: skip
         dscale = dscale.view(ctx.scale_shape)
     if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
         dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
@@ -171,10 +192,31 @@ def _scale_backward(ctx, dy):
 pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
 
 
+class PrunedChannelScaleFunction(torch.autograd.Function):
+    """``pruned_channel_scale`` for eager mode (see ``PrunedLinearFunction``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, *parts_and_config):
+        out = x * scale if shift is None else torch.addcmul(shift, scale, x)
+        _scale_setup(ctx, (x, scale, shift, *parts_and_config), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _scale_backward(ctx, dy, param_grad_eager)
+
+
 # --- the parameter gradient from a compressed tensor ----------------------------------------------
 
 
 _GRADIENTS = {"weight": kernels.weight_grad, "channel_scale": kernels.channel_scale_grad}
+
+
+def param_grad_eager(dy, *parts_and_args) -> torch.Tensor:
+    """``block_sparse_grad``'s body, which eager mode calls directly."""
+    *parts, config, rows, cols, param = parts_and_args
+    bits = PruneConfig.from_json(config).remainder_bits
+    return _GRADIENTS[param](dy, BlockSparse.from_parts(tuple(parts), (rows, cols), bits))
 
 
 @torch.library.custom_op("actprune::block_sparse_grad", mutates_args=())
@@ -188,8 +230,7 @@ def block_sparse_grad(
     parts: ``param="weight"`` gives dW [N, cols] = dyᵀ·X̃ (Linear), ``param="channel_scale"``
     gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (N = cols)."""
     parts = (values, row_indices, ccol_indices, scales, low_codes, low_scales)
-    bits = PruneConfig.from_json(config).remainder_bits
-    return _GRADIENTS[param](dy, BlockSparse.from_parts(parts, (rows, cols), bits))
+    return param_grad_eager(dy, *parts, config, rows, cols, param)
 
 
 @block_sparse_grad.register_fake

@@ -118,7 +118,9 @@ def select_blocks(
         >>> cols.tolist(), ccol.tolist()
         ([0, 3], [0, 1, 1, 1, 2])
     """
-    # PyTorch ops on every device: a few small ops on the [n_br, n_bc] scores.
+    # numba on the CPU (no sort); elsewhere a few PyTorch ops on the [n_br, n_bc] scores.
+    if k and scores.device.type == "cpu" and backend_for(scores) == "numba":
+        return _module("numba").select_blocks(scores, k, per_column=per_column)
     return reference.select_blocks(scores, k, per_column=per_column)
 
 

@@ -288,6 +288,63 @@ def score_blocks(
     return scores, codes, low_scales if bits else low_scales.new_empty(0)
 
 
+@nb.njit(**_JIT)
+def _select_kernel(scores, k, per_column, rows, cols, ccol):
+    """``reference.select_blocks`` without a sort: the k-th largest score by partition (of each
+    column, or of the grid), every block above it kept, ties at it to the lowest row-major id
+    (per column: the lowest block-row); then the kept blocks read column by column, which is BSC
+    order."""
+    n_br, n_bc = scores.shape
+    keep = np.zeros((n_br, n_bc), np.bool_)
+    if per_column:
+        column = np.empty(n_br, scores.dtype)
+        for j in range(n_bc):
+            for i in range(n_br):
+                column[i] = scores[i, j]
+            threshold = np.partition(column, n_br - k)[n_br - k]
+            room = k
+            for i in range(n_br):
+                room -= scores[i, j] > threshold
+            for i in range(n_br):
+                v = scores[i, j]
+                if v > threshold or (v == threshold and room > 0):
+                    room -= v == threshold
+                    keep[i, j] = True
+    else:
+        flat = scores.copy().reshape(-1)
+        threshold = np.partition(flat, flat.shape[0] - k)[flat.shape[0] - k]
+        room = k
+        for i in range(n_br):
+            for j in range(n_bc):
+                room -= scores[i, j] > threshold
+        for i in range(n_br):
+            for j in range(n_bc):
+                v = scores[i, j]
+                if v > threshold or (v == threshold and room > 0):
+                    room -= v == threshold
+                    keep[i, j] = True
+    p = 0
+    for j in range(n_bc):
+        for i in range(n_br):
+            if keep[i, j]:
+                rows[p], cols[p] = i, j
+                p += 1
+        ccol[j + 1] = p
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """numba version of ``reference.select_blocks`` (k >= 1): no sort, one pass to BSC order."""
+    n_br, n_bc = scores.shape
+    nnz = k * n_bc if per_column else k
+    rows, cols = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
+    ccol = torch.zeros(n_bc + 1, dtype=torch.int32)
+    _select_kernel(scores.contiguous().numpy(), k, per_column, rows.numpy(), cols.numpy(),
+                   ccol.numpy())  # fmt: skip
+    return rows, cols, ccol
+
+
 @nb.njit(parallel=True, **_JIT)
 def _pack_blocks_kernel(x, rows, cols, bm, bk, out):
     batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]

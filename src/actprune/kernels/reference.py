@@ -220,8 +220,12 @@ def weight_grad_tiled(
     multiplied into dW, so no dense copy of X̃ (or of token-major dy) ever exists. Accumulated in
     float32 for 16-bit dy; result in dy3.dtype."""
     (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
+    tiles = list(row_tiles(x, batch))
+    if len(tiles) == 1 and _accumulator(dy3) == dy3.dtype:  # one product, no accumulator
+        (start, stop), = tiles
+        return _dy_tile(dy3, start, stop, bm).t().mm(decode(x, start, stop, batch)[:, :k])
     dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3))
-    for start, stop in row_tiles(x, batch):
+    for start, stop in tiles:
         tile, dy = decode(x, start, stop, batch)[:, :k], _dy_tile(dy3, start, stop, bm)
         if dy.dtype == dw.dtype:
             dw.addmm_(dy.t(), tile)
