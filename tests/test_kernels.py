@@ -213,21 +213,24 @@ def test_numba_random_words_are_the_reference_past_2_to_the_31():
         assert torch.equal(got, want), (key, first)
 
 
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("function, bits", [("gelu", 2), ("silu", 4)])
-@pytest.mark.parametrize("shape", [(3, 7, 10), (17, 12), (9,)])
-def test_numba_activation_codes_and_grad_are_the_reference(function, bits, shape):
-    pytest.importorskip("numba")
+@pytest.mark.parametrize("shape", [(3, 7, 10), (17, 12), (9,), (2, 9, 5)])
+def test_activation_codes_and_grad_are_the_reference(backend, device, dtypes, function, bits,
+                                                     shape):  # fmt: skip
     from actprune import derivative_code
-    from actprune.kernels import cpu_blocks
 
     code = derivative_code(function, bits)
-    x, dy = torch.randn(shape) * 3, torch.randn(shape)
-    x.view(-1)[5] = float("inf")  # its row's flag is set; its code is whatever comparisons say
-    got, want = cpu_blocks.activation_codes(x, code), reference.activation_codes(x, code)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    dx = cpu_blocks.activation_grad(dy, *want, code)
-    want_dx = reference.activation_grad(dy, *want, code)
-    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0, equal_nan=True)  # bit-exact
+    for dtype in dtypes:
+        x = (torch.randn(shape, device=device) * 3).to(dtype)
+        dy = torch.randn(shape, device=device).to(dtype)
+        x.view(-1)[5] = float("inf")  # its row's flag is set; its code is whatever comparisons say
+        got = _backend(backend).activation_codes(x, code)
+        want = reference.activation_codes(x, code)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        dx = _backend(backend).activation_grad(dy, *want, code)
+        want_dx = reference.activation_grad(dy, *want, code)
+        torch.testing.assert_close(dx, want_dx, rtol=0, atol=0, equal_nan=True)  # bit-exact
 
 
 def test_row_tiles_cover_every_block_row_once_on_whole_tokens(monkeypatch):
@@ -304,8 +307,8 @@ from triton.backends.compiler import GPUTarget
 from actprune.kernels import triton_blocks as tb
 args = tb._block_args((32, 32))
 kernels = [
-    (tb._score_blocks_kernel, "*fp32 *fp32 *fp32 *u8 i64" + " i32" * 7,
-     {**args, "CRITERION": 2, "BITS": 4}),
+    (tb._score_blocks_kernel, "*fp32 *fp32 *fp32 *u8 *i32 i64" + " i32" * 7,
+     {**args, "CRITERION": 2, "BITS": 4, "ZERO_CCOL": True}),
     (tb._decode_rows_kernel, "*fp32 *i32 *i32 *u8 *fp32 *fp32" + " i32" * 7, {**args, "BITS": 4}),
 ]
 found = []

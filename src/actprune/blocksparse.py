@@ -83,14 +83,21 @@ def compress_rows_of(
     block_shape, bits = config.block_shape, config.remainder_bits
     x3 = kernels.readable(x3.detach())
     key = (stream or rng.thread_stream()).next_key() if bits else 0
-    # Uniform quantization selects no block: its scores need only the block max, which the
-    # scales need anyway (an l2 or l1 score would be a sum computed for nothing).
-    criterion = "max" if config.uniform else config.criterion
-    scores, codes, low_scales = kernels.score_blocks(x3, block_shape, criterion, bits, key)
-    per_column = config.selection == "column"
-    k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
-    rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
-    values = kernels.pack_blocks(x3, rows, cols, block_shape)
+    if config.uniform:
+        # No block is kept: the selection is empty, and its offsets are zeroed by the pass that
+        # codes the tensor (one launch in all). Its scores need only the block max, which the
+        # scales need anyway (an l2 or l1 score would be a sum computed for nothing).
+        ccol = torch.empty(-(-x3.shape[2] // block_shape[1]) + 1, dtype=torch.int32,
+                           device=x3.device)  # fmt: skip
+        _, codes, low_scales = kernels.score_blocks(x3, block_shape, "max", bits, key, ccol)
+        rows, values = ccol.new_empty(0), x3.new_empty(0, *block_shape)
+    else:
+        scores, codes, low_scales = kernels.score_blocks(x3, block_shape, config.criterion, bits,
+                                                         key)  # fmt: skip
+        per_column = config.selection == "column"
+        k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
+        rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
+        values = kernels.pack_blocks(x3, rows, cols, block_shape)
     scales = None
     if config.int8:
         values, scales = quantize_int8(values)

@@ -403,8 +403,12 @@ class CodedActivation(CompressedLayer):
             return self.dense_class.forward(self, x)
         function = self.function()
         bits = 1 if function == "relu" else self.config.activation_bits
-        codes, nonfinite = ops.activation_code(x, bits, function)
-        return ops.coded_activation(x, codes, nonfinite, bits, function)
+        if torch.compiler.is_compiling():
+            codes, nonfinite = ops.activation_code(x, bits, function)
+            return ops.coded_activation(x, codes, nonfinite, bits, function)
+        with torch.no_grad():
+            codes, nonfinite = ops.activation_code_parts(x, bits, function)
+        return ops.CodedActivationFunction.apply(x, codes, nonfinite, bits, function)
 
     def describe(self) -> str:
         if self.function() == "relu":

@@ -250,17 +250,25 @@ def _forward(function: str):
     return F.relu if function == "relu" else ACTIVATIONS[function][0]
 
 
-@torch.library.custom_op("actprune::activation_code", mutates_args=())
-def activation_code(x: torch.Tensor, bits: int, function: str) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_code_parts(
+    x: torch.Tensor, bits: int, function: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, nonfinite): uint8, the packed ``bits``-bit code of ``function``'s derivative at
     every element of x, and one bit per row (last dim) set where the row holds a NaN or ±Inf.
     ``function="relu"`` (bits 1): the exact mask of where dense ReLU passes the gradient
-    (x > 0 or NaN), and no rows (dense ReLU's dx stays finite at a NaN input)."""
+    (x > 0 or NaN), and no rows (dense ReLU's dx stays finite at a NaN input). ``activation_code``'s
+    body, which eager mode calls directly."""
     x = x.detach()
     if function == "relu":
         codes = pack_codes((~(x <= 0)).reshape(-1).to(torch.uint8), 1)
         return codes, x.new_empty(0, dtype=torch.uint8)
     return kernels.activation_codes(x, derivative_code(function, bits))
+
+
+@torch.library.custom_op("actprune::activation_code", mutates_args=())
+def activation_code(x: torch.Tensor, bits: int, function: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``activation_code_parts`` as an operator."""
+    return activation_code_parts(x, bits, function)
 
 
 @activation_code.register_fake
@@ -289,24 +297,46 @@ def _activation_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(codes, nonfinite)
 
 
-def _activation_backward(ctx, dy):
+def _activation_backward(ctx, dy, grad=None):
     codes, nonfinite = ctx.saved_tensors
     if ctx.function == "relu":
         mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
         return torch.where(mask, dy, 0), None, None, None, None
-    return activation_grad(dy, codes, nonfinite, ctx.bits, ctx.function), None, None, None, None
+    dx = (grad or activation_grad)(dy, codes, nonfinite, ctx.bits, ctx.function)
+    return dx, None, None, None, None
 
 
 coded_activation.register_autograd(_activation_backward, setup_context=_activation_setup)
+
+
+class CodedActivationFunction(torch.autograd.Function):
+    """``coded_activation`` for eager mode (see ``PrunedLinearFunction``)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, nonfinite, bits, function):
+        _activation_setup(ctx, (x, codes, nonfinite, bits, function), None)
+        return _forward(function)(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _activation_backward(ctx, dy, activation_grad_eager)
+
+
+def activation_grad_eager(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int, function: str
+) -> torch.Tensor:
+    """dx = dy ⊙ q(x) from activation_code's outputs (NaN in the flagged rows):
+    ``activation_grad``'s body, which eager mode calls directly."""
+    return kernels.activation_grad(dy, codes, nonfinite, derivative_code(function, bits))
 
 
 @torch.library.custom_op("actprune::activation_grad", mutates_args=())
 def activation_grad(
     dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int, function: str
 ) -> torch.Tensor:
-    """dx = dy ⊙ q(x) from activation_code's outputs (NaN in the flagged rows): an op of its own,
-    so torch.compile traces the backward around the kernel instead of into it."""
-    return kernels.activation_grad(dy, codes, nonfinite, derivative_code(function, bits))
+    """``activation_grad_eager`` as an operator of its own, so torch.compile traces the backward
+    around the kernel instead of into it."""
+    return activation_grad_eager(dy, codes, nonfinite, bits, function)
 
 
 @activation_grad.register_fake

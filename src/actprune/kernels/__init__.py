@@ -84,12 +84,19 @@ def readable(x3: torch.Tensor) -> torch.Tensor:
 
 
 def score_blocks(
-    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, codes, low_scales): float32 [n_br, n_bc] block scores of the rows of x3 [B, T, C]
     (NaN/Inf score +inf) and, with ``bits`` > 0, the packed low-bit codes and per-block scales of
-    the whole tensor (``storage.LowBitBlocks``), rounded with ``rng.random_bytes(key, ·)``."""
-    return _impl(x3).score_blocks(x3, block_shape, criterion, bits, key)
+    the whole tensor (``storage.LowBitBlocks``), rounded with ``rng.random_bytes(key, ·)``.
+    ``ccol`` (int32 [n_bc + 1]), when given, is zeroed in the same pass: the block-column offsets
+    of an empty selection, so uniform quantization's compression is one launch."""
+    return _impl(x3).score_blocks(x3, block_shape, criterion, bits, key, ccol)
 
 
 def select_blocks(
@@ -118,9 +125,10 @@ def select_blocks(
         >>> cols.tolist(), ccol.tolist()
         ([0, 3], [0, 1, 1, 1, 2])
     """
-    # numba on the CPU (no sort); elsewhere a few PyTorch ops on the [n_br, n_bc] scores.
-    if k and scores.device.type == "cpu" and backend_for(scores) == "numba":
-        return _module("numba").select_blocks(scores, k, per_column=per_column)
+    # numba on the CPU (no sort; "meta" allocates as it does); elsewhere a few PyTorch ops on the
+    # [n_br, n_bc] scores.
+    if k and (scores.is_meta or backend_for(scores) == "numba"):
+        return _impl(scores).select_blocks(scores, k, per_column=per_column)
     return reference.select_blocks(scores, k, per_column=per_column)
 
 
@@ -152,22 +160,14 @@ def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     return _impl(dy).channel_scale_grad(_as_source(dy), x.dequantized(dy.dtype))
 
 
-def _cpu_or_reference(x: torch.Tensor) -> ModuleType:
-    """The numba module for the tensors it takes (or the meta one), else the reference (no Triton
-    version: on CUDA these element-wise passes run as PyTorch ops)."""
-    if x.device.type == "meta" or backend_for(x) == "numba":
-        return _impl(x)
-    return reference
-
-
 def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, nonfinite): ``code``'s packed piece index of every element of an activation's
     input x (..., K), and one bit per row set where the row holds a NaN or ±Inf."""
-    return _cpu_or_reference(x).activation_codes(x, code)
+    return _impl(x).activation_codes(x, code)
 
 
 def activation_grad(
     dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
 ) -> torch.Tensor:
     """dx = dy ⊙ q(x) from ``activation_codes``' output, NaN in the rows flagged non-finite."""
-    return _cpu_or_reference(dy).activation_grad(dy, codes, nonfinite, code)
+    return _impl(dy).activation_grad(dy, codes, nonfinite, code)

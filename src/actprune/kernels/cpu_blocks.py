@@ -269,10 +269,17 @@ _MAGNITUDE, _INF_BITS = np.int32(0x7FFFFFFF), 0x7F800000
 
 
 def score_blocks(
-    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """numba version of ``reference.score_blocks``: one read of x3 for scores and codes."""
     (bm, bk), (batch, t, k) = block_shape, x3.shape
+    if ccol is not None:
+        ccol.zero_()
     if bits and bk % 8:  # the codes are written 8 per group (a word of random bytes per 4)
         return reference.score_blocks(x3, block_shape, criterion, bits, key)
     x3 = x3.contiguous()  # a no-op for activations; one compiled layout for every caller

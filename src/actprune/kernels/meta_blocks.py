@@ -17,13 +17,31 @@ from . import reference
 
 
 def score_blocks(
-    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     (bm, bk), (batch, t, k) = block_shape, x3.shape
     n_br, n_bc = -(-batch * t // bm), -(-k // bk)
     scores = x3.new_empty(n_br, n_bc, dtype=torch.float32)
     codes = x3.new_empty(n_br * bm * n_bc * bk * bits // 8, dtype=torch.uint8)
     return scores, codes, x3.new_empty((n_br, n_bc) if bits else (0,), dtype=torch.float32)
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the numba selection allocates: a copy of the scores and a keep map (transient), the
+    kept blocks' rows and columns, the offsets. (On CUDA the selection still runs the reference's
+    PyTorch ops, whose top-k transients are larger.)"""
+    n_br, n_bc = scores.shape
+    nnz = k * n_bc if per_column else k
+    scores.new_empty(n_br * n_bc), scores.new_empty(n_br, n_bc, dtype=torch.bool)
+    rows, cols = scores.new_empty(nnz, dtype=torch.int32), scores.new_empty(nnz, dtype=torch.int32)
+    return rows, cols, scores.new_empty(n_bc + 1, dtype=torch.int32)
 
 
 def pack_blocks(

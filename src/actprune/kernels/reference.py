@@ -87,10 +87,19 @@ def low_bit_code(
 
 
 def score_blocks(
-    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, codes, low_scales) of the row source x3: ``block_scores`` of its rows and, with
-    ``bits`` > 0, their ``low_bit_code`` under ``key`` (empty tensors when ``bits`` is 0)."""
+    ``bits`` > 0, their ``low_bit_code`` under ``key`` (empty tensors when ``bits`` is 0).
+    ``ccol``, when given, is zeroed: the offsets of an empty selection (uniform quantization),
+    which the fast backends write in the same pass."""
+    if ccol is not None:
+        ccol.zero_()
     x = rows_of(x3)
     scores = block_scores(x, block_shape, criterion)
     if not bits:

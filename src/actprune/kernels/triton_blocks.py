@@ -14,6 +14,8 @@ block's tile is padded to a power of two >= 16 (``tl.dot``'s minimum) and masked
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +41,15 @@ def _block_args(block_shape: tuple[int, int]) -> dict[str, int]:
     """The compile-time block arguments every kernel here takes."""
     bm, bk = block_shape
     return {"BM": bm, "BK": bk, "TILE_M": _tile(bm), "TILE_K": _tile(bk)}
+
+
+@triton.jit
+def _zero_offsets(ccol_ptr, pid_r, pid_c):
+    """ccol[pid_c + 1] = 0 from the first block-row's programs, and ccol[0] from program (0, 0)."""
+    if pid_r == 0:
+        tl.store(ccol_ptr + pid_c + 1, 0)
+        if pid_c == 0:
+            tl.store(ccol_ptr, 0)
 
 
 @triton.jit
@@ -72,27 +83,15 @@ def _random_bytes(key, index):
 
 @triton.jit
 def _score_blocks_kernel(
-    x_ptr,
-    scores_ptr,
-    low_scales_ptr,
-    codes_ptr,
-    key,
-    batch,
-    M,
-    K,
-    stride_b,
-    stride_t,
-    stride_k,
-    n_bc,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    TILE_M: tl.constexpr,
-    TILE_K: tl.constexpr,
-    CRITERION: tl.constexpr,
-    BITS: tl.constexpr,
-):
+    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, ccol_ptr, key, batch, M, K,
+    stride_b, stride_t, stride_k, n_bc,
+    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    CRITERION: tl.constexpr, BITS: tl.constexpr, ZERO_CCOL: tl.constexpr,
+):  # fmt: skip
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if ZERO_CCOL:  # an empty selection's offsets, in the same launch (no fill of its own)
+        _zero_offsets(ccol_ptr, pid_r, pid_c)
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
     offs_m = pid_r.to(tl.int64) * BM + i
@@ -133,21 +132,27 @@ def _score_blocks_kernel(
 
 
 def score_blocks(
-    x3: torch.Tensor, block_shape: tuple[int, int], criterion: str, bits: int, key: int
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of ``reference.score_blocks``: one read of x3 for scores and codes."""
+    """Triton version of ``reference.score_blocks``: one read of x3 for scores and codes, and
+    ``ccol`` zeroed by the same launch."""
     (bm, bk), (batch, t, k) = block_shape, x3.shape
     if bits and (bk * bits) % 8:  # a byte would span two blocks: not one program's to write
-        return reference.score_blocks(x3, block_shape, criterion, bits, key)
+        return reference.score_blocks(x3, block_shape, criterion, bits, key, ccol)
     m = batch * t
     n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
     scores = torch.empty(n_br, n_bc, device=x3.device, dtype=torch.float32)
     low_scales = torch.empty((n_br, n_bc) if bits else (0,), device=x3.device, dtype=torch.float32)
     codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, device=x3.device, dtype=torch.uint8)
     _score_blocks_kernel[(n_br, n_bc)](
-        x3, scores, low_scales, codes, key, batch, m, k, *x3.stride(), n_bc,
-        **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion], BITS=bits,
-        **EXACT,
+        x3, scores, low_scales, codes, scores if ccol is None else ccol, key, batch, m, k,
+        *x3.stride(), n_bc, **_block_args(block_shape), CRITERION=_CRITERION_CODE[criterion],
+        BITS=bits, ZERO_CCOL=ccol is not None, **EXACT,
     )  # fmt: skip
     return scores, codes, low_scales
 
@@ -353,3 +358,103 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
             f"channel_scale_grad: dy dtype {dy3.dtype} differs from values dtype {x.dtype}"
         )
     return reference.channel_scale_grad(dy3, x, decode_rows)
+
+
+# --- activation derivative codes (``derivative_code``): one launch each way ----------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _code_table(values: tuple[float, ...], device: torch.device, dtype: torch.dtype
+                ) -> torch.Tensor:  # fmt: skip
+    """A code's boundaries or values on the device, made once (no copy from the host per call:
+    on CUDA that would synchronise)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _activation_codes_kernel(
+    x_ptr, bounds_ptr, codes_ptr, nonfinite_ptr, rows, k,
+    N_BOUNDS: tl.constexpr, BITS: tl.constexpr, BYTES: tl.constexpr,
+):  # fmt: skip
+    """Program p codes rows [8p, 8p + 8) of x [rows, k]: whole bytes of the packed codes (8 rows
+    hold 8·k·BITS bits) and exactly one byte of the non-finite row flags, so no two programs
+    write one byte. Reads 8·k elements, writes k·BITS + 1 bytes."""
+    PER: tl.constexpr = 8 // BITS
+    p = tl.program_id(0)
+    first = p * 8 * k
+    end = tl.minimum(rows * k, first + 8 * k)
+    flags = tl.zeros((), dtype=tl.int32)
+    lanes = tl.arange(0, PER)
+    for b0 in range(first // PER, (first + 8 * k) // PER, BYTES):
+        byte = b0 + tl.arange(0, BYTES)  # [BYTES]
+        e = byte[:, None] * PER + lanes[None, :]  # [BYTES, PER] element indices
+        inside = e < end
+        x = tl.load(x_ptr + e, mask=inside, other=0.0).to(tl.float32)
+        code = tl.zeros((BYTES, PER), dtype=tl.int32)
+        for i in tl.static_range(N_BOUNDS):  # pieces below x: the number of boundaries under it
+            code += (x > tl.load(bounds_ptr + i)).to(tl.int32)
+        code = tl.where(inside, code, 0)  # past the last element: zero codes, as pack_codes pads
+        packed = tl.sum(code << (lanes[None, :] * BITS), axis=1)  # disjoint bits: sum is OR
+        tl.store(codes_ptr + byte, packed.to(tl.uint8), mask=byte * PER < end)
+        bad = inside & ((x != x) | (tl.abs(x) == float("inf")))
+        row_bit = tl.where(bad, 1 << (e // k - p * 8), 0)
+        flags |= tl.reduce(tl.reduce(row_bit, 1, _bit_or), 0, _bit_or)
+    tl.store(nonfinite_ptr + p, flags.to(tl.uint8))
+
+
+def activation_codes(x: torch.Tensor, code) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.activation_codes``: one launch."""
+    k = x.shape[-1] if x.dim() else 1
+    rows = x.numel() // k if k else 0
+    x2 = x.reshape(rows, k).contiguous()
+    codes = torch.empty(code.packed_numel(x.numel()), dtype=torch.uint8, device=x.device)
+    nonfinite = torch.empty(-(-rows // 8), dtype=torch.uint8, device=x.device)
+    if rows and k:
+        bounds = _code_table(code.boundaries, x.device, torch.float32)
+        _activation_codes_kernel[(nonfinite.numel(),)](
+            x2, bounds, codes, nonfinite, rows, k, N_BOUNDS=len(code.boundaries),
+            BITS=code.bits, BYTES=min(1024, _tile(k * code.bits)),
+        )  # fmt: skip
+    else:
+        nonfinite.zero_()
+    return codes, nonfinite
+
+
+@triton.jit
+def _activation_grad_kernel(
+    dy_ptr, codes_ptr, nonfinite_ptr, table_ptr, dx_ptr, numel, k,
+    BITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dx = dy ⊙ table[code], NaN in the rows flagged non-finite: reads dy and the codes, writes
+    dx (one element per lane)."""
+    PER: tl.constexpr = 8 // BITS
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = e < numel
+    byte = tl.load(codes_ptr + e // PER, mask=inside, other=0).to(tl.int32)
+    code = (byte >> ((e % PER) * BITS)) & ((1 << BITS) - 1)
+    dy = tl.load(dy_ptr + e, mask=inside, other=0.0)
+    dx = dy * tl.load(table_ptr + code, mask=inside, other=0.0)
+    row = e // k
+    flag = (tl.load(nonfinite_ptr + row // 8, mask=inside, other=0).to(tl.int32) >> (row % 8)) & 1
+    tl.store(dx_ptr + e, tl.where(flag != 0, float("nan"), dx), mask=inside)
+
+
+def activation_grad(
+    dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code
+) -> torch.Tensor:
+    """Triton version of ``reference.activation_grad``: one launch."""
+    k = dy.shape[-1] if dy.dim() else 1
+    flat = dy.contiguous().view(-1)
+    dx = torch.empty_like(flat)
+    if flat.numel():
+        table = _code_table(code.values, dy.device, dy.dtype)
+        block = 1024
+        _activation_grad_kernel[(triton.cdiv(flat.numel(), block),)](
+            flat, codes, nonfinite, table, dx, flat.numel(), k, BITS=code.bits, BLOCK=block,
+        )  # fmt: skip
+    return dx.view(dy.shape)

@@ -1,0 +1,40 @@
+"""Issue 25's launch budget, on the CUDA code path run on the CPU: per compressed tensor, the
+forward runs at most 1 kernel beyond the dense layer's, the backward at most 2
+(``benchmarks/launches.py`` counts Triton launches under the interpreter and the aten ops that
+launch a kernel; a process of its own, since it forces ACTPRUNE_KERNELS=triton)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "launches.py"
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("no triton")
+    out = tmp_path_factory.mktemp("launches")
+    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    rows = json.loads((out / "launches.json").read_text())["rows"]
+    return {(r["layer"], r["preset"]): r for r in rows}
+
+
+@pytest.mark.parametrize("layer", ["Linear", "Affine", "GELU"])
+def test_default_preset_is_within_the_launch_budget(launches, layer):
+    row = launches[(layer, "recommended")]
+    assert row["forward_extra"] <= 1, row["forward_ops"]
+    assert row["backward_extra"] <= 2, row["backward_ops"]
+
+
+@pytest.mark.xfail(strict=True, reason="block selection is ~20-30 PyTorch ops on CUDA: no "
+                   "sort-free Triton selection yet (docs/results/launches)")  # fmt: skip
+@pytest.mark.parametrize("preset", ["paper", "blocks"])
+def test_block_selection_presets_are_within_the_launch_budget(launches, preset):
+    row = launches[("Linear", preset)]
+    assert row["forward_extra"] <= 1 and row["backward_extra"] <= 2, row
