@@ -6,13 +6,19 @@
 # (dense, checkpointing, the paper's method and the default, in one process), and every frontier
 # configuration's peak and interleaved step time (the step-time JSON is what `actprune plan
 # --step-times` reads for a GPU). (The planner predicts on the meta device: CPU work.)
-#   bash benchmarks/gpu.sh [OUT]        # OUT defaults to docs/results/gpu-<GPU name>
+#   bash benchmarks/gpu.sh [OUT]          # OUT defaults to docs/results/gpu-<GPU name>
+#   bash benchmarks/gpu.sh --quick [OUT]  # under 5 minutes: kernel correctness, dense /
+#       checkpointing / default / paper step times interleaved, eager and compiled, on ResMLP-S24
+#       b64 and GPT-2 124M at seq 1024 (bf16 autocast; hf:gpt2, or the zoo's gpt2_small without
+#       transformers), compress GB/s against a copy. Run it before a change and after.
 # Works from a checkout without installing (PYTHONPATH=src) on any torch >= 2.4 with triton.
 # Each step has a time limit and a failed step does not stop the next: whatever finished is kept.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 name=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 OUT=${1:-docs/results/gpu-$name}
 mkdir -p "$OUT"
@@ -23,6 +29,20 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, keep its output, repo
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
+if [ "$QUICK" = 1 ]; then
+  step 90 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py \
+    -k "not compile_for_a_gpu"
+  configs="dense checkpoint actprune_all_u4_b32 actprune_global_s0.9_b32"
+  step 100 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
+    --rounds 5 --compile --configs $configs --out "$OUT"
+  gpt=gpt2_small
+  $PY -c "import transformers" 2>/dev/null && gpt=hf:gpt2
+  step 110 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \
+    --batch-size 8 --amp bf16 --rounds 5 --compile --configs $configs --out "$OUT"
+  step 40 bench.txt $PY -m actprune bench kernels --device cuda --dtype float32 --batch-size 64 \
+    --model resmlp_s24 --repeats 20 --preset recommended paper --out "$OUT"
+  exit 0
+fi
 step 150 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py tests/test_layers.py \
   tests/test_scope_all.py
 for dtype in float16 float32; do

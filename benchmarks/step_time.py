@@ -8,6 +8,9 @@ of them alike, and the ratios are medians over rounds of the per-round ratio to 
 python benchmarks/step_time.py --model resmlp_s24 --batch-size 32 --rounds 5
 python benchmarks/step_time.py --model resmlp_tiny --image-size 28 --batch-size 128 --rounds 40
 python benchmarks/step_time.py --frontier --rounds 3     # every configuration of the frontier
+python benchmarks/step_time.py --model resmlp_tiny --image-size 28 --batch-size 128 --compile
+python benchmarks/step_time.py --model hf:gpt2 --seq-len 1024 --batch-size 8 --amp bf16 \
+    --configs dense checkpoint actprune_all_u4_b32 actprune_global_s0.5_b32 --compile --device cuda
 
 With --frontier the JSON is also what `actprune plan --step-times` reads (its packaged default,
 src/actprune/step_times.json, is a copy of one such run).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -25,24 +29,36 @@ from pathlib import Path
 
 import torch
 
-from actprune import PruneConfig, models
+from actprune import PruneConfig
 from actprune.bench import device_name
 from actprune.methods import MemoryConfig, apply_method, frontier_methods
+from actprune.workloads import build_workload, language_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="resmlp_s24")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--model", default="resmlp_s24",
+                        help="a zoo name, timm:NAME or hf:TYPE[:key=value,...]")  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=None, help="image models (default 224)")
+    parser.add_argument("--seq-len", type=int, default=None, help="language models")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--frontier", action="store_true",
                         help="every frontier configuration (methods.frontier_methods)")  # fmt: skip
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help="only these configurations (names as in the table)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="also every configuration under torch.compile (ratios to compiled "
+                        "dense)")  # fmt: skip
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none",
+                        help="autocast dtype of the forward")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
+    if args.image_size is None and not language_model(args.model):
+        args.image_size = 224
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
     configs = frontier_methods() if args.frontier else [
@@ -52,58 +68,67 @@ def main(argv: list[str] | None = None) -> int:
         MemoryConfig.actprune(PruneConfig.preset("blocks")),
         MemoryConfig.actprune(PruneConfig.preset("paper")),
     ]  # fmt: skip
+    if args.configs:
+        configs = [c for c in configs if c.name in args.configs or c.name == "dense"]
     runs = []  # timing only: each model has its own random initialisation
     for config in configs:
-        model = apply_method(models.create(args.model, img_size=args.image_size), config)
-        model.to(args.device)
-        runs.append((config.name, model, torch.optim.AdamW(model.parameters())))
-    c = model.config
-    x = torch.randn(args.batch_size, c.in_chans, args.image_size, args.image_size)
-    x, y = x.to(args.device), torch.randint(0, c.num_classes, (args.batch_size,)).to(args.device)
+        for compiled in (False, True) if args.compile else (False,):
+            work = build_workload(args.model, args.image_size, args.seq_len)
+            model = apply_method(work.model, config).to(args.device)
+            name = config.name + (" (compiled)" if compiled else "")
+            run = torch.compile(model) if compiled else model
+            runs.append((name, run, torch.optim.AdamW(model.parameters())))
+    batch = work.batch(args.batch_size, args.device)
+    amp = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
         sync()
         start = time.perf_counter()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with amp:
+            loss = work.loss(model, batch)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         return time.perf_counter() - start
 
-    for _, model, opt in runs:  # warm-up: optimizer state, kernel compilation, allocator
-        step(model, opt)
+    for name, model, opt in runs:  # warm-up: optimizer state, compilation, allocator
+        for _ in range(2 if name.endswith("(compiled)") else 1):
+            step(model, opt)
+        print(f"warm: {name}", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for r in range(args.rounds):
         for name, model, opt in runs:
             times[name].append(step(model, opt))
         latest = ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items())
         print(f"round {r + 1}/{args.rounds}: {latest}", file=sys.stderr, flush=True)
-    dense = times["dense"]
-    rows = [
-        {
-            "config": name,
-            "median_s": statistics.median(t),
-            "ratio": statistics.median(a / d for a, d in zip(t, dense)),
-        }
-        for name, t in times.items()
-    ]
+    rows = []
+    for name, t in times.items():  # each to dense of its own mode (eager or compiled)
+        dense = times["dense (compiled)" if name.endswith("(compiled)") else "dense"]
+        ratio = statistics.median(a / d for a, d in zip(t, dense))
+        rows.append({"config": name, "median_s": statistics.median(t), "ratio": ratio})
     command = "python benchmarks/step_time.py " + shlex.join(argv if argv else sys.argv[1:])
     which = "step_time_frontier" if args.frontier else "step_time"
+    which += "_compiled" if args.compile else ""
     kind = args.device.split(":")[0]
-    stem = f"{which}_{args.model}_{args.image_size}px_b{args.batch_size}_{kind}"
+    shape = f"{args.image_size}px" if args.image_size else f"seq{work.size}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
+    stem = f"{which}_{name}_{shape}_b{args.batch_size}_{kind}"
+    stem += "_bf16" if args.amp != "none" else ""
     head = (
-        f"# Step time, interleaved: {args.model} at {args.image_size}px, batch "
+        f"# Step time, interleaved: {args.model} at {shape}, batch "
         f"{args.batch_size}, on {device_name(args.device)}\n\ntorch {torch.__version__}, "
-        f"{args.rounds} rounds, AdamW. Command: `{command.strip()}`\n\n"
+        f"{args.rounds} rounds, AdamW, autocast {args.amp}. Command: `{command.strip()}`\n\n"
         "Each round runs one step of every configuration in turn; ratio = median over rounds "
-        "of step / the same round's dense step.\n\n"
+        "of step / the same round's dense step (compiled rows: compiled dense's).\n\n"
         "| config | median step s | × dense |\n|---|---|---|\n"
     )
     table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} |\n" for r in rows]
     md = head + "".join(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(md)
-    setup = {"model": args.model, "image_size": args.image_size, "batch": args.batch_size,
+    setup = {"model": args.model, "image_size": args.image_size, "seq_len": args.seq_len,
+             "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
                "times": times}  # fmt: skip

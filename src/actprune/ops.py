@@ -213,10 +213,13 @@ _GRADIENTS = {"weight": kernels.weight_grad, "channel_scale": kernels.channel_sc
 
 
 def param_grad_eager(dy, *parts_and_args) -> torch.Tensor:
-    """``block_sparse_grad``'s body, which eager mode calls directly."""
+    """``block_sparse_grad``'s body, which eager mode calls directly. Contiguous, as the fake
+    says (a gradient of a width that is not a multiple of the block is a slice of a padded one,
+    which compiled code would otherwise read with the wrong strides)."""
     *parts, config, rows, cols, param = parts_and_args
     bits = PruneConfig.from_json(config).remainder_bits
-    return _GRADIENTS[param](dy, BlockSparse.from_parts(tuple(parts), (rows, cols), bits))
+    grad = _GRADIENTS[param](dy, BlockSparse.from_parts(tuple(parts), (rows, cols), bits))
+    return grad.contiguous()
 
 
 @torch.library.custom_op("actprune::block_sparse_grad", mutates_args=())
