@@ -335,24 +335,24 @@ def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add()
     assert score_fused[1] and decode_fused[1]  # with fusion on they would be: the check can fail
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="no numba")
+@pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
 @pytest.mark.parametrize("per_column", [False, True])
-def test_select_blocks_numba_is_the_reference(per_column):
-    """The numba selection (partition, no sort) keeps exactly the reference's blocks, in BSC
-    order, on every k of grids full of ties (integer scores) and of +inf (non-finite blocks)."""
-    from actprune.kernels import cpu_blocks
-
+def test_select_blocks_is_the_reference(backend, device, dtypes, per_column):
+    """The numba selection (partition) and the Triton one (bisection on the scores' bits), neither
+    sorting, keep exactly the reference's blocks, in BSC order, on every k of grids full of ties
+    (integer scores) and of +inf (non-finite blocks)."""
     gen = torch.Generator().manual_seed(0)
-    for trial in range(60):
+    for trial in range(60 if backend == "cpu_blocks" else 16):
         n_br, n_bc = torch.randint(1, 10, (2,), generator=gen).tolist()
         if trial % 2:
             scores = torch.randint(0, 3, (n_br, n_bc), generator=gen).float()
         else:
-            scores = torch.randn(n_br, n_bc, generator=gen)
+            scores = torch.rand(n_br, n_bc, generator=gen) * 5  # scores are >= 0
         scores[0, -1] = float("inf") if trial % 3 == 0 else scores[0, -1]
         for k in range(1, (n_br if per_column else n_br * n_bc) + 1):
+            scores = scores.to(device)
             want = reference.select_blocks(scores, k, per_column=per_column)
-            got = cpu_blocks.select_blocks(scores, k, per_column=per_column)
+            got = _backend(backend).select_blocks(scores, k, per_column=per_column)
             for a, b in zip(got, want):
                 assert a.dtype == torch.int32 and torch.equal(a, b), (trial, k)
 
@@ -371,6 +371,8 @@ kernels = [
      {"N_BOUNDS": 15, "BITS": 4, "BYTES": 256}),
     (tb._activation_grad_kernel, "*bf16 *u8 *u8 *bf16 *bf16 i32 i32", {"BITS": 2, "BLOCK": 1024}),
     (tb._activation_grad_kernel, "*fp32 *u8 *u8 *fp32 *fp32 i32 i32", {"BITS": 4, "BLOCK": 1024}),
+    (tb._select_column_kernel, "*fp32 *i32 *i32 *i32 i32 i32 i32", {"TILE": 256}),
+    (tb._select_global_kernel, "*fp32 *i8 *i32 *i32 *i32 i32 i32 i32", {"BLOCK": 1024}),
 ]
 for kernel, types, constexprs in kernels:
     signature = dict(zip(kernel.arg_names, types.split())) | dict.fromkeys(constexprs, "constexpr")
@@ -382,10 +384,10 @@ print("compiled", len(kernels))
 
 @pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
 def test_new_triton_kernels_compile_for_a_gpu():
-    """The interpreter accepts more than the compiler does: the activation-code kernels and the
-    score kernel that zeroes an empty selection's offsets compile to PTX for sm_90 (bundled
-    ptxas, no GPU needed), for float32 and bfloat16 inputs."""
+    """The interpreter accepts more than the compiler does: the activation-code kernels, the
+    score kernel that zeroes an empty selection's offsets and the two selection kernels compile
+    to PTX for sm_90 (bundled ptxas, no GPU needed), for float32 and bfloat16 inputs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True,
                          text=True)  # fmt: skip
-    assert run.returncode == 0 and "compiled 5" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 7" in run.stdout, run.stderr[-3000:]

@@ -196,7 +196,7 @@ class BlockSparse:
         empty_f = self.values.new_empty(0, dtype=torch.float32)
         scales = self.scales if self.scales is not None else empty_f
         if self.remainder is None:
-            low = (self.values.new_empty(0, dtype=torch.uint8), empty_f.clone())
+            low = (self.values.new_empty(0, dtype=torch.uint8), empty_f.new_empty(0))
         else:
             low = (self.remainder.codes, self.remainder.scales)
         return self.values, self.row_indices, self.ccol_indices, scales, *low

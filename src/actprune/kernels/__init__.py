@@ -108,7 +108,8 @@ def select_blocks(
     row-major order (block-row, then block-column) is kept first.
 
     Args:
-        scores: [n_br, n_bc] score of every block.
+        scores: [n_br, n_bc] score of every block, >= 0 (norms and maxima; +inf for blocks
+            holding NaN/Inf), as ``score_blocks`` gives them.
         k: blocks kept in all, or with ``per_column`` in every block-column.
 
     Keyword args:
@@ -125,9 +126,9 @@ def select_blocks(
         >>> cols.tolist(), ccol.tolist()
         ([0, 3], [0, 1, 1, 1, 2])
     """
-    # numba on the CPU (no sort; "meta" allocates as it does); elsewhere a few PyTorch ops on the
-    # [n_br, n_bc] scores.
-    if k and (scores.is_meta or backend_for(scores) == "numba"):
+    # numba on the CPU, one Triton launch on CUDA (neither sorts; "meta" allocates as numba
+    # does); the PyTorch reference otherwise.
+    if k and (scores.is_meta or backend_for(scores) in ("numba", "triton")):
         return _impl(scores).select_blocks(scores, k, per_column=per_column)
     return reference.select_blocks(scores, k, per_column=per_column)
 

@@ -157,6 +157,107 @@ def score_blocks(
     return scores, codes, low_scales
 
 
+# --- select blocks without a sort: the k-th largest score by bisection on its bits -------------
+# Scores are >= 0 (+inf for non-finite blocks, no NaN), so their float32 bits order like the values:
+# the k-th largest is the largest t with count(bits >= t) >= k, 31 halvings of [0, bits(+inf)].
+_INF_BITS: tl.constexpr = tl.constexpr(0x7F800000)
+
+
+@triton.jit
+def _kth_largest_bits(bits, k):
+    """The bits of the k-th largest of a tile of score bits (-1 marks lanes outside)."""
+    lo = tl.zeros((), dtype=tl.int32)
+    hi = tl.zeros((), dtype=tl.int32) + _INF_BITS + 1
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= k
+        lo, hi = tl.where(enough, mid, lo), tl.where(enough, hi, mid)
+    return lo
+
+
+@triton.jit
+def _select_column_kernel(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                          TILE: tl.constexpr):  # fmt: skip
+    """Program j keeps the k best blocks of block-column j (ties to the lowest block-row), in
+    block-row order, and writes ccol[j + 1] = (j + 1)·k. Reads n_br scores, writes 2k + 1 ints."""
+    j = tl.program_id(0)
+    i = tl.arange(0, TILE)
+    score = tl.load(scores_ptr + i * n_bc + j, mask=i < n_br, other=0.0)
+    bits = tl.where(i < n_br, score.to(tl.int32, bitcast=True), -1)
+    kth = _kth_largest_bits(bits, k)
+    above, tie = bits > kth, bits == kth
+    room = k - tl.sum(above.to(tl.int32), axis=0)
+    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
+    slot = j * k + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(rows_ptr + slot, i, mask=keep)
+    tl.store(cols_ptr + slot, tl.zeros_like(i) + j, mask=keep)
+    tl.store(ccol_ptr + j + 1, (j + 1) * k)
+    if j == 0:
+        tl.store(ccol_ptr, 0)
+
+
+@triton.jit
+def _select_global_kernel(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                          BLOCK: tl.constexpr):  # fmt: skip
+    """One program keeps the k best blocks of the grid (ties to the lowest row-major id): the
+    threshold by bisection over chunks, the keep flags in row-major order (the ties' ranks need
+    it), then the kept blocks column by column, which is BSC order, with the offsets."""
+    n = n_br * n_bc
+    lo = tl.zeros((), dtype=tl.int32)
+    hi = tl.zeros((), dtype=tl.int32) + _INF_BITS + 1
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        count = tl.zeros((), dtype=tl.int32)
+        for start in range(0, n, BLOCK):
+            e = start + tl.arange(0, BLOCK)
+            bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
+            count += tl.sum((bits >= mid).to(tl.int32), axis=0)
+        lo, hi = tl.where(count >= k, mid, lo), tl.where(count >= k, hi, mid)
+    room = k
+    for start in range(0, n, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
+        room -= tl.sum((bits > lo).to(tl.int32), axis=0)
+    taken = tl.zeros((), dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
+        tie = bits == lo
+        keep = (bits > lo) | (tie & (taken + tl.cumsum(tie.to(tl.int32), axis=0) <= room))
+        taken += tl.sum(tie.to(tl.int32), axis=0)
+        tl.store(keep_ptr + e, keep.to(tl.int8), mask=e < n)
+    tl.store(ccol_ptr, 0)
+    total = tl.zeros((), dtype=tl.int32)
+    for j in range(0, n_bc):
+        for r0 in range(0, n_br, BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            keep = tl.load(keep_ptr + r * n_bc + j, mask=r < n_br, other=0) != 0
+            slot = total + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(rows_ptr + slot, r, mask=keep)
+            tl.store(cols_ptr + slot, tl.zeros_like(r) + j, mask=keep)
+            total += tl.sum(keep.to(tl.int32), axis=0)
+        tl.store(ccol_ptr + j + 1, total)
+
+
+def select_blocks(
+    scores: torch.Tensor, k: int, *, per_column: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.select_blocks`` (k >= 1): one launch, no sort, fixed-size
+    outputs."""
+    n_br, n_bc = scores.shape
+    scores = scores.contiguous()
+    nnz = k * n_bc if per_column else k
+    rows = torch.empty(nnz, dtype=torch.int32, device=scores.device)
+    cols, ccol = torch.empty_like(rows), rows.new_empty(n_bc + 1)
+    if per_column:
+        _select_column_kernel[(n_bc,)](scores, rows, cols, ccol, n_br, n_bc, k,
+                                       TILE=_tile(n_br))  # fmt: skip
+    else:
+        keep = torch.empty(n_br * n_bc, dtype=torch.int8, device=scores.device)
+        _select_global_kernel[(1,)](scores, keep, rows, cols, ccol, n_br, n_bc, k, BLOCK=1024)
+    return rows, cols, ccol
+
+
 # --- pack kept blocks: read and write nnz·bm·bk elements -----------------------------------------
 
 
