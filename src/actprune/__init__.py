@@ -21,6 +21,7 @@ from .layers import (
     PrunedTransposedLinear,
     exact_gradients,
 )
+from .loss import linear_cross_entropy
 from .memory import (
     SavedTensorLog,
     StepMemory,
@@ -53,6 +54,7 @@ __all__ = [
     "derivative_code",
     "describe_compression",
     "exact_gradients",
+    "linear_cross_entropy",
     "measure_training_step",
     "peak_memory",
     "prune_activations_",

@@ -86,8 +86,9 @@ class Workload:
             return F.cross_entropy(model(x), y)
         if self.spec.startswith("hf:"):
             return model(input_ids=x, labels=y).loss
-        logits = model(x)  # actprune's GPT: predict token t+1 from tokens <= t
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten())
+        # actprune's GPT: predict token t+1 from tokens <= t (nothing after the last), the loss
+        # computed without the [B, T, vocab] logits (``loss.linear_cross_entropy``)
+        return model(x, torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), -100)], dim=1))
 
 
 def _in_chans(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loss import linear_cross_entropy
 from ._registry import register_model
 
 
@@ -81,14 +82,18 @@ class GPT(nn.Module):
         self.head = nn.Linear(c.width, c.vocab_size, bias=False, **kw)
         self.apply(_init)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab) logits
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) tokens -> (B, T, vocab) logits; with ``targets`` (B, T) (-100: no loss) the mean
+        cross-entropy instead, computed without the logits (``linear_cross_entropy``)."""
         t = tokens.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than block_size "
                              f"{self.config.block_size}")  # fmt: skip
         positions = torch.arange(t, device=tokens.device)
-        x = self.blocks(self.tok(tokens) + self.pos(positions))
-        return self.head(self.norm(x))
+        x = self.norm(self.blocks(self.tok(tokens) + self.pos(positions)))
+        if targets is None:
+            return self.head(x)
+        return linear_cross_entropy(x, self.head.weight, targets, self.head.bias)
 
 
 def _init(module: nn.Module) -> None:
