@@ -5,7 +5,7 @@ from actprune import PruneConfig, PrunedLinear, models, prune_activations_
 from actprune.models.resmlp import Affine, LayerScale
 
 
-@pytest.mark.parametrize("name", models.list_models("gpt*"))
+@pytest.mark.parametrize("name", models.list_models("gpt*") + models.list_models("llama*"))
 def test_every_language_model_builds_runs_and_trains(name):
     model = models.create(name, width=32, depth=2, heads=4, block_size=16)
     tokens = torch.randint(0, 256, (2, 16))
@@ -15,6 +15,11 @@ def test_every_language_model_builds_runs_and_trains(name):
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.randint(0, 256, (1, 17)))
+    model.zero_grad()
+    targets = torch.randint(0, 256, (2, 16))  # with targets: the loss, without the logits
+    loss = model(tokens, targets)
+    want = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, want)
 
 
 @pytest.mark.parametrize("name", models.list_models("resmlp*"))
@@ -38,6 +43,7 @@ def test_every_image_model_builds_runs_and_trains(name):
         ("resmlp_b24", 115.7),
         ("gpt_tiny", 3.36),
         ("gpt2_small", 86.24),
+        ("llama_tiny", 3.30),
     ],  # fmt: skip
 )
 def test_published_sizes(name, millions):

@@ -86,8 +86,8 @@ class Workload:
             return F.cross_entropy(model(x), y)
         if self.spec.startswith("hf:"):
             return model(input_ids=x, labels=y).loss
-        # actprune's GPT: predict token t+1 from tokens <= t (nothing after the last), the loss
-        # computed without the [B, T, vocab] logits (``loss.linear_cross_entropy``)
+        # actprune's GPT or Llama: predict token t+1 from tokens <= t (nothing after the last),
+        # the loss computed without the [B, T, vocab] logits (``loss.linear_cross_entropy``)
         return model(x, torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), -100)], dim=1))
 
 
@@ -154,8 +154,9 @@ def build_workload(
 
 
 def language_model(spec: str) -> bool:
-    """Whether a spec names a language model (hf:..., the zoo's GPTs) rather than an image one."""
-    return spec.startswith(("hf:", "gpt"))
+    """Whether a spec names a language model (hf:..., the zoo's GPTs and Llamas) rather than an
+    image one."""
+    return spec.startswith(("hf:", "gpt", "llama"))
 
 
 def _given(**kwargs: object) -> dict:
