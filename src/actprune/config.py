@@ -29,8 +29,18 @@ def _option(help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": help, "choices": choices}, **kwargs)
 
 
+def is_int(value: object) -> bool:
+    """An integer and not a bool (``True`` is an ``int`` to Python, never a size or a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float, not a bool: what a numeric setting read from a file must be."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 @dataclass(frozen=True)

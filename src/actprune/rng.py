@@ -25,6 +25,8 @@ import weakref
 
 import torch
 
+from .config import is_int
+
 _MASK = (1 << 63) - 1
 _MASK32 = (1 << 32) - 1
 _lock = threading.Lock()  # guards the globals below
@@ -180,7 +182,7 @@ def state_problem(state: object) -> str | None:
     if not isinstance(state, dict) or set(state) != {"seed", "counter"}:
         return f"must be a dict with the keys seed and counter, got {state!r}"[:200]
     for name, value in state.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        if not is_int(value) or not 0 <= value < 1 << 64:
             return f"{name} must be an integer in [0, 2^64), got {value!r}"
     return None
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import data as data_lib
 from . import models, rng
-from .config import PruneConfig
+from .config import PruneConfig, is_int, is_number
 from .convert import describe_compression, prune_activations_
 from .layers import exact_gradients
 from .memory import measure_training_step
@@ -479,13 +479,13 @@ def checkpoint_problem(ckpt: dict) -> str | None:
     except TrainError as err:
         return f"config: {err}"
     epoch = ckpt["epoch"]
-    if not _is_int(epoch) or not 0 <= epoch < saved.epochs:
+    if not is_int(epoch) or not 0 <= epoch < saved.epochs:
         return f"epoch (the last one done) must be an integer in [0, {saved.epochs}), got {epoch!r}"
     history, times = ckpt["history"], ckpt["step_times"]
     if not (isinstance(history, list) and len(history) == epoch + 1
             and all(isinstance(h, dict) for h in history)):  # fmt: skip
         return f"history must be a list of {epoch + 1} dicts (one per epoch done)"
-    if not (isinstance(times, list) and all(_is_number(t) and t >= 0 for t in times)):
+    if not (isinstance(times, list) and all(is_number(t) and t >= 0 for t in times)):
         return "step_times must be a list of non-negative numbers"
     states = ckpt["rng"]
     if not isinstance(states, dict) or not {"cpu", "actprune"} <= set(states):
@@ -571,7 +571,7 @@ def config_from_dict(d: dict) -> TrainConfig:
             values[name] = tuple(value)
         elif name == "model_overrides":
             if not (isinstance(value, dict) and set(value) <= set(MODEL_OVERRIDES)
-                    and all(_is_int(v) and v > 0 for v in value.values())):  # fmt: skip
+                    and all(is_int(v) and v > 0 for v in value.values())):  # fmt: skip
                 raise TrainError(
                     f"must map some of {', '.join(MODEL_OVERRIDES)} to positive integers, "
                     f"got {value!r}", name,
@@ -579,10 +579,7 @@ def config_from_dict(d: dict) -> TrainConfig:
         elif not _fits_type(value, fields[name].type):
             raise TrainError(f"has the wrong type: {value!r}", name)
     cfg = TrainConfig(**values)
-    try:
-        cfg.validate()
-    except (TypeError, ValueError) as err:
-        raise err if isinstance(err, TrainError) else TrainError(str(err)) from None
+    cfg.validate()  # ranges and choices; the types were checked above
     return cfg
 
 
@@ -590,8 +587,8 @@ def _fits_type(value: object, annotation: str) -> bool:
     """Whether value suits a TrainConfig field annotated ``annotation`` ("int | None", ...)."""
     kinds = [k.strip() for k in annotation.split("|")]
     checks = {
-        "int": _is_int(value),
-        "float": _is_number(value),
+        "int": is_int(value),
+        "float": is_number(value),
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
         "None": value is None,
@@ -599,12 +596,6 @@ def _fits_type(value: object, annotation: str) -> bool:
     return any(checks.get(k, False) for k in kinds)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def check_resumable(cfg: TrainConfig, ckpt: dict) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import math
 import re
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
+from .config import is_int, is_number
 
 TASKS = ("image", "causal_lm", "masked_lm")
 
@@ -231,21 +231,15 @@ def _check_override(spec: str, defaults: object, key: str, value: object) -> Non
     if not hasattr(defaults, key):
         raise WorkloadError(f"{spec}: {type(defaults).__name__} has no field {key!r}")
     default = getattr(defaults, key)
-    if _SIZE_FIELD.search(key) and (default is None or _is_int(default)):
-        if not (_is_int(value) and value >= 1) and not (default is None and value is None):
+    if _SIZE_FIELD.search(key) and (default is None or is_int(default)):
+        if not (is_int(value) and value >= 1) and not (default is None and value is None):
             raise WorkloadError(f"{spec}: {key} must be an integer >= 1, got {value!r}")
     elif isinstance(default, bool) and not isinstance(value, bool):
         raise WorkloadError(f"{spec}: {key} must be True or False, got {value!r}")
-    elif _is_int(default) and not _is_int(value):
+    elif is_int(default) and not is_int(value):
         raise WorkloadError(f"{spec}: {key} must be an integer, got {value!r}")
-    elif isinstance(default, float) and not (
-        (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-    ):
+    elif isinstance(default, float) and not is_number(value):
         raise WorkloadError(f"{spec}: {key} must be a finite number, got {value!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _first_line(err: Exception) -> str:
