@@ -61,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         args.image_size = 224
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
-    configs = frontier_methods() if args.frontier else [
+    language = language_model(args.model)
+    configs = frontier_methods(language=language) if args.frontier else [
         MemoryConfig.dense(),
         MemoryConfig.checkpointing(),
         MemoryConfig.actprune(PruneConfig.preset("recommended")),
         MemoryConfig.actprune(PruneConfig.preset("blocks")),
         MemoryConfig.actprune(PruneConfig.preset("paper")),
+        *([MemoryConfig.actprune(PruneConfig.preset("transformer"))] if language else []),
     ]  # fmt: skip
     if args.configs:
         configs = [c for c in configs if c.name in args.configs or c.name == "dense"]

@@ -46,7 +46,8 @@ def test_swaps_every_linear_sharing_parameters():
     config = PruneConfig(0.0, 8)
     assert prune_activations_(model, config) is model
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(isinstance(m, PrunedLinear) and m.config is config for m in linears)
+    assert linears
+    assert all(isinstance(m, PrunedLinear) and m.prune_config is config for m in linears)
     assert model.shared is model.head
     assert list(model.state_dict()) == keys_before
     for n, p in model.named_parameters():
@@ -83,7 +84,7 @@ def test_restore_dense_undoes_and_reapply_updates_config():
     weight = model.blocks[0].fc2.weight
     prune_activations_(model, PruneConfig(0.5, 8))
     prune_activations_(model, PruneConfig(0.9, 4))
-    assert model.blocks[0].fc2.config == PruneConfig(0.9, 4)
+    assert model.blocks[0].fc2.prune_config == PruneConfig(0.9, 4)
     assert restore_dense_(model) is model
     assert not any(isinstance(m, PrunedLinear) for m in model.modules())
     assert type(model.blocks[0].fc2) is nn.Linear and model.blocks[0].fc2.weight is weight
@@ -216,7 +217,7 @@ def test_a_converted_container_gets_its_children_converted():
         saved_for = "input of gain"
 
         def forward(self, x):
-            return scale_channels(self.fc(x), self.gain, None, self.config)
+            return scale_channels(self.fc(x), self.gain, None, self.prune_config)
 
     try:
         config = PruneConfig(0.5, 4, scope="all")

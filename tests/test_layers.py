@@ -193,7 +193,7 @@ def test_remainder_bits_gradient_is_dyT_times_the_stored_approximation():
     rng.manual_seed(1)
     pruned(x).backward(dy)
     rng.manual_seed(1)  # the same stochastic rounding
-    stored = compress(as_rows(x.detach(), "token-major"), pruned.config).to_dense()
+    stored = compress(as_rows(x.detach(), "token-major"), pruned.prune_config).to_dense()
     want = as_rows(dy, "token-major").t() @ stored
     # accumulated tile by tile in another order than one matmul: float32 rounding differs
     torch.testing.assert_close(pruned.weight.grad, want, rtol=1e-4, atol=1e-4)

@@ -154,4 +154,4 @@ def test_uniform_quantization_trains_like_any_config():
     flat = torch.cat([g.flatten() for g in grads])
     want = torch.cat([g.flatten() for g in dense])
     assert F.cosine_similarity(flat, want, dim=0) > 0.99
-    assert all(m.config.uniform for m in model.modules() if isinstance(m, CompressedLayer))
+    assert all(m.prune_config.uniform for m in model.modules() if isinstance(m, CompressedLayer))

@@ -28,19 +28,24 @@ MODULES = sorted(
 OPTIONAL = {"actprune.integrations.hf": "transformers", "actprune.integrations.timm": "timm"}
 # The library proper: nothing here may import a model, the data, the training loop or the CLI.
 CORE = {
+    "actprune.attention",
     "actprune.bitpack",
     "actprune.blocksparse",
     "actprune.config",
     "actprune.convert",
     "actprune.derivative_code",
+    "actprune.dropout",
     "actprune.kernels",
     "actprune.kernels.reference",
     "actprune.kernels.triton_blocks",
     "actprune.layers",
     "actprune.memory",
+    "actprune.norms",
     "actprune.ops",
     "actprune.rng",
+    "actprune.rowcode",
     "actprune.storage",
+    "actprune.swiglu",
 }
 
 
@@ -169,7 +174,10 @@ def test_presets_and_the_cli_preset_flag():
     assert PruneConfig.preset("blocks") == PruneConfig(0.9, 32, scope="all", remainder_bits=4)
     assert PruneConfig.preset("uniform") == PruneConfig(1.0, 32, scope="all", remainder_bits=4)
     assert PruneConfig.preset("recommended") == PruneConfig.preset("uniform")
-    assert set(PRESETS) == {"paper", "blocks", "uniform", "recommended"}
+    assert PruneConfig.preset("transformer") == PruneConfig.preset(
+        "uniform", norm_bits=8, attention_bits=8, swiglu_bits=8
+    )
+    assert set(PRESETS) == {"paper", "blocks", "uniform", "recommended", "transformer"}
     with pytest.raises(ValueError, match="unknown preset 'fast'; available: paper, blocks"):
         PruneConfig.preset("fast")
     args = build_parser().parse_args(["compare", "--preset", "paper", "--sparsity", "0.8", "0.5"])

@@ -7,10 +7,12 @@ Seed method: Barley & Fröning 2023, "Compressing the Backward Pass of Large-Sca
 Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 """
 
+from .attention import CodedAttention, coded_attention
 from .blocksparse import compress, select_blocks
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
 from .derivative_code import DerivativeCode, activation_derivative, derivative_code
+from .dropout import CodedDropout
 from .layers import (
     CodedActivation,
     CodedGELU,
@@ -30,17 +32,25 @@ from .memory import (
     saved_activation_bytes,
 )
 from .models.resmlp import PrunedAffine, PrunedLayerScale
+from .norms import CodedLayerNorm, CodedNorm, CodedRMSNorm
 from .storage import BlockSparse
+from .swiglu import FusedSwiGLU
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparse",
     "CodedActivation",
+    "CodedAttention",
+    "CodedDropout",
     "CodedGELU",
+    "CodedLayerNorm",
+    "CodedNorm",
+    "CodedRMSNorm",
     "CodedReLU",
     "CodedSiLU",
     "DerivativeCode",
+    "FusedSwiGLU",
     "PruneConfig",
     "PrunedAffine",
     "PrunedChannelScale",
@@ -50,6 +60,7 @@ __all__ = [
     "SavedTensorLog",
     "StepMemory",
     "activation_derivative",
+    "coded_attention",
     "compress",
     "derivative_code",
     "describe_compression",

@@ -26,7 +26,7 @@ from .compare import compare, report_table
 from .config import PRESETS, PruneConfig
 from .data import DATASETS, DataError
 from .lm import LMConfig, compare_lm, lm_table
-from .methods import BASELINES, frontier_methods, methods
+from .methods import BASELINES, DEFAULT_BASELINES, frontier_methods, methods
 from .plan import accuracy_deltas, parse_bytes, plan, require_fits, step_time_ratios
 from .train import AMP_DTYPES, OPTIMIZERS, TrainConfig, TrainError, read_checkpoint, train
 from .workloads import Workload, WorkloadError, build_workload
@@ -309,15 +309,18 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         seq_len=args.seq_len,
         progress=_progress,
+        amp=AMP_DTYPES[args.amp],
     )
     setup = {
         "model": args.model,
         "input": work.shape_label,
         "batch": args.batch_size,
         "device": device,
+        **({"amp": args.amp} if args.amp != "none" else {}),
     }
     kind, name = device.split(":")[0], re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
     stem = args.stem or f"memory_{name}_{work.shape_label}_b{args.batch_size}_{kind}"
+    stem += f"_{args.amp}" if args.amp != "none" and not args.stem else ""
     command = "actprune " + shlex.join(args.argv)
     print(write_memory_results(rows, out, stem, command, setup))
     return 0
@@ -349,13 +352,18 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     work = _workload(args)
+    language = work.task != "image"
+    # image models: test accuracy in points; language models: validation loss in % of dense's
+    measure, unit = ("−Δ val loss", "%") if language else ("Δ acc", "point")
+    tol = args.accuracy_tolerance if args.accuracy_tolerance is not None else (
+        1.0 if language else 0.3)  # fmt: skip
     try:
         budget = parse_bytes(args.memory)
-        ratios, source = step_time_ratios(args.step_times)
-        accuracy, accuracy_source = accuracy_deltas(args.accuracy)
+        ratios, source = step_time_ratios(args.step_times, language)
+        accuracy, accuracy_source = accuracy_deltas(args.accuracy, language)
     except ValueError as err:
         raise UserError(str(err)) from err
-    configs = frontier_methods(_exclude(args))
+    configs = frontier_methods(_exclude(args), language)
     names = {c.name for c in configs}
     configs += [m for m in methods(prune_configs(args), [], _exclude(args)) if m.name not in names]
     if args.configs:
@@ -367,31 +375,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"{args.model}, {work.shape_label}, AdamW; budget {args.memory} = "
         f"{budget / 2**30:.2f} GiB; peaks predicted on the meta device (nothing is allocated); "
-        f"step time × dense measured: {source}; Δ accuracy measured: {accuracy_source} "
+        f"step time × dense measured: {source}; {measure} measured: {accuracy_source} "
         f"(exact methods: 0; a composition: as its compression alone)\n"
     )
-    rows = plan(args.model, args.batch_size, budget, configs, ratios, accuracy,
-                args.accuracy_tolerance,
+    rows = plan(args.model, args.batch_size, budget, configs, ratios, accuracy, tol,
                 foreach=args.device != "cpu",  # AdamW's default implementation on each device
                 image_size=args.image_size, seq_len=args.seq_len, max_batch=args.max_batch,
                 progress=_progress)  # fmt: skip
     print(f"| rank | config | family | peak at batch {args.batch_size} | fits | largest batch "
-          "| step × dense | Δ acc (pts) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+          f"| step × dense | {measure} ({'%' if language else 'pts'}) |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for i, r in enumerate(rows, 1):
         shown = r.largest_batch if r.largest_batch < args.max_batch else f">= {r.largest_batch}"
         ratio = "not measured" if r.step_ratio is None else f"{r.step_ratio:.2f}"
         delta = "not measured" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}"
         print(f"| {i} | {r.config.name} | {r.config.family} | {r.peak_step_bytes / 2**30:.2f} GiB "
               f"| {'yes' if r.fits else 'no'} | {shown} | {ratio} | {delta} |")  # fmt: skip
-    tol = args.accuracy_tolerance
     best = next((r for r in rows if r.fits and r.step_ratio is not None and r.accurate(tol)), None)
     if best:
-        print(f"\nFastest that fits batch {args.batch_size} within {tol:g} point of dense "
-              f"accuracy: {best.config.name} (step × {best.step_ratio:.2f} dense, peak "
+        quality = "validation loss" if language else "accuracy"
+        print(f"\nFastest that fits batch {args.batch_size} within {tol:g} {unit} of dense "
+              f"{quality}: {best.config.name} (step × {best.step_ratio:.2f} dense, peak "
               f"{best.peak_step_bytes / 2**30:.2f} GiB).")  # fmt: skip
     else:
         print(f"\nNo measured configuration fits batch {args.batch_size} in {args.memory} "
-              f"within {tol:g} point of dense accuracy (largest batches: the table).")  # fmt: skip
+              f"within {tol:g} {unit} of dense (largest batches: the table).")  # fmt: skip
     return 0
 
 
@@ -469,12 +477,15 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
     p = commands.choices["memory"]
     p.add_argument("--timing-steps", type=_positive_int, default=3)
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="autocast dtype of the forward (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--baselines",
         nargs="*",
         choices=BASELINES,
-        default=list(BASELINES),
-        help="comparisons besides dense (default: all; none: --baselines with no value)",
+        default=list(DEFAULT_BASELINES),
+        help="comparisons besides dense (default: checkpoint unstructured; composition: every "
+        "block checkpointed with each compression inside; none: --baselines with no value)",
     )
     p.add_argument(
         "--frontier",
@@ -508,14 +519,16 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="JSON",
         help="measured step times × dense (a benchmarks/step_time.py JSON; default: the packaged "
-        "CPU run of every frontier configuration on ResMLP-S24)",
+        "CPU run of every frontier configuration on ResMLP-S24, for language models on "
+        "llama_tiny)",
     )
     p.add_argument(
         "--accuracy",
         default=None,
         metavar="JSON",
         help="measured Δ accuracy per configuration (a benchmarks/frontier.py JSON; default: "
-        "the packaged Fashion-MNIST runs of the demo model)",
+        "the packaged Fashion-MNIST runs of the demo model; language models: a "
+        "benchmarks/lm_quality.py JSON, default the packaged gpt_tiny / llama_tiny runs)",
     )
     p.add_argument(
         "--configs",
@@ -527,9 +540,10 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--accuracy-tolerance",
         type=float,
-        default=0.3,
+        default=None,
         metavar="POINTS",
-        help="accuracy loss still ranked as kept (default %(default)s)",
+        help="accuracy loss still ranked as kept: points of test accuracy (default 0.3), for "
+        "language models %% of validation loss (default 1)",
     )
     add_compression_args(p, sweep=True)
     p.set_defaults(func=cmd_plan)

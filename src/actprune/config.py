@@ -22,6 +22,7 @@ SELECTIONS = ("column", "global")
 SCOPES = ("linear", "all")
 ACTIVATION_BITS = (2, 4)
 REMAINDER_BITS = (0, 1, 2, 4, 8)
+INPUT_PATH_BITS = (0, 4, 8)  # 0: exact; 4, 8: per-row codes (``rowcode``)
 
 
 def _option(help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -62,6 +63,14 @@ class PruneConfig:
             one of ``ACTIVATION_BITS``.
         int8: keep the kept blocks as int8 with one float32 scale per block.
         remainder_bits: bits per element of the dropped blocks, one of ``REMAINDER_BITS``.
+        norm_bits: 0 (exact) or the bits of a per-token code of the normalized input that
+            LayerNorm / RMSNorm keep for dx (``INPUT_PATH_BITS``): lossy on the input-gradient
+            path, an explicit opt-in.
+        attention_bits: 0 (attention as dense) or the bits of per-(token, head) codes of the q, k
+            and v that scaled-dot-product attention keeps; backward recomputes the attention
+            from them (``INPUT_PATH_BITS``; lossy on the input-gradient path).
+        swiglu_bits: bits of the codes of a SwiGLU MLP's gate and up, 0 for exact
+            (``INPUT_PATH_BITS``; lossy on the input-gradient path when not 0).
 
     Example:
         >>> from actprune import PruneConfig
@@ -109,6 +118,16 @@ class PruneConfig:
     # blocks exactly and the rest at low precision: dW sees all of x.
     remainder_bits: int = _option("also keep the dropped blocks at this many bits (0: drop them)",
                                   REMAINDER_BITS, default=0)  # fmt: skip
+    # The input-gradient path (docs/design.md, "Transformers"): with scope "all" RMSNorm keeps
+    # its normalized input instead of input and product, SwiGLU MLPs keep gate and up and
+    # recompute the rest, dropout keeps 1-bit masks, all exact. These three fields make the
+    # norm input, attention's q, k, v and SwiGLU's gate and up lossy: per-row codes, 0 = exact.
+    norm_bits: int = _option("bits of the per-token code of LayerNorm / RMSNorm inputs (0: exact; "
+                             "lossy dx)", INPUT_PATH_BITS, default=0)  # fmt: skip
+    attention_bits: int = _option("bits of the per-head codes of attention's q, k, v (0: dense; "
+                                  "lossy dx)", INPUT_PATH_BITS, default=0)  # fmt: skip
+    swiglu_bits: int = _option("bits of the codes of SwiGLU's gate and up (0: exact; lossy dx)",
+                               INPUT_PATH_BITS, default=0)  # fmt: skip
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -147,8 +166,9 @@ class PruneConfig:
 
         Args:
             name: ``"paper"`` (the seed paper's method), ``"blocks"`` (top blocks exact, the
-                rest at 4 bits), ``"uniform"`` (every element at 4 bits) or ``"recommended"``
-                (actprune's default on the command line, today ``"uniform"``).
+                rest at 4 bits), ``"uniform"`` (every element at 4 bits), ``"recommended"``
+                (actprune's default on the command line, today ``"uniform"``) or
+                ``"transformer"`` (``"uniform"`` plus 8-bit codes on the input-gradient path).
             **overrides: fields to change, e.g. ``sparsity=0.8``.
 
         Returns:
@@ -200,6 +220,9 @@ class PruneConfig:
             "global" if self.selection == "global" else "",
             self.criterion if self.criterion != "l2" else "",
             "batchmajor" if self.row_order == "batch-major" else "",
+            f"n{self.norm_bits}" if self.norm_bits else "",
+            f"att{self.attention_bits}" if self.attention_bits else "",
+            f"sw{self.swiglu_bits}" if self.swiglu_bits else "",
             "" if self.uniform else f"s{self.sparsity:g}",
             f"b{bm}" if bm == bk else f"b{bm}x{bk}",
         ]
@@ -262,3 +285,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "uniform": {"sparsity": 1.0, "block_size": 32, "scope": "all", "remainder_bits": 4},
 }
 PRESETS["recommended"] = PRESETS["uniform"]
+# "transformer": "uniform" plus 8-bit per-row codes of norm inputs, attention's q, k, v and
+# SwiGLU's gate and up: lossy on the input-gradient path, so an explicit choice, never a default
+# (docs/design.md, "Transformers").
+PRESETS["transformer"] = {**PRESETS["uniform"], "norm_bits": 8, "attention_bits": 8,
+                          "swiglu_bits": 8}  # fmt: skip

@@ -1,12 +1,14 @@
 """In-place model conversion: swap layers for their compressing versions (``layers``) and back.
 
 Which dense class becomes which compressing class is a registry (``register_conversion``): actprune
-registers nn.Linear (scopes "linear" and "all") and nn.GELU, nn.SiLU, nn.ReLU ("all"); a model
-family registers its own layers where it defines them (ResMLP's Affine and LayerScale, in
-``models.resmlp``), and so can a user. The layers of timm and Hugging Face transformers are
-registered in ``actprune.integrations``, imported on the first conversion after the library
-itself was imported (actprune never imports them). ``config.scope`` picks the registered
-conversions that apply.
+registers nn.Linear (scopes "linear" and "all"), nn.GELU, nn.SiLU, nn.ReLU and nn.Dropout ("all"),
+nn.RMSNorm (scope "all" or ``norm_bits``) and nn.LayerNorm (``norm_bits``); a model family
+registers its own layers where it defines them (ResMLP's Affine and LayerScale, in
+``models.resmlp``; the zoo transformers' attention and SwiGLU), and so can a user. The layers
+of timm and Hugging Face transformers are registered in ``actprune.integrations``, imported on
+the first conversion after the library itself was imported (actprune never imports them).
+``config.scope`` and each class's ``applies(config)`` pick the registered conversions that
+apply.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import rng
 from .config import SCOPES, PruneConfig
+from .dropout import CodedDropout
 from .layers import (
     CodedGELU,
     CodedReLU,
@@ -32,6 +35,8 @@ from .layers import (
     check_config,
     rebuild_as,
 )
+from .norms import CodedLayerNorm, CodedRMSNorm
+from .swiglu import FusedSwiGLU
 
 LayerFilter = Callable[[str, nn.Module], bool]
 C = TypeVar("C", bound=type)
@@ -85,8 +90,10 @@ def register_conversion(
 
 
 register_conversion(nn.Linear, scopes=("linear", "all"))(PrunedLinear)
-for _coded in (CodedGELU, CodedSiLU, CodedReLU):
+for _coded in (CodedGELU, CodedSiLU, CodedReLU, CodedDropout):
     register_conversion(_coded.dense_class)(_coded)
+for _norm in (CodedLayerNorm, CodedRMSNorm):  # which config converts them: their ``applies``
+    register_conversion(_norm.dense_class, scopes=SCOPES)(_norm)
 
 # library -> the actprune module registering its layers; imported once the library is
 _INTEGRATIONS = {"timm": "actprune.integrations.timm", "transformers": "actprune.integrations.hf"}
@@ -98,7 +105,13 @@ def _register_integrations() -> None:
             importlib.import_module(integration)
 
 
-def _conversion(module: nn.Module, scope: str) -> type[nn.Module] | None:
+def _converts(compressed: type[nn.Module], scopes: tuple[str, ...], config: PruneConfig) -> bool:
+    """Whether a registered class converts under ``config``: its scope, and what its own opt-in
+    fields say (``CompressedLayer.applies``)."""
+    return config.scope in scopes and compressed.applies(config)
+
+
+def _conversion(module: nn.Module, config: PruneConfig) -> type[nn.Module] | None:
     """The compressing class for a dense module: the registered one of the nearest registered
     class in its MRO, provided the module keeps that class's forward (so outputs cannot change)."""
     if isinstance(module, CompressedLayer):
@@ -107,8 +120,8 @@ def _conversion(module: nn.Module, scope: str) -> type[nn.Module] | None:
         if klass in _REGISTRY:
             compressed, scopes = _REGISTRY[klass]
             same_forward = type(module).forward is klass.forward
-            ok = scope in scopes and same_forward and compressed.convertible(module)
-            return compressed if ok else None
+            ok = _converts(compressed, scopes, config) and same_forward
+            return compressed if ok and compressed.convertible(module) else None
     return None
 
 
@@ -205,12 +218,12 @@ def prune_activations_(
         if not selected(name, module):
             return None
         if isinstance(module, CompressedLayer):
-            _, scopes = _REGISTRY[module.dense_class]
-            if config.scope not in scopes:
+            compressed, scopes = _REGISTRY[module.dense_class]
+            if not _converts(compressed, scopes, config):
                 return _dense(module)
-            module.config = config
+            module.prune_config = config
             return None
-        compressed = _conversion(module, config.scope)
+        compressed = _conversion(module, config)
         if compressed is None or _left_dense(name, module):
             return None
         new = compressed.from_module(module, config)
@@ -235,7 +248,7 @@ def _left_dense(name: str, module: nn.Module) -> bool:
 
 def _dense(module: nn.Module) -> nn.Module:
     dense_class = module.__dict__.get("_actprune_dense_class", module.dense_class)
-    return rebuild_as(dense_class, module, drop=("config", "_actprune_dense_class", "stream"))
+    return rebuild_as(dense_class, module, drop=("prune_config", "_actprune_dense_class", "stream"))
 
 
 def restore_dense_(model: nn.Module) -> nn.Module:
@@ -280,11 +293,15 @@ def describe_compression(model: nn.Module) -> list[dict]:
         >>> [(r["layer"], r["compressed"], r["kept_as"]) for r in describe_compression(model)]
         ... # doctest: +NORMALIZE_WHITESPACE
         [('Linear', True, 'sparsity 0.5, 4x4 blocks, column top-k, native dtype'),
-         ('LayerNorm', False, 'dense: on the input-gradient path (dx reads it)')]
+         ('LayerNorm', False, 'dense: on the input-gradient path (dx reads it); opt-in code:
+         norm_bits')]
     """
     rows: dict[str, dict] = {}
     dense_rows: dict[str, dict] = {}
+    bypassed = {id(c) for m in model.modules() if isinstance(m, FusedSwiGLU) for c in m.bypassed()}
     for module in model.modules():
+        if id(module) in bypassed:  # a fused SwiGLU's down projection and SiLU: never run
+            continue
         if isinstance(module, CompressedLayer):
             name = module.dense_class.__name__
             row = rows.setdefault(name, _row(name, True, module.saved_for, module.describe()))
@@ -311,12 +328,14 @@ def _why_dense(module: nn.Module) -> tuple[str, str] | None:
     """(what it saves, why it stays dense) for a module that is not converted, or None when it
     saves nothing of its own (containers, identities)."""
     kind = type(module).__name__.lower()
+    if "norm" in kind:
+        return ("input and statistics (normalisation)",
+                f"{_INPUT_GRADIENT_PATH}; opt-in code: norm_bits")  # fmt: skip
+    if "attention" in kind:
+        return ("queries, keys, values, attention probabilities",
+                f"{_INPUT_GRADIENT_PATH}; opt-in code: attention_bits")  # fmt: skip
     if any(k in _REGISTRY for k in type(module).__mro__):
         return "as its dense class", "dense: excluded, not selected, or outside config.scope"
-    if "norm" in kind:
-        return "input and statistics (normalisation)", _INPUT_GRADIENT_PATH
-    if "attention" in kind:
-        return "queries, keys, values, attention probabilities", _INPUT_GRADIENT_PATH
     if isinstance(module, nn.Dropout):
         return "mask", "dense: exact and already 1 byte per element"
     if isinstance(module, nn.Embedding):

@@ -110,19 +110,35 @@ def _nothing_saved(x: torch.Tensor) -> Parts:
     return empty, empty.int(), empty.int(), empty.float(), empty.to(torch.uint8), empty.float()
 
 
+def compressing() -> bool:
+    """Whether a forward run now keeps compressed tensors: autograd records, and no
+    ``exact_gradients()`` block is active in this thread."""
+    return torch.is_grad_enabled() and not getattr(_exact, "on", False)
+
+
 def _needs_graph(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return (
-        not getattr(_exact, "on", False)
-        and torch.is_grad_enabled()
+        compressing()
         and x.numel() > 0
         and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
     )
 
 
+def autocast_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The autocast now active for x's device, as a context to enter again later: autocast is
+    off during backward, and a backward that recomputes forward work must compute it in the
+    forward's dtypes."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind))
+    return contextlib.nullcontext()
+
+
 class CompressedLayer:
     """What every actprune layer shares: its config and how it is built from a dense module."""
 
-    config: PruneConfig
+    # Not ``config``: Hugging Face modules (attention, MLP) keep their model's config under it.
+    prune_config: PruneConfig
     dense_class: type[nn.Module]  # what it is built from and restored to
     saved_for: str  # what backward reads the saved tensor for (``describe``)
     # The random stream of the model it belongs to (set by ``prune_activations_``); None: the
@@ -144,8 +160,14 @@ class CompressedLayer:
                 f"(or subclass), got {type(module).__name__}"
             )
         new = rebuild_as(_with_parametrizations(cls, module), module)
-        new.config = check_config(config)
+        new.prune_config = check_config(config)
         return new
+
+    @classmethod
+    def applies(cls, config: PruneConfig) -> bool:
+        """Whether this class converts under ``config`` within its registered scopes: a layer
+        that exists for an opt-in field (``norm_bits``, ``attention_bits``) answers from it."""
+        return True
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -155,7 +177,7 @@ class CompressedLayer:
 
     def describe(self) -> str:
         """How this layer keeps its saved tensor (``describe_compression``)."""
-        c = self.config
+        c = self.prune_config
         bm, bk = c.block_shape
         if c.uniform:
             return f"every element at {c.remainder_bits} bits, one scale per {bm}x{bk} block"
@@ -224,7 +246,7 @@ class PrunedLinear(CompressedLayer, nn.Linear):
         config: PruneConfig,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = check_config(config)
+        self.prune_config = check_config(config)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: PruneConfig) -> PrunedLinear:
@@ -238,11 +260,11 @@ class PrunedLinear(CompressedLayer, nn.Linear):
                 f"got {tuple(x.shape)}"
             )
         return linear_keeping_compressed_input(
-            x, self.weight, self.bias, self.config, self.stream_id
+            x, self.weight, self.bias, self.prune_config, self.stream_id
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {_describe(self.config)}"
+        return f"{super().extra_repr()}, {_describe(self.prune_config)}"
 
 
 class PrunedTransposedLinear(CompressedLayer):
@@ -255,7 +277,7 @@ class PrunedTransposedLinear(CompressedLayer):
 
     Attributes:
         weight: [in, out] Parameter; bias: [out] Parameter or None (the dense class's).
-        config: the ``PruneConfig`` the saved input is compressed with.
+        prune_config: the ``PruneConfig`` the saved input is compressed with.
         dense_class: the class it is built from and restored to (set by ``register_conversion``).
 
     Example:
@@ -285,7 +307,7 @@ class PrunedTransposedLinear(CompressedLayer):
             raise ValueError(f"{type(self).__name__} expects input of shape (..., {n_in}), got "
                              f"{tuple(x.shape)}")  # fmt: skip
         return linear_keeping_compressed_input(
-            x, self.weight.t(), self.bias, self.config, self.stream_id
+            x, self.weight.t(), self.bias, self.prune_config, self.stream_id
         )
 
 
@@ -318,7 +340,7 @@ class PrunedChannelScale(CompressedLayer):
 
     Attributes:
         param_names: (scale, shift) attribute names of the parameters; shift may be None.
-        config: the ``PruneConfig`` the saved input is compressed with.
+        prune_config: the ``PruneConfig`` the saved input is compressed with.
         dense_class: the class it is built from and restored to (set by ``register_conversion``).
 
     Example:
@@ -350,10 +372,10 @@ class PrunedChannelScale(CompressedLayer):
                 f"{type(self).__name__} expects input of shape (..., {scale.numel()}), "
                 f"got {tuple(x.shape)}"
             )
-        return scale_channels(x, scale, shift, self.config, self.stream_id)
+        return scale_channels(x, scale, shift, self.prune_config, self.stream_id)
 
     def extra_repr(self) -> str:
-        return _describe(self.config)
+        return _describe(self.prune_config)
 
 
 class CodedActivation(CompressedLayer):
@@ -372,7 +394,7 @@ class CodedActivation(CompressedLayer):
     ``derivative_code.ACTIVATIONS``, or "relu").
 
     Attributes:
-        config: its ``activation_bits`` pick the code.
+        prune_config: its ``activation_bits`` pick the code.
         dense_class: the class it is built from and restored to (set by ``register_conversion``).
 
     Example:
@@ -402,7 +424,7 @@ class CodedActivation(CompressedLayer):
         if not _needs_graph(x):
             return self.dense_class.forward(self, x)
         function = self.function()
-        bits = 1 if function == "relu" else self.config.activation_bits
+        bits = 1 if function == "relu" else self.prune_config.activation_bits
         if torch.compiler.is_compiling():
             codes, nonfinite = ops.activation_code(x, bits, function)
             return ops.coded_activation(x, codes, nonfinite, bits, function)
@@ -413,7 +435,7 @@ class CodedActivation(CompressedLayer):
     def describe(self) -> str:
         if self.function() == "relu":
             return "1-bit mask of relu' (exact)"
-        return f"{self.config.activation_bits}-bit code of {self.function()}'"
+        return f"{self.prune_config.activation_bits}-bit code of {self.function()}'"
 
 
 class CodedGELU(CodedActivation, nn.GELU):
@@ -422,7 +444,7 @@ class CodedGELU(CodedActivation, nn.GELU):
 
     Attributes:
         approximate: as ``nn.GELU``.
-        config: its ``activation_bits`` pick the code (``CodedGELU.from_module(gelu, config)``).
+        prune_config: its ``activation_bits`` pick the code.
 
     Example:
         >>> import torch
@@ -439,14 +461,14 @@ class CodedGELU(CodedActivation, nn.GELU):
         return "gelu" if self.approximate == "none" else "gelu_tanh"
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation_bits={self.config.activation_bits}"
+        return f"{super().extra_repr()}, activation_bits={self.prune_config.activation_bits}"
 
 
 class CodedSiLU(CodedActivation, nn.SiLU):
     """nn.SiLU that keeps a ``config.activation_bits``-bit code of silu'(x) instead of x.
 
     Attributes:
-        config: its ``activation_bits`` pick the code (``CodedSiLU.from_module(silu, config)``).
+        prune_config: its ``activation_bits`` pick the code.
 
     Example:
         >>> import torch

@@ -35,7 +35,11 @@ from .config import PruneConfig
 from .convert import prune_activations_
 
 CHECKPOINTS = ("none", "full", "selective")
-BASELINES = ("checkpoint", "unstructured")
+# What ``methods`` can add beside dense and the compressions: checkpointing of every block, the
+# unstructured top-k, and (``composition``) checkpointing of every block with each compression
+# inside it. The first two are the default.
+BASELINES = ("checkpoint", "unstructured", "composition")
+DEFAULT_BASELINES = ("checkpoint", "unstructured")
 
 # Selective checkpointing holds the outputs of these ops (the matmuls: what is expensive to
 # recompute) and recomputes everything else, as torchtitan's and torchtune's policies do.
@@ -158,11 +162,12 @@ class MemoryConfig:
 
 def methods(
     prunes: Iterable[PruneConfig],
-    baselines: Iterable[str] = BASELINES,
+    baselines: Iterable[str] = DEFAULT_BASELINES,
     exclude: Iterable[str] = ("head",),
 ) -> list[MemoryConfig]:
     """dense first (every ratio's baseline), then the ``baselines`` (unstructured at each
-    sparsity of ``prunes``), then actprune with each of ``prunes``."""
+    sparsity of ``prunes``), then actprune with each of ``prunes``, then (baseline
+    ``composition``) every block checkpointed with each of ``prunes`` inside."""
     prunes, baselines = list(prunes), set(baselines)
     unknown = baselines - set(BASELINES)
     if unknown:
@@ -173,7 +178,10 @@ def methods(
     if "unstructured" in baselines:
         sparsities = dict.fromkeys(p.sparsity for p in prunes if not p.uniform)  # in order, once
         configs += [MemoryConfig.unstructured(s) for s in sparsities]
-    return configs + [MemoryConfig.actprune(p, exclude) for p in prunes]
+    configs += [MemoryConfig.actprune(p, exclude) for p in prunes]
+    if "composition" in baselines:
+        configs += [MemoryConfig.composition(p, 1, inside=True, exclude=exclude) for p in prunes]
+    return configs
 
 
 def frontier_prunes() -> list[PruneConfig]:
@@ -187,11 +195,14 @@ def frontier_prunes() -> list[PruneConfig]:
     return paper + blocks + uniform
 
 
-def frontier_methods(exclude: Iterable[str] = ("head",)) -> list[MemoryConfig]:
+def frontier_methods(
+    exclude: Iterable[str] = ("head",), language: bool = False
+) -> list[MemoryConfig]:
     """Every configuration of the frontier: dense; full checkpointing of every 1st, 2nd and 4th
     block; selective checkpointing; each of ``frontier_prunes``; and compositions of block
     selection (``"blocks"``) with checkpointing (every 2nd / 4th block checkpointed, the rest
-    compressed; every block checkpointed and compressed inside)."""
+    compressed; every block checkpointed and compressed inside). For a language model
+    (``language``) also the ``"transformer"`` preset, alone and inside checkpointed blocks."""
     blocks = PruneConfig.preset("blocks")
     checkpoints = [MemoryConfig.checkpointing(k) for k in (1, 2, 4)]
     compositions = [
@@ -199,12 +210,18 @@ def frontier_methods(exclude: Iterable[str] = ("head",)) -> list[MemoryConfig]:
         MemoryConfig.composition(blocks, 4, exclude=exclude),
         MemoryConfig.composition(blocks, 1, inside=True, exclude=exclude),
     ]
+    transformer = PruneConfig.preset("transformer")
+    lm = [
+        MemoryConfig.actprune(transformer, exclude),
+        MemoryConfig.composition(transformer, 1, inside=True, exclude=exclude),
+    ]
     return [
         MemoryConfig.dense(),
         *checkpoints,
         MemoryConfig.checkpointing(selective=True),
         *[MemoryConfig.actprune(p, exclude) for p in frontier_prunes()],
         *compositions,
+        *(lm if language else []),
     ]
 
 

@@ -316,14 +316,21 @@ def accuracy_delta(config: MemoryConfig, accuracy: dict[str, float]) -> float | 
     return accuracy.get(config.name)
 
 
-def accuracy_deltas(path: str | Path | None = None) -> tuple[dict[str, float], str]:
+def accuracy_deltas(
+    path: str | Path | None = None, language: bool = False
+) -> tuple[dict[str, float], str]:
     """Measured Δ test accuracy (points, against dense of the same run) by configuration name —
-    at the longest schedule measured, the worst over seeds — and where it comes from.
+    at the longest schedule measured, the worst over seeds — and where it comes from. For a
+    language model (``language``) the measure is −Δ validation loss in % of dense's (the worst
+    over models and seeds), read from a ``benchmarks/lm_quality.py`` JSON.
 
     Args:
-        path: a frontier JSON written by ``benchmarks/frontier.py``; None: the packaged one
-            (``actprune/frontier.json``, a copy of docs/results/frontier/frontier.json).
+        path: a frontier JSON written by ``benchmarks/frontier.py`` (language: by
+            ``benchmarks/lm_quality.py``); None: the packaged one (``actprune/frontier.json``, a
+            copy of docs/results/frontier/frontier.json; ``actprune/lm_quality.json``).
     """
+    if language:
+        return _lm_quality(path)
     text, where = _read("frontier.json", path, "accuracy")
     try:
         frontier = json.loads(text)
@@ -339,6 +346,16 @@ def accuracy_deltas(path: str | Path | None = None) -> tuple[dict[str, float], s
     return deltas, f"{where}{': ' + task if task else ''}"
 
 
+def _lm_quality(path: str | Path | None) -> tuple[dict[str, float], str]:
+    text, where = _read("lm_quality.json", path, "validation losses")
+    try:
+        run = json.loads(text)
+        deltas = {name: float(v) for name, v in run["delta"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{where} is not a benchmarks/lm_quality.py JSON ({err})") from None
+    return deltas, f"{where}: {run.get('task', '?')}"
+
+
 def _read(packaged: str, path: str | Path | None, what: str) -> tuple[str, str]:
     """The text of ``path``, or of the packaged file ``packaged`` when None; and its name."""
     if path is None:
@@ -349,20 +366,25 @@ def _read(packaged: str, path: str | Path | None, what: str) -> tuple[str, str]:
         raise ValueError(f"cannot read {what} from {path}: {err.strerror or err}") from None
 
 
-def step_time_ratios(path: str | Path | None = None) -> tuple[dict[str, float], str]:
+def step_time_ratios(
+    path: str | Path | None = None, language: bool = False
+) -> tuple[dict[str, float], str]:
     """Measured step time × dense by configuration name, and a line saying where they come from.
 
     Args:
         path: a JSON written by ``benchmarks/step_time.py``; None: the packaged one
-            (``actprune/step_times.json``, a copy of the run in docs/results).
+            (``actprune/step_times.json``, a copy of the run in docs/results; for a language
+            model, ``language``, ``actprune/step_times_lm.json``).
     """
-    text, where = _read("step_times.json", path, "step times")
+    packaged = "step_times_lm.json" if language else "step_times.json"
+    text, where = _read(packaged, path, "step times")
     try:
         run = json.loads(text)
         ratios = {row["config"]: float(row["ratio"]) for row in run["rows"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where} is not a benchmarks/step_time.py JSON ({err})") from None
-    on = f"{run.get('model', '?')} at {run.get('image_size', '?')} px"
+    size = run.get("image_size")
+    on = f"{run.get('model', '?')} at " + (f"{size} px" if size else f"seq {run.get('seq_len')}")
     on += f", batch {run.get('batch', '?')}"
     on += f", on {run['device_name']}" if "device_name" in run else ""
     return ratios, f"{where}: {on} (`{run.get('command', '?')}`)"

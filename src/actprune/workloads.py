@@ -10,6 +10,13 @@ A spec is one of
 Image models get a batch of random images and class labels (cross-entropy); language models random
 token ids, with next-token labels (causal) or 15 % of positions as labels (masked). Memory and step
 time do not depend on the values, only on the shapes.
+
+Language models compute their loss without the [B, T, vocabulary] logits
+(``loss.linear_cross_entropy``) where the head is a plain Linear of the last hidden state: the
+zoo's, Hugging Face's ``FUSED_LOSS`` types (causal) and BERT (masked); other Hugging Face types
+use their own loss, which keeps the logits. Hugging Face models train with attention dropout 0
+unless a spec sets it (``ATTENTION_DROPOUT`` fields): with dropout, SDPA takes its math path on
+CPU and keeps the T×T probabilities, which a GPU's flash kernel would not.
 """
 
 from __future__ import annotations
@@ -25,8 +32,14 @@ from torch import nn
 
 from . import models
 from .config import is_int, is_number
+from .loss import linear_cross_entropy
 
 TASKS = ("image", "causal_lm", "masked_lm")
+# Hugging Face causal LMs whose logits are lm_head(last hidden state), nothing more (no scaling or
+# soft-capping): their loss is computed without logits.
+FUSED_LOSS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+# Config fields of the attention-probability dropout, set to 0 unless a spec gives them.
+ATTENTION_DROPOUT = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
 
 
 class WorkloadError(ValueError):
@@ -84,11 +97,20 @@ class Workload:
         x, y = batch
         if self.task == "image":
             return F.cross_entropy(model(x), y)
-        if self.spec.startswith("hf:"):
-            return model(input_ids=x, labels=y).loss
-        # actprune's GPT or Llama: predict token t+1 from tokens <= t (nothing after the last),
-        # the loss computed without the [B, T, vocab] logits (``loss.linear_cross_entropy``)
-        return model(x, torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), -100)], dim=1))
+        # causal: predict token t+1 from tokens <= t (nothing after the last)
+        targets = torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), -100)], dim=1)
+        if not self.spec.startswith("hf:"):  # actprune's GPT or Llama
+            return model(x, targets)
+        model_type = model.config.model_type
+        if self.task == "masked_lm" and model_type == "bert":
+            head = model.cls.predictions
+            hidden = head.transform(model.bert(input_ids=x).last_hidden_state)
+            return linear_cross_entropy(hidden, head.decoder.weight, y, head.decoder.bias)
+        head = model.get_output_embeddings()
+        if model_type in FUSED_LOSS and isinstance(head, nn.Linear):  # PrunedLinear included
+            hidden = model.base_model(input_ids=x).last_hidden_state
+            return linear_cross_entropy(hidden, head.weight, targets, head.bias)
+        return model(input_ids=x, labels=y).loss
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -195,6 +217,9 @@ def _hf(spec: str, rest: str, seq_len, device) -> Workload:
         config = transformers.AutoConfig.for_model(model_type, **overrides)
     except Exception as err:  # the library's own validation of a user's field
         raise WorkloadError(f"{spec}: {_first_line(err)}") from None
+    for field in ATTENTION_DROPOUT:
+        if hasattr(config, field) and field not in overrides:
+            setattr(config, field, 0.0)
     if hasattr(config, "use_cache") and "use_cache" not in overrides:
         # Training keeps no key/value cache; with one, a checkpointed block's recompute would
         # append to the cache its forward filled and attend over twice the keys.

@@ -46,11 +46,12 @@ def run_memory_bench(
     seq_len: int | None = None,
     num_classes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    amp: torch.dtype | None = None,
     **overrides: object,
 ) -> list[MemoryRow]:
     """Measure every configuration on the model of ``spec`` (``workloads.build_workload``: a zoo
-    name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``; ``overrides``: a zoo model's arguments);
-    ratios are to the dense row of this run."""
+    name, ``timm:NAME`` or ``hf:TYPE[:k=v,...]``; ``overrides``: a zoo model's arguments), the
+    forward under autocast to ``amp`` when given; ratios are to the dense row of this run."""
     configs = list(configs or methods([PruneConfig.preset("recommended")]))
     if configs[0].family != "dense":
         raise ValueError("the first configuration must be dense: it is every ratio's baseline")
@@ -64,7 +65,7 @@ def run_memory_bench(
         m = measure_training_step(
             model,
             optimizer,
-            partial(work.loss, model, data),
+            partial(_loss, work, model, data, amp),
             resident=data,
             timing_steps=timing_steps,
         )
@@ -94,6 +95,12 @@ def run_memory_bench(
             "step_time": r.median_step_s / dense.median_step_s,
         }
     return rows
+
+
+def _loss(work, model, data, amp: torch.dtype | None) -> torch.Tensor:
+    device = data[0].device.type
+    with torch.autocast(device, dtype=amp, enabled=amp is not None):
+        return work.loss(model, data)
 
 
 def memory_table(rows: list[MemoryRow]) -> str:
@@ -194,7 +201,7 @@ def write_memory_results(
     dev = device_name(setup["device"])
     md = (
         f"# Training-step memory: {setup['model']} at {setup['input']}, batch "
-        f"{setup['batch']}, on {dev}\n\n"
+        f"{setup['batch']}, on {dev}{', autocast ' + setup['amp'] if setup.get('amp') else ''}\n\n"
         f"torch {torch.__version__}. Command: `{command}`\n\n"
         "saved = bytes autograd holds for backward after the forward (by kind of layer that saved "
         "them); peak step = parameters + AdamW state + batch + the peak of one forward, backward "

@@ -44,8 +44,7 @@ class PrunedResBlock(CompressedLayer, ResBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
-        x = x + self.drop_path(scale_channels(tokens, self.ls1, None, self.config, self.stream_id))
+        config, stream = self.prune_config, self.stream_id
+        x = x + self.drop_path(scale_channels(tokens, self.ls1, None, config, stream))
         channels = self.mlp_channels(self.norm2(x))
-        return x + self.drop_path(
-            scale_channels(channels, self.ls2, None, self.config, self.stream_id)
-        )
+        return x + self.drop_path(scale_channels(channels, self.ls2, None, config, stream))

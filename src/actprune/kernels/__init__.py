@@ -33,6 +33,8 @@ __all__ = [
     "activation_grad",
     "backend_for",
     "channel_scale_grad",
+    "decode_row_codes",
+    "encode_row_codes",
     "pack_blocks",
     "readable",
     "score_blocks",
@@ -172,3 +174,22 @@ def activation_grad(
 ) -> torch.Tensor:
     """dx = dy ⊙ q(x) from ``activation_codes``' output, NaN in the rows flagged non-finite."""
     return _impl(dy).activation_grad(dy, codes, nonfinite, code)
+
+
+def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales): the per-row ``bits``-bit codes of x2 [R, C] (``rowcode``; the contract:
+    ``reference.encode_row_codes``). numba for float32 CPU tensors in eager mode; the PyTorch ops
+    otherwise (traced by torch.compile, which fuses them; on CUDA too: no Triton kernel yet)."""
+    if backend_for(x2) == "numba" and not torch.compiler.is_compiling():
+        return _module("numba").encode_row_codes(x2, bits)
+    return reference.encode_row_codes(x2, bits)
+
+
+def decode_row_codes(
+    codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
+) -> torch.Tensor:
+    """x̃ [R, C] in ``dtype`` from ``encode_row_codes``' outputs."""
+    numba = backend_for(scales) == "numba" and not torch.compiler.is_compiling()
+    if dtype == torch.float32 and numba:
+        return _module("numba").decode_row_codes(codes, scales, cols, dtype, bits)
+    return reference.decode_row_codes(codes, scales, cols, dtype, bits)

@@ -607,3 +607,88 @@ def activation_grad(
     _activation_grad_kernel(dy2.numpy(), codes.numpy(), nonfinite.numpy(), table, code.bits,
                             out.numpy())  # fmt: skip
     return out.view(dy.shape)
+
+
+# --- per-row codes of the input-gradient path (``rowcode``) -------------------------------------
+
+
+@nb.njit(parallel=True, **_JIT)
+def _row_scales_kernel(x, top, scales, inverses):
+    for r in nb.prange(x.shape[0]):
+        amax, nan = np.float32(0.0), False
+        for v in x[r]:
+            a = abs(v)
+            nan |= a != a
+            amax = max(amax, a)
+        finite = not nan and amax < np.inf
+        scales[r] = amax / top if finite else np.nan
+        inverses[r] = top / amax if finite and amax > 0 else 0.0
+
+
+@nb.njit(inline="always")
+def _code(v, inverse, top):
+    c = np.rint(v * inverse)  # round half to even, as torch.round
+    return 0.0 if c != c else min(max(c, -top), top)  # NaN · 0 of a non-finite row: 0
+
+
+@nb.njit(parallel=True, **_JIT)
+def _encode8_kernel(x, inverses, top, codes):
+    for r in nb.prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            codes[r, j] = np.int8(_code(x[r, j], inverses[r], top))
+
+
+@nb.njit(parallel=True, **_JIT)
+def _encode4_kernel(flat, cols, inverses, top, packed):
+    n = flat.shape[0]
+    for i in nb.prange(packed.shape[0]):
+        lo = np.uint8(_code(flat[2 * i], inverses[2 * i // cols], top) + 8)
+        hi = np.uint8(0)
+        if 2 * i + 1 < n:
+            hi = np.uint8(_code(flat[2 * i + 1], inverses[(2 * i + 1) // cols], top) + 8)
+        packed[i] = lo | (hi << 4)
+
+
+def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """numba version of ``reference.encode_row_codes``: the same codes and scales, bit for bit, in
+    two reads of x2 (row maxima, then codes) instead of about six whole-tensor passes."""
+    x = x2.contiguous().numpy()
+    rows, cols = x.shape
+    top = np.float32(2 ** (bits - 1) - 1)
+    scales, inverses = torch.empty(rows), np.empty(rows, np.float32)
+    _row_scales_kernel(x, top, scales.numpy(), inverses)
+    if bits == 8:
+        codes = torch.empty(rows, cols, dtype=torch.int8)
+        _encode8_kernel(x, inverses, top, codes.numpy())
+    else:
+        codes = torch.empty(-(-rows * cols // 2), dtype=torch.uint8)
+        _encode4_kernel(x.reshape(-1), cols, inverses, top, codes.numpy())
+    return codes, scales
+
+
+@nb.njit(parallel=True, **_JIT)
+def _decode8_kernel(codes, scales, out):
+    for r in nb.prange(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[r, j] = np.float32(codes[r, j]) * scales[r]
+
+
+@nb.njit(parallel=True, **_JIT)
+def _decode4_kernel(packed, scales, cols, out):
+    flat = out.reshape(-1)
+    for i in nb.prange(flat.shape[0]):
+        byte = packed[i // 2]
+        nibble = (byte >> 4) if i % 2 else (byte & 15)
+        flat[i] = np.float32(np.int8(nibble) - 8) * scales[i // cols]
+
+
+def decode_row_codes(
+    codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
+) -> torch.Tensor:
+    """numba version of ``reference.decode_row_codes`` (float32): one pass over the codes."""
+    out = torch.empty(scales.numel(), cols)
+    if bits == 8:
+        _decode8_kernel(codes.view(-1, cols).numpy(), scales.numpy(), out.numpy())
+    else:
+        _decode4_kernel(codes.numpy(), scales.numpy(), cols, out.numpy())
+    return out

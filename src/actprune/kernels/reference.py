@@ -329,3 +329,34 @@ def activation_grad(
     dx = dy * code.derivative(codes, dy.numel(), dy.dtype).view(dy.shape)
     bad_rows = unpack_codes(nonfinite, 1, rows).bool().view(-1, 1)
     return dx.reshape(rows, -1).masked_fill(bad_rows, torch.nan).view(dy.shape)
+
+
+# --- per-row codes of the input-gradient path (``rowcode``) -------------------------------------
+
+
+def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of the rows of x2 [R, C]: scale = max|row| / (2^(bits−1) − 1) (float32,
+    NaN for a row holding NaN/Inf), codes = round-half-even(x · (top / max|row|)) clamped to
+    ±top: int8 [R, C] (8 bits) or offset by 8 and packed two to a byte over the flattened rows,
+    uint8 [ceil(R·C / 2)] (4 bits). A non-finite row's codes are 0."""
+    top = 2 ** (bits - 1) - 1
+    xf = x2.float()
+    # max |x| of each row (NaN if the row holds a NaN, inf if an Inf) without an |x| temporary
+    amax = torch.maximum(xf.amax(dim=-1, keepdim=True), -xf.amin(dim=-1, keepdim=True))
+    finite = torch.isfinite(amax)
+    scale = torch.where(finite, amax / top, torch.nan)
+    inverse = torch.where(finite & (amax > 0), top / amax, 0.0)
+    codes = (xf * inverse).round_().clamp_(-top, top).nan_to_num_(0.0).to(torch.int8)
+    if bits == 4:
+        codes = pack_codes((codes + 8).to(torch.uint8).flatten(), 4)
+    return codes, scale.squeeze(-1)
+
+
+def decode_row_codes(
+    codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
+) -> torch.Tensor:
+    """x̃ [R, C] in ``dtype`` from ``encode_row_codes``' outputs: codes · scale (float32), NaN rows
+    NaN."""
+    if bits == 4:
+        codes = unpack_codes(codes, 4, scales.numel() * cols).view(-1, cols).to(torch.int8) - 8
+    return (codes.view(-1, cols).float() * scales.unsqueeze(-1)).to(dtype)

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import CodedAttention
+from ..config import SCOPES
+from ..convert import register_conversion
 from ..loss import linear_cross_entropy
 from ._registry import register_model
 
@@ -47,6 +50,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+@register_conversion(CausalSelfAttention, scopes=SCOPES)
+class CodedCausalSelfAttention(CodedAttention, CausalSelfAttention):
+    """CausalSelfAttention keeping ``attention_bits`` codes of q, k, v (``CodedAttention``)."""
 
 
 class GPTBlock(nn.Module):

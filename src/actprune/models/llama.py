@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import CodedAttention
+from ..config import SCOPES
+from ..convert import register_conversion
 from ..loss import linear_cross_entropy
+from ..swiglu import FusedSwiGLU
 from ._registry import register_model
 
 
@@ -80,6 +84,17 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+@register_conversion(RotaryAttention, scopes=SCOPES)
+class CodedRotaryAttention(CodedAttention, RotaryAttention):
+    """RotaryAttention keeping ``attention_bits`` codes of the rotated q, k and v
+    (``CodedAttention``)."""
+
+
+@register_conversion(SwiGLU, scopes=SCOPES)
+class CompactSwiGLU(FusedSwiGLU, SwiGLU):
+    """SwiGLU keeping gate(x) and up(x) only (``FusedSwiGLU``)."""
 
 
 class LlamaBlock(nn.Module):

@@ -46,7 +46,7 @@ class PrunedAffine(PrunedChannelScale, Affine):
 
     Attributes:
         alpha, beta: as Affine (the same Parameter objects when built with ``from_module``).
-        config: the ``PruneConfig`` the saved input is compressed with.
+        prune_config: the ``PruneConfig`` the saved input is compressed with.
 
     Example:
         >>> import torch
@@ -66,7 +66,7 @@ class PrunedLayerScale(PrunedChannelScale, LayerScale):
 
     Attributes:
         scale: as LayerScale (the same Parameter object when built with ``from_module``).
-        config: the ``PruneConfig`` the saved input is compressed with.
+        prune_config: the ``PruneConfig`` the saved input is compressed with.
 
     Example:
         >>> import torch

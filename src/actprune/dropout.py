@@ -1,0 +1,61 @@
+"""Dropout keeping its mask as bits: exact, 1 bit per element instead of 1 (CUDA, a bool) or 4
+(CPU, a float mask) bytes.
+
+dx = dy ⊙ mask / (1 − p) needs the mask and nothing else; a mask is one bit of information per
+element. The mask is drawn by ``torch.native_dropout``, the op nn.Dropout runs, from the same
+random state, so the output and dx are the dense module's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bitpack import pack_codes, unpack_codes
+from .layers import CompressedLayer, _needs_graph
+
+
+class DropoutFunction(torch.autograd.Function):
+    """``torch.native_dropout(x, p, True)``'s output; saves its mask packed 8 to a byte."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        y, mask = torch.native_dropout(x, p, True)
+        ctx.shape, ctx.scale = mask.shape, 1.0 / (1.0 - p)
+        ctx.save_for_backward(pack_codes(mask.flatten().view(torch.uint8), 1))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_codes(packed, 1, dy.numel()).view(ctx.shape).view(torch.bool)
+        return torch.ops.aten.native_dropout_backward(dy, mask, ctx.scale), None
+
+
+class CodedDropout(CompressedLayer, nn.Dropout):
+    """nn.Dropout keeping a 1-bit mask (scope "all"); exact. In-place dropout
+    (``inplace=True``) computes out of place while training.
+
+    Attributes:
+        p, inplace: as ``nn.Dropout``.
+        prune_config: the config it was converted with (no field changes what it keeps).
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig, saved_activation_bytes
+        >>> from actprune.dropout import CodedDropout
+        >>> drop = CodedDropout.from_module(torch.nn.Dropout(0.1), PruneConfig.preset("uniform"))
+        >>> saved_activation_bytes(drop, torch.randn(64, 64, requires_grad=True))  # 1 bit each
+        512
+    """
+
+    dense_class = nn.Dropout
+    saved_for = "mask (for dx)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and 0.0 < self.p < 1.0 and _needs_graph(x)):
+            return super().forward(x)
+        return DropoutFunction.apply(x, self.p)
+
+    def describe(self) -> str:
+        return "1-bit mask (exact)"
