@@ -45,6 +45,14 @@ def _cosine(a, b):
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
+def _close_to_dense(dense, coded, x, dy, floor):
+    """The dense module's output exactly; dx and every parameter gradient at cosine > floor."""
+    y0, dx0, g0 = _run(dense, x, dy, list(dense.parameters()))
+    y1, dx1, g1 = _run(coded, x, dy, list(coded.parameters()))
+    assert torch.equal(y0, y1)
+    assert _cosine(dx1, dx0) > floor and all(_cosine(a, b) > floor for a, b in zip(g1, g0))
+
+
 # --- row codes ------------------------------------------------------------------------------
 
 
@@ -116,11 +124,7 @@ def test_coded_norm_bytes_and_gradients(kind, bits):
     coded = prune_activations_(copy.deepcopy(dense), PruneConfig.preset("uniform", norm_bits=bits))
     assert isinstance(coded, CodedRMSNorm if kind == "rms" else CodedLayerNorm)
     x, dy = torch.randn(4, 16, 64) * 3 + 1, torch.randn(4, 16, 64)
-    y0, dx0, dp0 = _run(dense, x, dy, list(dense.parameters()))
-    y1, dx1, dp1 = _run(coded, x, dy, list(coded.parameters()))
-    assert torch.equal(y0, y1)
-    floor = 0.9999 if bits == 8 else 0.99
-    assert _cosine(dx1, dx0) > floor and all(_cosine(a, b) > floor for a, b in zip(dp1, dp0))
+    _close_to_dense(dense, coded, x, dy, 0.9999 if bits == 8 else 0.99)
     rows = 4 * 16
     assert saved_activation_bytes(coded, x.clone().requires_grad_()) == (
         rows * 64 * bits // 8 + 4 * rows + 4 * rows  # codes, one scale and one rstd per row
@@ -203,11 +207,7 @@ def test_swiglu_codes_bytes_and_gradients(bits):
     for name in ("gate", "up"):
         setattr(fused, name, getattr(dense, name))
     x, dy = torch.randn(4, 16, 32), torch.randn(4, 16, 32)
-    y0, dx0, g0 = _run(dense, x, dy, list(dense.parameters()))
-    y1, dx1, g1 = _run(fused, x, dy, list(fused.parameters()))
-    assert torch.equal(y0, y1)
-    floor = 0.999 if bits == 8 else 0.98
-    assert _cosine(dx1, dx0) > floor and all(_cosine(a, b) > floor for a, b in zip(g0, g1))
+    _close_to_dense(dense, fused, x, dy, 0.999 if bits == 8 else 0.98)
     rows = 4 * 16
     codes = 2 * (rows * 88 * bits // 8 + 4 * rows)
     saved = saved_activation_bytes(fused, x.clone().requires_grad_())
