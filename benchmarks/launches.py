@@ -5,9 +5,11 @@ TRITON_INTERPRET=1: the kernels run in Triton's interpreter on CPU tensors, thro
 launchers as on a GPU) and counts, beside the dense layer doing the same: Triton launches, and aten
 ops that launch a kernel on a GPU (views, metadata and allocations without a fill are left out).
 Issue 25's budget per compressed tensor: forward at most 1 beyond what the dense layer runs,
-backward at most 2.
+backward at most 2. A layer whose children convert too (SwiGLU's gate and up, attention's
+projections) counts theirs as well.
 
 python benchmarks/launches.py
+python benchmarks/launches.py --presets transformer --out docs/results/launches_transformer
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import actprune
 from actprune import PruneConfig
+from actprune.models.gpt import CausalSelfAttention, GPTConfig
+from actprune.models.llama import LlamaConfig, SwiGLU
 from actprune.models.resmlp import Affine
 
 # Ops that launch nothing on a GPU: views, metadata, allocation without a fill.
@@ -108,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     _count_triton(triton_launches)
     torch.manual_seed(0)
     x = torch.randn(4, 64, 64, requires_grad=True)  # [B, T, C]: 256 rows
-    dense_layers = {"Linear": nn.Linear(64, 64), "Affine": Affine(64), "GELU": nn.GELU()}
+    dense_layers = {"Linear": nn.Linear(64, 64), "Affine": Affine(64), "GELU": nn.GELU(),
+                    "RMSNorm": nn.RMSNorm(64), "LayerNorm": nn.LayerNorm(64),
+                    "SwiGLU": SwiGLU(LlamaConfig(width=64, hidden=176)),
+                    "attention": CausalSelfAttention(GPTConfig(width=64, heads=4)),
+                    "Dropout": nn.Dropout(0.1)}  # fmt: skip
     rows = []
     for kind, dense in dense_layers.items():
         dense_fwd, dense_bwd = measure(dense, x, triton_launches)
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             config = PruneConfig.preset(preset)
             layer = actprune.prune_activations_(nn.Sequential(dense), config)[0]
             if layer is dense or not isinstance(layer, actprune.layers.CompressedLayer):
+                actprune.restore_dense_(layer)  # its children may have converted
                 continue  # not compressed under this preset's scope
             fwd, bwd = measure(layer, x, triton_launches)
             (f_n, f_what), (b_n, b_what) = _extra(fwd, dense_fwd), _extra(bwd, dense_bwd)

@@ -96,6 +96,16 @@ class CodedNorm(CompressedLayer):
     bias_name: str | None = None
     saved_for = "normalized input and 1/rms (for dx and the weight gradient)"
 
+    @classmethod
+    def applies(cls, config: PruneConfig) -> bool:
+        """RMSNorms convert with scope "all" (keeping x̂ saves a tensor) or ``norm_bits``;
+        LayerNorms only with ``norm_bits`` (exact, their fused op already saves one)."""
+        return config.norm_bits > 0 or (cls.rms and config.scope == "all")
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return len(getattr(module, "normalized_shape", (None,))) == 1
+
     def eps_for(self, x: torch.Tensor) -> float:
         """The eps added to the mean square (or variance) for input ``x``."""
         raise NotImplementedError
@@ -136,14 +146,6 @@ class CodedLayerNorm(CodedNorm, nn.LayerNorm):
     rms = False
     bias_name = "bias"
 
-    @classmethod
-    def applies(cls, config: PruneConfig) -> bool:
-        return config.norm_bits > 0
-
-    @classmethod
-    def convertible(cls, module: nn.Module) -> bool:
-        return len(module.normalized_shape) == 1
-
     def eps_for(self, x: torch.Tensor) -> float:
         return self.eps
 
@@ -167,14 +169,6 @@ class CodedRMSNorm(CodedNorm, nn.RMSNorm):
 
     dense_class = nn.RMSNorm
     rms = True
-
-    @classmethod
-    def applies(cls, config: PruneConfig) -> bool:
-        return config.scope == "all" or config.norm_bits > 0
-
-    @classmethod
-    def convertible(cls, module: nn.Module) -> bool:
-        return len(module.normalized_shape) == 1
 
     def eps_for(self, x: torch.Tensor) -> float:
         return torch.finfo(x.dtype).eps if self.eps is None else self.eps

@@ -97,17 +97,17 @@ class Workload:
         x, y = batch
         if self.task == "image":
             return F.cross_entropy(model(x), y)
+        if self.task == "masked_lm" and model.config.model_type == "bert":
+            head = model.cls.predictions
+            hidden = head.transform(model.bert(input_ids=x).last_hidden_state)
+            return linear_cross_entropy(hidden, head.decoder.weight, y, head.decoder.bias)
         # causal: predict token t+1 from tokens <= t (nothing after the last)
         targets = torch.cat([y[:, 1:], y.new_full((y.shape[0], 1), -100)], dim=1)
         if not self.spec.startswith("hf:"):  # actprune's GPT or Llama
             return model(x, targets)
-        model_type = model.config.model_type
-        if self.task == "masked_lm" and model_type == "bert":
-            head = model.cls.predictions
-            hidden = head.transform(model.bert(input_ids=x).last_hidden_state)
-            return linear_cross_entropy(hidden, head.decoder.weight, y, head.decoder.bias)
         head = model.get_output_embeddings()
-        if model_type in FUSED_LOSS and isinstance(head, nn.Linear):  # PrunedLinear included
+        # a PrunedLinear head is an nn.Linear too
+        if model.config.model_type in FUSED_LOSS and isinstance(head, nn.Linear):
             hidden = model.base_model(input_ids=x).last_hidden_state
             return linear_cross_entropy(hidden, head.weight, targets, head.bias)
         return model(input_ids=x, labels=y).loss

@@ -107,10 +107,6 @@ class CodedLlamaRMSNorm(CodedNorm, LlamaRMSNorm):
 
     rms = True
 
-    @classmethod
-    def applies(cls, config) -> bool:
-        return config.scope == "all" or config.norm_bits > 0
-
     def eps_for(self, x: torch.Tensor) -> float:
         return self.variance_epsilon
 
