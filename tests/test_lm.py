@@ -84,10 +84,28 @@ def test_compare_lm_same_batches_as_dense_and_report(capsys, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_compare_lm_with_coded_checkpointing(tmp_path):
+    argv = [*LM_TINY, "--model", "llama_tiny", "--out", str(tmp_path), "--preset", "transformer",
+            "--boundary-bits", "8"]  # fmt: skip
+    assert main(argv) == 0
+    dense, coded = json.loads((tmp_path / "summary.json").read_text())
+    label = PruneConfig.preset("transformer").label()
+    assert coded["run"] == f"checkpoint_coded8+inside_{label}" and coded["config"]["boundary_bits"]
+    inside_blocks = {"linear", "swiglu", "rotaryattention", "attention", "silu"}
+    assert "checkpointed" in coded["saved_by_kind"]  # the blocks' codes...
+    assert not inside_blocks & coded["saved_by_kind"].keys()  # ...and nothing of their insides
+    assert inside_blocks & dense["saved_by_kind"].keys()
+    assert coded["saved_activation_bytes"] < 0.1 * dense["saved_activation_bytes"]
+    assert 0.5 < min(coded["grad_cosine"].values()) < 1.0
+    assert (tmp_path / coded["run"] / "summary.json").is_file()
+    assert "checkpointed MiB" in (tmp_path / "report.md").read_text()  # kinds dense lacks too
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         ([*LM_TINY, "--epochs", "2"], "--epochs does not apply to --task lm"),
+        (["compare", "--boundary-bits", "8"], "--boundary-bits does not apply to --task image"),
         (["compare", "--steps", "5"], "--steps does not apply to --task image"),
         ([*LM_TINY, "--model", "resmlp_tiny"], "--model must be a causal language model"),
         ([*LM_TINY, "--model", "nope"], "unknown model 'nope'"),

@@ -30,6 +30,7 @@ OPTIONAL = {"actprune.integrations.hf": "transformers", "actprune.integrations.t
 CORE = {
     "actprune.attention",
     "actprune.bitpack",
+    "actprune.checkpoint",
     "actprune.blocksparse",
     "actprune.config",
     "actprune.convert",

@@ -324,6 +324,7 @@ def test_dropout_mask_as_bits_is_bit_identical():
     assert saved_activation_bytes(coded, x.clone().requires_grad_()) == 8 * 33 // 8  # a bit each
     coded.eval()
     assert torch.equal(coded(x), x)
+    assert type(prune_activations_(nn.Dropout(0.0), UNIFORM)) is nn.Dropout  # saves nothing
 
 
 # --- whole models ---------------------------------------------------------------------------
@@ -424,6 +425,25 @@ def test_hf_models_convert_and_train_with_the_transformer_preset(name):
     for (n, a), (_, b) in zip(dense.named_parameters(), model.named_parameters()):
         if a.grad is not None and a.grad.abs().max() > 1e-6:
             assert _cosine(a.grad, b.grad) > 0.9, n  # 4-bit dW of a tiny random model
+
+
+def test_timm_vit_converts_and_trains_with_the_transformer_preset():
+    timm = pytest.importorskip("timm", reason="timm not installed (optional extra actprune[timm])")
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10,
+                              img_size=32, patch_size=8, depth=2)  # fmt: skip
+    model = prune_activations_(copy.deepcopy(dense), PruneConfig.preset("transformer"),
+                               exclude="head")  # fmt: skip
+    kinds = [type(m).__name__ for m in model.modules()]
+    assert kinds.count("CodedTimmAttention") == 2 and kinds.count("CodedTimmLayerNorm") == 5
+    x = torch.randn(4, 3, 32, 32)
+    out, want = model(x), dense(x)
+    assert torch.equal(out, want)  # every forward is the dense module's
+    out.square().mean().backward()
+    want.square().mean().backward()
+    for (n, a), (_, b) in zip(dense.named_parameters(), model.named_parameters()):
+        if a.grad is not None and a.grad.abs().max() > 1e-6:
+            assert _cosine(a.grad, b.grad) > 0.9, n
 
 
 # --- planner and benchmarks -----------------------------------------------------------------

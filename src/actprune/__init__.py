@@ -9,6 +9,7 @@ Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 
 from .attention import CodedAttention, coded_attention
 from .blocksparse import compress, select_blocks
+from .checkpoint import coded_checkpoint
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
 from .derivative_code import DerivativeCode, activation_derivative, derivative_code
@@ -61,6 +62,7 @@ __all__ = [
     "StepMemory",
     "activation_derivative",
     "coded_attention",
+    "coded_checkpoint",
     "compress",
     "derivative_code",
     "describe_compression",

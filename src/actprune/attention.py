@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import rowcode
+from . import rng, rowcode
 from .config import PruneConfig
 from .layers import CompressedLayer, autocast_of, compressing
 
@@ -36,7 +36,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, bits, options):
         ctx.options, ctx.autocast = options, autocast_of(q)
-        ctx.rng = _rng_state(q.device) if options.get("dropout_p", 0.0) > 0 else None
+        ctx.rng = rng.torch_state(q.device) if options.get("dropout_p", 0.0) > 0 else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, **options)
         mask = () if attn_mask is None else (attn_mask,)
         rowcode.save_for_backward(ctx, ((q, bits), (k, bits), (v, bits)), *mask)
@@ -49,8 +49,7 @@ class AttentionFunction(torch.autograd.Function):
         if ctx.rng is None:
             out = _recompute(ctx, qkv, mask)
         else:  # the forward's dropout mask: its random state, restored around the recompute
-            with torch.random.fork_rng(_devices(dout.device)):
-                _set_rng_state(dout.device, ctx.rng)
+            with rng.replaying(dout.device, ctx.rng):
                 out = _recompute(ctx, qkv, mask)
         wanted = [t for t in qkv if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, dout))
@@ -61,22 +60,6 @@ class AttentionFunction(torch.autograd.Function):
 def _recompute(ctx, qkv: list[torch.Tensor], mask: list[torch.Tensor]) -> torch.Tensor:
     with torch.enable_grad(), ctx.autocast:
         return F.scaled_dot_product_attention(*qkv, *(mask or [None]), **ctx.options)
-
-
-def _devices(device: torch.device) -> list:
-    return [] if device.type in ("cpu", "meta") else [device]
-
-
-def _rng_state(device: torch.device) -> tuple:
-    accel = () if device.type in ("cpu", "meta") else (torch.get_device_module(device)
-                                                         .get_rng_state(device),)  # fmt: skip
-    return (torch.get_rng_state(), *accel)
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if len(state) > 1:
-        torch.get_device_module(device).set_rng_state(state[1], device)
 
 
 def coded_attention(

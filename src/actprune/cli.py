@@ -233,7 +233,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(lm_table(compare_lm(cfg, prune_configs(args), command=command)))
         print(f"\nreport: {cfg.out}/report.md, plot: {cfg.out}/loss.png")
         return 0
-    _refuse_flags(args, _LM_ONLY, "image")
+    _refuse_flags(args, (*_LM_ONLY, "boundary_bits"), "image")
     args = _with_defaults(args, _IMAGE_DEFAULTS)
     runs = compare(train_config(args, None), prune_configs(args), command=command)
     print(report_table(runs))
@@ -259,6 +259,10 @@ def _add_lm_args(p: argparse.ArgumentParser) -> None:
     for name in _LM_ONLY:
         p.add_argument(_flag(name), type=_positive_int, default=None,
                        help=f"--task lm only (default {getattr(lm, name)})")  # fmt: skip
+    p.add_argument("--boundary-bits", type=int, choices=(0, 4, 8), default=0,
+                   help="--task lm only: the compressed runs also checkpoint every block, holding "
+                   "its input as row codes of these bits (a lossy recompute, opt-in; default 0: "
+                   "no checkpointing)")  # fmt: skip
     for action in p._actions:
         if action.dest in _SHARED:
             action.help = (f"image default {getattr(_IMAGE_DEFAULTS, action.dest)}, lm default "
@@ -285,7 +289,8 @@ def lm_config(args: argparse.Namespace) -> LMConfig:
     """The LMConfig of compare's parsed flags (--task lm)."""
     _refuse_flags(args, _IMAGE_ONLY, "lm")
     args = _with_defaults(args, LMConfig())
-    given = {k: getattr(args, k) for k in ("seed", "device", "overwrite", *_SHARED, *_LM_ONLY)}
+    names = ("seed", "device", "overwrite", "boundary_bits", *_SHARED, *_LM_ONLY)
+    given = {k: getattr(args, k) for k in names}
     return LMConfig(**given, exclude=_exclude(args) + ("lm_head",), progress=not args.no_progress)
 
 
@@ -485,7 +490,9 @@ def _add_bench_parsers(sub: argparse._SubParsersAction) -> None:
         choices=BASELINES,
         default=list(DEFAULT_BASELINES),
         help="comparisons besides dense (default: checkpoint unstructured; composition: every "
-        "block checkpointed with each compression inside; none: --baselines with no value)",
+        "block checkpointed with each compression inside; coded_checkpoint: every block "
+        "checkpointed holding its input as 8-bit codes, a lossy recompute, alone and with each "
+        "compression inside; none: --baselines with no value)",
     )
     p.add_argument(
         "--frontier",

@@ -34,7 +34,8 @@ class DropoutFunction(torch.autograd.Function):
 
 class CodedDropout(CompressedLayer, nn.Dropout):
     """nn.Dropout keeping a 1-bit mask (scope "all"); exact. In-place dropout
-    (``inplace=True``) computes out of place while training.
+    (``inplace=True``) computes out of place while training. A dropout with p = 0 (timm's and
+    many models' default: an identity that saves nothing) is left as it is.
 
     Attributes:
         p, inplace: as ``nn.Dropout``.
@@ -51,6 +52,10 @@ class CodedDropout(CompressedLayer, nn.Dropout):
 
     dense_class = nn.Dropout
     saved_for = "mask (for dx)"
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return module.p > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and 0.0 < self.p < 1.0 and _needs_graph(x)):

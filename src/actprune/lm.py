@@ -29,8 +29,9 @@ from tqdm import tqdm
 from . import models, rng
 from .compare import compression_section, cosine_by_layer, run_name
 from .config import PruneConfig
-from .convert import describe_compression, prune_activations_
+from .convert import describe_compression
 from .memory import measure_training_step
+from .methods import MemoryConfig, apply_method
 from .plan import require_fits
 from .text import VOCAB_SIZE, Corpus, python_stdlib_corpus
 from .train import TrainError, gradient_cosines, lr_at, prepare_out_dir, resolve_device
@@ -56,6 +57,9 @@ class LMConfig:
     prune: PruneConfig | None = field(default_factory=lambda: PruneConfig.preset("recommended"))
     # The output head's input is small (one row per token) and its gradient steers everything.
     exclude: tuple[str, ...] = ("head", "lm_head")
+    # With ``prune``: also checkpoint every block, holding its input as row codes of these bits
+    # (``coded_checkpoint``: a lossy recompute, opt-in); 0: no checkpointing.
+    boundary_bits: int = 0
     overwrite: bool = False
     progress: bool = True
 
@@ -64,6 +68,8 @@ class LMConfig:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"must be positive, got {getattr(self, name)}", name)
+        if self.boundary_bits not in (0, 4, 8):
+            raise TrainError(f"must be 0, 4 or 8, got {self.boundary_bits}", "boundary_bits")
         if self.warmup_steps < 0:
             raise TrainError(f"must be >= 0, got {self.warmup_steps}", "warmup_steps")
         for name in ("lr", "weight_decay"):
@@ -94,6 +100,20 @@ def build_lm(cfg: LMConfig, device: torch.device | str = "cpu") -> Workload:
     return work
 
 
+def _method(cfg: LMConfig) -> MemoryConfig:
+    """How a compressed run trains: ``prune`` everywhere, or with ``boundary_bits`` every block
+    also checkpointed with coded inputs (and ``prune`` inside)."""
+    if cfg.boundary_bits:
+        return MemoryConfig.composition(cfg.prune, 1, inside=True, exclude=cfg.exclude,
+                                        boundary_bits=cfg.boundary_bits)  # fmt: skip
+    return MemoryConfig.actprune(cfg.prune, cfg.exclude)
+
+
+def _run_name(cfg: LMConfig) -> str:
+    """ "dense", or the name ``bench memory`` gives the same configuration."""
+    return run_name(None) if cfg.prune is None else _method(cfg).name
+
+
 def evaluate_lm(work: Workload, model: nn.Module, corpus: Corpus, cfg: LMConfig) -> float:
     """Mean loss (nats per byte) over the fixed validation windows, in eval mode."""
     device = next(model.parameters()).device
@@ -118,13 +138,13 @@ def train_lm(cfg: LMConfig, corpus: Corpus) -> dict:
     work = build_lm(cfg, device)
     model = work.model
     if cfg.prune is not None:
-        prune_activations_(model, cfg.prune, exclude=cfg.exclude)
+        apply_method(model, _method(cfg))
     rng.manual_seed(cfg.seed, model)  # the remainder's rounding: the model's own stream
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))  # fmt: skip
     batches = torch.Generator().manual_seed(cfg.seed)
     history, step_times, losses = [], [], []
-    bar = tqdm(range(cfg.steps), desc=run_name(cfg.prune), unit="step",
+    bar = tqdm(range(cfg.steps), desc=_run_name(cfg), unit="step",
                disable=not cfg.progress, file=sys.stderr, leave=False)  # fmt: skip
     for step in bar:
         starts = corpus.random_starts(cfg.batch_size, cfg.seq_len, batches)
@@ -168,7 +188,7 @@ def _summarize(cfg, work: Workload, corpus: Corpus, history: list, step_times: l
     median = statistics.median(step_times[1:] or step_times)
     val = history[-1]["val_loss"]
     return {
-        "run": run_name(cfg.prune),
+        "run": _run_name(cfg),
         "config": {**dataclasses.asdict(cfg), "prune": cfg.prune and cfg.prune.to_dict()},
         "corpus": corpus.source,
         "torch": torch.__version__,
@@ -212,7 +232,8 @@ def compare_lm(base: LMConfig, prunes: list[PruneConfig], command: str = "") -> 
     corpus = python_stdlib_corpus()
     runs = []
     for prune in (None, *prunes):
-        cfg = dataclasses.replace(base, prune=prune, out=str(out / run_name(prune)))
+        cfg = dataclasses.replace(base, prune=prune)
+        cfg = dataclasses.replace(cfg, out=str(out / _run_name(cfg)))
         runs.append(train_lm(cfg, corpus))
     (out / "summary.json").write_text(json.dumps(runs, indent=2) + "\n")
     (out / "report.md").write_text(lm_report(runs, command))
@@ -243,6 +264,7 @@ def lm_table(runs: list[dict]) -> str:
 def _by_kind_table(runs: list[dict]) -> str:
     dense = runs[0]["saved_by_kind"]
     kinds = sorted(dense, key=lambda k: -dense[k])
+    kinds += list(dict.fromkeys(k for r in runs for k in r["saved_by_kind"] if k not in dense))
     lines = [
         "| run | " + " | ".join(f"{k} MiB" for k in kinds) + " |",
         "|---|" + "---|" * len(kinds),

@@ -9,11 +9,13 @@ blocks, where it shrinks the recompute's transient). Its ``family`` names the me
 
 - ``dense``: plain training;
 - ``checkpoint`` / ``selective``: checkpointing alone (exact);
+- ``coded_checkpoint``: full checkpointing holding each block input as ``boundary_bits``-bit row
+  codes (``actprune.checkpoint``: a lossy recompute, opt-in);
 - ``unstructured``: the Linear inputs kept as their top-k *elements* by magnitude, stored as
   values + int32 indices (the DropIT approach, i.e. actprune with 1×1 blocks and global top-k);
 - ``uniform``: every saved tensor at b bits, no block kept exactly (``PruneConfig.uniform``);
 - ``actprune``: ``prune_activations_`` with a ``PruneConfig`` that keeps blocks;
-- ``composition``: checkpointing and compression together.
+- ``composition``: checkpointing (exact or coded) and compression together.
 Layers matching ``exclude`` (default: the classifier head) stay dense in every compressed method.
 """
 
@@ -31,14 +33,19 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from . import rowcode
+from .checkpoint import coded_checkpoint
 from .config import PruneConfig
 from .convert import prune_activations_
+from .layers import compressing
 
 CHECKPOINTS = ("none", "full", "selective")
 # What ``methods`` can add beside dense and the compressions: checkpointing of every block, the
-# unstructured top-k, and (``composition``) checkpointing of every block with each compression
-# inside it. The first two are the default.
-BASELINES = ("checkpoint", "unstructured", "composition")
+# unstructured top-k, (``composition``) checkpointing of every block with each compression
+# inside it, and (``coded_checkpoint``) checkpointing with 8-bit block inputs, alone and with each
+# compression inside. The first two are the default.
+BASELINES = ("checkpoint", "unstructured", "composition", "coded_checkpoint")
+CODED_CHECKPOINT_BITS = 8
 DEFAULT_BASELINES = ("checkpoint", "unstructured")
 
 # Selective checkpointing holds the outputs of these ops (the matmuls: what is expensive to
@@ -62,14 +69,24 @@ def _selective_policy(ctx: object, op: object, *args: object, **kwargs: object) 
 class Checkpointed(nn.Module):
     """Runs ``block`` under non-reentrant activation checkpointing: only the block's input is held
     for backward (saved through saved-tensor hooks, so it is counted, as kind "checkpointed").
-    With ``selective``, the matmul outputs are held too and only the other ops are recomputed."""
+    With ``selective``, the matmul outputs are held too and only the other ops are recomputed;
+    with ``bits`` (4 or 8), the input is held as row codes (``coded_checkpoint``: lossy). Inside
+    ``exact_gradients()`` the block runs without checkpointing: the recompute would run after
+    that block ends, compressing what its forward kept exact."""
 
-    def __init__(self, block: nn.Module, selective: bool = False) -> None:
+    def __init__(self, block: nn.Module, selective: bool = False, bits: int = 0) -> None:
         super().__init__()
+        if bits and selective:
+            raise ValueError("Checkpointed: coded block inputs (bits) need full checkpointing")
         self.block = block
         self.selective = selective
+        self.bits = bits
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        if not compressing():  # no graph, or exact_gradients(): the recompute would compress
+            return self.block(*args, **kwargs)
+        if self.bits:
+            return coded_checkpoint(self.block, *args, bits=self.bits, **kwargs)
         if self.selective:
             kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
@@ -87,6 +104,8 @@ class MemoryConfig:
         compress_checkpointed: also compress inside the checkpointed blocks (else they are left
             as they are and ``prune`` applies to the rest of the model).
         exclude: name patterns of layers never compressed.
+        boundary_bits: hold each checkpointed block's input as 4- or 8-bit row codes (full
+            checkpointing; a lossy recompute); 0: exactly.
     """
 
     name: str
@@ -95,6 +114,7 @@ class MemoryConfig:
     every: int = 1
     compress_checkpointed: bool = False
     exclude: tuple[str, ...] = ("head",)
+    boundary_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.checkpoint not in CHECKPOINTS:
@@ -108,11 +128,21 @@ class MemoryConfig:
                 f"MemoryConfig {self.name!r}: compress_checkpointed needs a PruneConfig and full "
                 "checkpointing"
             )
+        if self.boundary_bits not in (0, *rowcode.BITS) or (
+            self.boundary_bits and self.checkpoint != "full"
+        ):
+            raise ValueError(
+                f"MemoryConfig {self.name!r}: boundary_bits must be 0, or 4 or 8 with full "
+                f"checkpointing, got {self.boundary_bits!r} with checkpoint={self.checkpoint!r}"
+            )
 
     @property
     def family(self) -> str:
-        """dense, checkpoint, selective, unstructured, uniform, actprune or composition."""
+        """dense, checkpoint, selective, coded_checkpoint, unstructured, uniform, actprune or
+        composition."""
         if self.prune is None:
+            if self.boundary_bits:
+                return "coded_checkpoint"
             return {"none": "dense", "full": "checkpoint", "selective": "selective"}[
                 self.checkpoint
             ]
@@ -127,12 +157,17 @@ class MemoryConfig:
         return cls("dense")
 
     @classmethod
-    def checkpointing(cls, every: int = 1, selective: bool = False) -> MemoryConfig:
-        """Checkpoint every ``every``-th block, fully or selectively: "checkpoint",
-        "checkpoint_every2", "selective", ..."""
+    def checkpointing(
+        cls, every: int = 1, selective: bool = False, boundary_bits: int = 0
+    ) -> MemoryConfig:
+        """Checkpoint every ``every``-th block, fully or selectively, the block inputs exact or
+        (``boundary_bits``) coded: "checkpoint", "checkpoint_every2", "selective",
+        "checkpoint_coded8", ..."""
         name = "selective" if selective else "checkpoint"
         name += f"_every{every}" if every > 1 else ""
-        return cls(name, checkpoint="selective" if selective else "full", every=every)
+        name += f"_coded{boundary_bits}" if boundary_bits else ""
+        mode = "selective" if selective else "full"
+        return cls(name, checkpoint=mode, every=every, boundary_bits=boundary_bits)
 
     @classmethod
     def unstructured(cls, sparsity: float) -> MemoryConfig:
@@ -151,13 +186,15 @@ class MemoryConfig:
         every: int = 2,
         inside: bool = False,
         exclude: Iterable[str] = ("head",),
+        boundary_bits: int = 0,
     ) -> MemoryConfig:
-        """Checkpoint every ``every``-th block and compress the rest with ``prune``, or (``inside``)
-        checkpoint those blocks and compress inside them too: "checkpoint_every2+all_r4_s0.9_b32",
-        "checkpoint+inside_all_r4_s0.9_b32"."""
-        ckpt = MemoryConfig.checkpointing(every).name
+        """Checkpoint every ``every``-th block (their inputs exact or ``boundary_bits``-coded) and
+        compress the rest with ``prune``, or (``inside``) checkpoint those blocks and compress
+        inside them too: "checkpoint_every2+all_r4_s0.9_b32", "checkpoint+inside_all_r4_s0.9_b32",
+        "checkpoint_coded8+inside_all_r4_s0.9_b32"."""
+        ckpt = MemoryConfig.checkpointing(every, boundary_bits=boundary_bits).name
         name = f"{ckpt}+{'inside_' if inside else ''}{prune.label()}"
-        return cls(name, prune, "full", every, inside, tuple(exclude))
+        return cls(name, prune, "full", every, inside, tuple(exclude), boundary_bits)
 
 
 def methods(
@@ -167,7 +204,9 @@ def methods(
 ) -> list[MemoryConfig]:
     """dense first (every ratio's baseline), then the ``baselines`` (unstructured at each
     sparsity of ``prunes``), then actprune with each of ``prunes``, then (baseline
-    ``composition``) every block checkpointed with each of ``prunes`` inside."""
+    ``composition``) every block checkpointed with each of ``prunes`` inside, then (baseline
+    ``coded_checkpoint``) every block checkpointed with 8-bit inputs, alone and with each of
+    ``prunes`` inside."""
     prunes, baselines = list(prunes), set(baselines)
     unknown = baselines - set(BASELINES)
     if unknown:
@@ -181,6 +220,13 @@ def methods(
     configs += [MemoryConfig.actprune(p, exclude) for p in prunes]
     if "composition" in baselines:
         configs += [MemoryConfig.composition(p, 1, inside=True, exclude=exclude) for p in prunes]
+    if "coded_checkpoint" in baselines:
+        bits = CODED_CHECKPOINT_BITS
+        configs.append(MemoryConfig.checkpointing(boundary_bits=bits))
+        configs += [
+            MemoryConfig.composition(p, 1, inside=True, exclude=exclude, boundary_bits=bits)
+            for p in prunes
+        ]
     return configs
 
 
@@ -255,5 +301,6 @@ def apply_method(model: nn.Module, config: MemoryConfig) -> nn.Module:
             exclude += [f"{names[id(blocks[i])]}.*" for i in chosen]
         prune_activations_(model, config.prune, exclude=exclude)
     for i in chosen:
-        blocks[i] = Checkpointed(blocks[i], selective=config.checkpoint == "selective")
+        selective = config.checkpoint == "selective"
+        blocks[i] = Checkpointed(blocks[i], selective, config.boundary_bits)
     return model

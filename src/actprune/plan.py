@@ -306,12 +306,12 @@ EXACT = ("dense", "checkpoint", "selective")  # families that compute the dense 
 
 
 def accuracy_delta(config: MemoryConfig, accuracy: dict[str, float]) -> float | None:
-    """Δ test accuracy of ``config``: 0 for the exact families; a composition counts as its
-    compression alone (it compresses a subset of what that compresses, the rest exactly); else
-    the measured value, or None."""
+    """Δ test accuracy of ``config``: 0 for the exact families; a composition with exact block
+    inputs counts as its compression alone (it compresses a subset of what that compresses, the
+    rest exactly); else the measured value, or None."""
     if config.family in EXACT:
         return 0.0
-    if config.family == "composition":
+    if config.family == "composition" and not config.boundary_bits:
         return accuracy.get(MemoryConfig.actprune(config.prune).name)
     return accuracy.get(config.name)
 

@@ -19,9 +19,11 @@ checkpoints do, so resume stays exact).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -223,3 +225,23 @@ def random_bytes(key: int, index: torch.Tensor) -> torch.Tensor:
         [183, 40, 78, 81]
     """
     return ((random_words(key, index >> 2) >> ((index & 3) * 8)) & 255).to(torch.uint8)
+
+
+def torch_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """torch's own random state that a forward on ``device`` draws from (the CPU generator's, and
+    the accelerator's): what a backward that recomputes forward work restores (``replaying``) so
+    the recompute draws the forward's dropout masks, as ``torch.utils.checkpoint`` does."""
+    if device.type in ("cpu", "meta"):
+        return (torch.get_rng_state(),)
+    return torch.get_rng_state(), torch.get_device_module(device).get_rng_state(device)
+
+
+@contextlib.contextmanager
+def replaying(device: torch.device, state: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """Inside: torch's random state is ``state`` (from ``torch_state``); after: what it was."""
+    devices = [] if device.type in ("cpu", "meta") else [device]
+    with torch.random.fork_rng(devices):
+        torch.set_rng_state(state[0])
+        if len(state) > 1:
+            torch.get_device_module(device).set_rng_state(state[1], device)
+        yield

@@ -1,5 +1,7 @@
 """timm: ResMLP's ``Affine``, its blocks' layer scales and the ``LayerScale`` module: per-channel
-scales whose input is read only by the scale's gradient, kept compressed (scope "all").
+scales whose input is read only by the scale's gradient, kept compressed (scope "all"); and, with
+the opt-in codes of the input-gradient path, ViT's ``Attention`` (``attention_bits``: q, k, v) and
+timm's ``LayerNorm`` (``norm_bits``).
 
 timm's ResMLP block (``ResBlock``) multiplies by two bare Parameters (``ls1``, ``ls2``) inside its
 forward: ``PrunedResBlock`` computes that forward with those products compressed (the block's own
@@ -10,13 +12,23 @@ converted (same values; the compressed copy replaces the tensor autograd would h
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerScale
+from timm.layers import Attention, LayerNorm, LayerScale
 from timm.models.mlp_mixer import Affine, ResBlock
+from torch import nn
 
+from ..attention import CodedAttention
+from ..config import SCOPES
 from ..convert import register_conversion
 from ..layers import CompressedLayer, PrunedChannelScale, scale_channels
+from ..norms import CodedLayerNorm
 
-__all__ = ["PrunedResBlock", "PrunedTimmAffine", "PrunedTimmLayerScale"]
+__all__ = [
+    "CodedTimmAttention",
+    "CodedTimmLayerNorm",
+    "PrunedResBlock",
+    "PrunedTimmAffine",
+    "PrunedTimmLayerScale",
+]
 
 
 @register_conversion(Affine)
@@ -48,3 +60,26 @@ class PrunedResBlock(CompressedLayer, ResBlock):
         x = x + self.drop_path(scale_channels(tokens, self.ls1, None, config, stream))
         channels = self.mlp_channels(self.norm2(x))
         return x + self.drop_path(scale_channels(channels, self.ls2, None, config, stream))
+
+
+@register_conversion(LayerNorm, scopes=SCOPES)
+class CodedTimmLayerNorm(CodedLayerNorm, LayerNorm):
+    """timm's LayerNorm keeping a ``norm_bits`` code of x̂; converted only without timm's fast-norm
+    option (which calls another kernel: its outputs could differ)."""
+
+    dense_class = LayerNorm
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return super().convertible(module) and not module._fast_norm
+
+
+@register_conversion(Attention, scopes=SCOPES)
+class CodedTimmAttention(CodedAttention, Attention):
+    """timm's ViT attention keeping ``attention_bits`` codes of q, k, v; converted only when it
+    computes attention with ``F.scaled_dot_product_attention`` (``fused_attn``, timm's default):
+    its other path is a softmax that stays dense."""
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return bool(module.fused_attn)
