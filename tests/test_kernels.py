@@ -310,6 +310,8 @@ kernels = [
     (tb._score_blocks_kernel, "*fp32 *fp32 *fp32 *u8 *i32 i64" + " i32" * 7,
      {**args, "CRITERION": 2, "BITS": 4, "ZERO_CCOL": True}),
     (tb._decode_rows_kernel, "*fp32 *i32 *i32 *u8 *fp32 *fp32" + " i32" * 7, {**args, "BITS": 4}),
+    (tb._row_codes_kernel, "*fp32 *u8 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
+     {"NORM": 2, "BITS": 4, "ROWS": 4, "TILE_C": 256}),
 ]
 found = []
 for kernel, types, constexprs in kernels:
@@ -330,9 +332,10 @@ def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True,
                          text=True, check=True)  # fmt: skip
-    score_exact, score_fused, decode_exact, decode_fused = json.loads(run.stdout)
-    assert score_exact == decode_exact == [True, False]  # multiplies, none fused
-    assert score_fused[1] and decode_fused[1]  # with fusion on they would be: the check can fail
+    score_exact, score_fused, decode_exact, decode_fused, rows_exact, rows_fused = json.loads(
+        run.stdout)  # fmt: skip
+    assert score_exact == decode_exact == rows_exact == [True, False]  # multiplies, none fused
+    assert score_fused[1] and decode_fused[1] and rows_fused[1]  # with fusion on they would be
 
 
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from torch import nn
 
 from actprune import (
@@ -22,6 +23,7 @@ from actprune import (
     rowcode,
     saved_activation_bytes,
 )
+from actprune import rng as actprune_rng
 from actprune.attention import coded_attention
 from actprune.dropout import CodedDropout
 from actprune.methods import MemoryConfig, apply_method, frontier_methods, methods
@@ -327,6 +329,107 @@ def test_dropout_mask_as_bits_is_bit_identical():
     assert type(prune_activations_(nn.Dropout(0.0), UNIFORM)) is nn.Dropout  # saves nothing
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the Inf row
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_norm_statistics_and_codes_are_the_reference(rms, bits, dtype):
+    """One launch for a norm's rstd, x̂ and its codes: the statistics to float rounding of
+    PyTorch's (another summation order), x̂ within a rounding of the reference's, the codes
+    within one step of it (a tie may round the other way), NaN rows NaN."""
+    pytest.importorskip("triton")
+    from actprune.kernels import reference, triton_blocks
+
+    x = (torch.randn(3, 10, 1030) * 4 + 1).to(dtype)  # 1030 columns: two steps of a row
+    x[1, 2, 5] = float("inf")
+    want, want_scales, want_rstd = reference.normalized_row_codes(x, 1e-5, rms, bits)
+    got, scales, rstd = (t.cpu() for t in triton_blocks.normalized_row_codes(
+        x.to(DEVICE), 1e-5, rms, bits))  # fmt: skip
+    finite = want_rstd.isfinite().squeeze(-1).flatten() & (x.isfinite().all(-1).flatten())
+    torch.testing.assert_close(rstd.flatten()[finite], want_rstd.flatten()[finite], rtol=1e-6,
+                               atol=0)  # fmt: skip
+    if not bits:
+        torch.testing.assert_close(got.float().view(-1, 1030)[finite],
+                                   want.float().view(-1, 1030)[finite], rtol=2e-3, atol=1e-5)
+        return
+    assert torch.equal(scales.isnan(), want_scales.flatten().isnan()) and scales.isnan().any()
+    decoded = reference.decode_row_codes(got, scales, 1030, torch.float32, bits)
+    expected = reference.decode_row_codes(want, want_scales.flatten(), 1030, torch.float32, bits)
+    assert torch.equal(decoded.isnan(), expected.isnan())
+    step = want_scales.flatten()[finite][:, None]
+    assert ((decoded[finite] - expected[finite]).abs() <= step * 1.001).all()
+
+
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_norm_backward_is_the_reference(rms, bits, dtype):
+    """dx, dγ and dβ in one launch (and a sum per parameter): to float rounding of the reference,
+    from x̂ or its codes; a NaN row of dy stays NaN in dx."""
+    pytest.importorskip("triton")
+    from actprune.kernels import reference, triton_blocks
+
+    x, dy = torch.randn(3, 9, 1030).to(dtype), torch.randn(3, 9, 1030).to(dtype)
+    dy[2, 4, 7] = float("nan")
+    weight = torch.rand(1030) + 0.5
+    saved, scales, rstd = reference.normalized_row_codes(x, 1e-5, rms, bits)
+    args = (saved, scales, rstd, weight, rms, bits, not rms, dtype)
+    want = reference.norm_grad(dy, *args)
+    got = triton_blocks.norm_grad(dy.to(DEVICE), *(a.to(DEVICE) if torch.is_tensor(a) else a
+                                                   for a in args))  # fmt: skip
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float16 else {"rtol": 1e-4, "atol": 1e-5}
+    dx, want_dx = got[0].cpu().float(), want[0].float()
+    assert torch.equal(dx.isnan(), want_dx.isnan()) and dx.isnan().any()
+    torch.testing.assert_close(dx.nan_to_num(), want_dx.nan_to_num(), **tol)
+    for a, b in zip(got[1:], want[1:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.cpu().isnan(), b.isnan())
+            torch.testing.assert_close(a.cpu().nan_to_num(), b.nan_to_num(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["llama_tiny", "gpt_tiny", "hf:gpt2:n_layer=1,n_embd=64,n_head=4,"
+                                   "vocab_size=300"])  # fmt: skip
+def test_transformer_layers_on_the_triton_path_match_the_reference(monkeypatch, model):
+    """Every coded layer of the preset (norm statistics and codes, norm backward, attention and
+    SwiGLU codes, dropout bits) through the CUDA code path's kernels (the interpreter on CPU):
+    the same loss, gradients to float rounding of the PyTorch reference path."""
+    pytest.importorskip("triton")
+    if model.startswith("hf:"):  # LayerNorm, and dropout (HF GPT-2 keeps its residual dropout)
+        pytest.importorskip("transformers", reason="transformers not installed")
+    w = build_workload(model, seq_len=16, **({} if model.startswith("hf:") else {"depth": 1}))
+    model = prune_activations_(w.model, PruneConfig.preset("transformer"), exclude="*head")
+    batch = w.batch(2)
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("ACTPRUNE_KERNELS", backend)
+        actprune_rng.manual_seed(0, model)
+        torch.manual_seed(1)
+        loss = w.loss(model, batch)
+        grads[backend] = (loss, torch.autograd.grad(loss, list(model.parameters())))
+    (loss_t, g_t), (loss_tr, g_tr) = grads["torch"], grads["triton"]
+    assert torch.equal(loss_t, loss_tr)
+    for a, b in zip(g_t, g_tr):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dropout_mask_kernels_are_the_reference(monkeypatch, dtype):
+    pytest.importorskip("triton")
+    from actprune.kernels import reference, triton_blocks
+
+    x = torch.randn(5, 1031).to(DEVICE, dtype)  # not a multiple of 8, nor of a program's bytes
+    dy = torch.randn(5, 1031).to(DEVICE, dtype)
+    dy[0, :16] = float("nan")  # dropped or not: NaN, as dense
+    _, mask = torch.native_dropout(x, 0.3, True)
+    packed = triton_blocks.pack_mask(mask)
+    assert torch.equal(packed.cpu(), reference.pack_mask(mask.cpu()))
+    got = triton_blocks.dropout_grad(dy, packed, 1 / 0.7).cpu()
+    want = torch.ops.aten.native_dropout_backward(dy.cpu(), mask.cpu(), 1 / 0.7)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 # --- whole models ---------------------------------------------------------------------------
 
 
@@ -547,11 +650,14 @@ def test_transformer_conversion_round_trip(model):
     assert [type(m) for m in restore_dense_(converted).modules()] == classes
 
 
+@pytest.mark.parametrize("backend", ["numba", "triton"])
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("shape", [(7, 33), (64, 64), (1, 5)])
-def test_numba_row_codes_match_the_reference_bit_for_bit(bits, shape):
-    pytest.importorskip("numba")
-    from actprune.kernels import cpu_blocks, reference
+@pytest.mark.parametrize("shape", [(7, 33), (64, 64), (1, 5), (9, 1030)])
+def test_row_code_kernels_match_the_reference_bit_for_bit(backend, bits, shape):
+    pytest.importorskip(backend)
+    from actprune.kernels import _module, reference
+
+    fast_kernels = _module(backend)  # Triton: the interpreter on CPU; 1030 columns: two steps
 
     torch.manual_seed(shape[0])
     x = torch.randn(shape) * 10
@@ -560,12 +666,19 @@ def test_numba_row_codes_match_the_reference_bit_for_bit(bits, shape):
         x[1] = 0.0
         x[2, 1] = float("nan") if bits == 8 else float("inf")
     ref = reference.encode_row_codes(x, bits)
-    fast = cpu_blocks.encode_row_codes(x, bits)
+    fast = fast_kernels.encode_row_codes(x.to(DEVICE), bits)
+    fast = fast[0].cpu(), fast[1].cpu()
     assert torch.equal(ref[0], fast[0])
     assert torch.equal(ref[1].isnan(), fast[1].isnan())
     assert torch.equal(ref[1].nan_to_num(), fast[1].nan_to_num())
     cols = shape[1]
-    decoded = cpu_blocks.decode_row_codes(*ref, cols, torch.float32, bits)
-    expected = reference.decode_row_codes(*ref, cols, torch.float32, bits)
-    assert torch.equal(decoded.isnan(), expected.isnan())
-    assert torch.equal(decoded.nan_to_num(), expected.nan_to_num())
+    permuted = torch.randn(2, 7, 3, 16).transpose(1, 2)  # attention's q: a view, rows (b, h, t)
+    want = reference.encode_row_codes(permuted, bits)
+    got = fast_kernels.encode_row_codes(permuted.to(DEVICE), bits)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    for dtype in (torch.float32, torch.float16) if backend == "triton" else (torch.float32,):
+        codes = [t.to(DEVICE) for t in ref]
+        decoded = fast_kernels.decode_row_codes(*codes, cols, dtype, bits).cpu()
+        expected = reference.decode_row_codes(*ref, cols, dtype, bits)
+        assert torch.equal(decoded.isnan(), expected.isnan())
+        assert torch.equal(decoded.nan_to_num(), expected.nan_to_num())

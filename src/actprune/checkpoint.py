@@ -12,9 +12,9 @@ input-gradient path, an explicit choice, never a default, measured in docs/desig
 Every other tensor argument (attention masks, rotary embeddings: tensors shared by all blocks)
 is held as it is. torch's random state is kept and restored around the recompute, so dropout
 draws the forward's masks. Inside ``exact_gradients()`` the block runs without checkpointing
-(its recompute would run outside that block, compressing). Under torch.compile the block runs under PyTorch's own (exact)
-non-reentrant checkpointing: the recompute differentiates inside backward, which TorchDynamo does
-not trace.
+(its recompute would run outside that block, compressing). Under torch.compile the block runs
+under PyTorch's own (exact) non-reentrant checkpointing: the recompute differentiates inside
+backward, which TorchDynamo does not trace.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bitpack import pack_codes, unpack_codes
+from . import kernels
 from .layers import CompressedLayer, _needs_graph
 
 
@@ -21,15 +21,14 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
         y, mask = torch.native_dropout(x, p, True)
-        ctx.shape, ctx.scale = mask.shape, 1.0 / (1.0 - p)
-        ctx.save_for_backward(pack_codes(mask.flatten().view(torch.uint8), 1))
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(kernels.pack_mask(mask))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (packed,) = ctx.saved_tensors
-        mask = unpack_codes(packed, 1, dy.numel()).view(ctx.shape).view(torch.bool)
-        return torch.ops.aten.native_dropout_backward(dy, mask, ctx.scale), None
+        return kernels.dropout_grad(dy, packed, ctx.scale), None
 
 
 class CodedDropout(CompressedLayer, nn.Dropout):

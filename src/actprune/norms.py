@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import rowcode
+from . import kernels, rowcode
 from .config import PruneConfig
 from .layers import CompressedLayer, _needs_graph
 
@@ -35,29 +35,22 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms, bits, dense):
         y = dense(x)
-        xf = x.float()
-        centred = xf if rms else xf - xf.mean(dim=-1, keepdim=True)
-        rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
-        ctx.rms, ctx.has_bias, ctx.x_dtype = rms, bias is not None, x.dtype
+        codes, scales, rstd = kernels.normalized_row_codes(x.detach(), eps, rms, bits)
+        ctx.rms, ctx.has_bias = rms, bias is not None
         params = () if weight is None else (weight,)
-        rowcode.save_for_backward(ctx, (((centred * rstd).to(x.dtype), bits),), rstd, *params)
+        rowcode.save_encoded(ctx, x.shape, x.dtype, bits, codes, scales, rstd, *params)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x_hat,), (rstd, *params) = rowcode.saved_tensors(ctx)
-        x_hat, dyf = x_hat.float(), dy.float()
-        g = dyf * params[0].float() if params else dyf
-        dx = g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)
-        if not ctx.rms:
-            dx = dx - g.mean(dim=-1, keepdim=True)
-        dx = (dx * rstd).to(ctx.x_dtype)
-        rows = tuple(range(dy.dim() - 1))
-        dw = db = None
-        if params and ctx.needs_input_grad[1]:
-            dw = (dyf * x_hat).sum(dim=rows).to(params[0].dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dyf.sum(dim=rows).to(params[0].dtype)
+        ((_, x_dtype, bits),) = ctx.row_codes
+        saved, *rest = ctx.saved_tensors
+        scales, (rstd, *params) = (rest[0], rest[1:]) if bits else (saved, rest)
+        weight = params[0] if params else None
+        dx, dw, db = kernels.norm_grad(dy, saved, scales, rstd, weight, ctx.rms, bits,
+                                       ctx.has_bias, x_dtype)  # fmt: skip
+        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
+        db = db.to(weight.dtype) if db is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
 
 

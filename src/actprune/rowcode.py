@@ -13,8 +13,8 @@ every decoded element is within s / 2 of the original:
 A row holding a NaN or ±Inf gets a NaN scale and decodes to NaN as a whole (its codes are 0),
 so a non-finite input is never hidden from the gradients (dense backward may turn fewer of that
 row's elements into NaN). 8-bit codes are int8, one per element; 4-bit codes are offset by 8 and
-packed two to a byte. The kernels (``kernels.encode_row_codes``: numba on CPU, PyTorch ops
-elsewhere) give the same digits.
+packed two to a byte. The kernels (``kernels.encode_row_codes``: numba on CPU, Triton on CUDA,
+PyTorch ops under torch.compile) give the same digits.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ def encode(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     (``kernels.encode_row_codes``)."""
     if bits not in BITS:
         raise ValueError(f"row codes have {' or '.join(map(str, BITS))} bits, got {bits}")
-    cols = x.shape[-1]
-    codes, scales = kernels.encode_row_codes(x.detach().reshape(-1, cols), bits)
+    codes, scales = kernels.encode_row_codes(x.detach(), bits)  # in place: no copy of a view
     return (codes.view(x.shape) if bits == 8 else codes), scales.view(x.shape[:-1])
 
 
@@ -58,6 +57,16 @@ def save_for_backward(
     ctx.row_codes = tuple((t.shape, t.dtype, bits) for t, bits in coded)
     tensors = [part for t, bits in coded for part in ((t,) if bits == 0 else encode(t, bits))]
     ctx.save_for_backward(*tensors, *other)
+
+
+def save_encoded(
+    ctx, shape: torch.Size, dtype: torch.dtype, bits: int, codes: torch.Tensor,
+    scales: torch.Tensor, *other: torch.Tensor,
+) -> None:  # fmt: skip
+    """``save_for_backward`` of one tensor of ``shape`` and ``dtype`` that a kernel already coded
+    (``encode``'s outputs; with bits 0 the tensor itself as ``codes``), then ``other``."""
+    ctx.row_codes = ((shape, dtype, bits),)
+    ctx.save_for_backward(*((codes,) if bits == 0 else (codes, scales)), *other)
 
 
 def saved_tensors(ctx) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

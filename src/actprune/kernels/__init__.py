@@ -34,8 +34,12 @@ __all__ = [
     "backend_for",
     "channel_scale_grad",
     "decode_row_codes",
+    "dropout_grad",
     "encode_row_codes",
+    "norm_grad",
+    "normalized_row_codes",
     "pack_blocks",
+    "pack_mask",
     "readable",
     "score_blocks",
     "select_blocks",
@@ -176,20 +180,68 @@ def activation_grad(
     return _impl(dy).activation_grad(dy, codes, nonfinite, code)
 
 
-def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales): the per-row ``bits``-bit codes of x2 [R, C] (``rowcode``; the contract:
-    ``reference.encode_row_codes``). numba for float32 CPU tensors in eager mode; the PyTorch ops
-    otherwise (traced by torch.compile, which fuses them; on CUDA too: no Triton kernel yet)."""
-    if backend_for(x2) == "numba" and not torch.compiler.is_compiling():
-        return _module("numba").encode_row_codes(x2, bits)
-    return reference.encode_row_codes(x2, bits)
+def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales): the per-row ``bits``-bit codes of the rows of x (..., C) (``rowcode``; the
+    contract:
+    ``reference.encode_row_codes``). In eager mode numba for float32 CPU tensors and one Triton
+    launch for CUDA tensors; the PyTorch ops otherwise (under torch.compile: traced, and inductor
+    fuses them)."""
+    backend = backend_for(x)
+    if backend in ("numba", "triton") and not torch.compiler.is_compiling():
+        return _module(backend).encode_row_codes(x, bits)
+    return reference.encode_row_codes(x, bits)
+
+
+def normalized_row_codes(
+    x: torch.Tensor, eps: float, rms: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A normalization's saved tensors, (x̂ or its ``bits``-bit codes, their scales, rstd)
+    (``reference.normalized_row_codes``): one Triton launch on CUDA in eager mode; otherwise
+    PyTorch's ops for the statistics and ``encode_row_codes`` for the codes."""
+    if _triton_in_eager(x):
+        return _module("triton").normalized_row_codes(x, eps, rms, bits)
+    x_hat, empty, rstd = reference.normalized_row_codes(x, eps, rms, 0)
+    return (*encode_row_codes(x_hat, bits), rstd) if bits else (x_hat, empty, rstd)
+
+
+def norm_grad(
+    dy: torch.Tensor, saved: torch.Tensor, scales: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor | None, rms: bool, bits: int, has_bias: bool, x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """A normalization's (dx, dγ, dβ) from ``normalized_row_codes``' outputs
+    (``reference.norm_grad``): one Triton launch and a sum per parameter on CUDA in eager mode;
+    otherwise ``decode_row_codes`` and PyTorch's ops."""
+    if _triton_in_eager(dy):
+        return _module("triton").norm_grad(dy, saved, scales, rstd, weight, rms, bits, has_bias,
+                                           x_dtype)  # fmt: skip
+    if bits:
+        saved = decode_row_codes(saved, scales.reshape(-1), dy.shape[-1], x_dtype, bits)
+    return reference.norm_grad(dy, saved, scales, rstd, weight, rms, 0, has_bias, x_dtype)
 
 
 def decode_row_codes(
     codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
 ) -> torch.Tensor:
-    """x̃ [R, C] in ``dtype`` from ``encode_row_codes``' outputs."""
-    numba = backend_for(scales) == "numba" and not torch.compiler.is_compiling()
-    if dtype == torch.float32 and numba:
-        return _module("numba").decode_row_codes(codes, scales, cols, dtype, bits)
+    """x̃ [R, C] in ``dtype`` from ``encode_row_codes``' outputs (numba: float32 only)."""
+    backend = backend_for(scales)
+    fast = backend == "triton" or (backend == "numba" and dtype == torch.float32)
+    if fast and not torch.compiler.is_compiling():
+        return _module(backend).decode_row_codes(codes, scales, cols, dtype, bits)
     return reference.decode_row_codes(codes, scales, cols, dtype, bits)
+
+
+def _triton_in_eager(x: torch.Tensor) -> bool:
+    return backend_for(x) == "triton" and not torch.compiler.is_compiling()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A dropout's bool mask as bits (uint8 [ceil(numel / 8)], ``reference.pack_mask``): one
+    Triton launch on CUDA in eager mode; PyTorch's shifts otherwise (traced under compile)."""
+    return (_module("triton") if _triton_in_eager(mask) else reference).pack_mask(mask)
+
+
+def dropout_grad(dy: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
+    """dx = dy · mask · scale from ``pack_mask``'s bits (``reference.dropout_grad``): one Triton
+    launch on CUDA in eager mode."""
+    impl = _module("triton") if _triton_in_eager(dy) else reference
+    return impl.dropout_grad(dy, packed, scale)

@@ -649,10 +649,10 @@ def _encode4_kernel(flat, cols, inverses, top, packed):
         packed[i] = lo | (hi << 4)
 
 
-def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """numba version of ``reference.encode_row_codes``: the same codes and scales, bit for bit, in
-    two reads of x2 (row maxima, then codes) instead of about six whole-tensor passes."""
-    x = x2.contiguous().numpy()
+    two reads of x (row maxima, then codes) instead of about six whole-tensor passes."""
+    x = x.reshape(-1, x.shape[-1]).contiguous().numpy()
     rows, cols = x.shape
     top = np.float32(2 ** (bits - 1) - 1)
     scales, inverses = torch.empty(rows), np.empty(rows, np.float32)

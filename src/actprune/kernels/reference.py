@@ -334,13 +334,13 @@ def activation_grad(
 # --- per-row codes of the input-gradient path (``rowcode``) -------------------------------------
 
 
-def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of the rows of x2 [R, C]: scale = max|row| / (2^(bits−1) − 1) (float32,
-    NaN for a row holding NaN/Inf), codes = round-half-even(x · (top / max|row|)) clamped to
+def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of the R rows of x (..., C): scale = max|row| / (2^(bits−1) − 1) (float32
+    [R], NaN for a row holding NaN/Inf), codes = round-half-even(x · (top / max|row|)) clamped to
     ±top: int8 [R, C] (8 bits) or offset by 8 and packed two to a byte over the flattened rows,
     uint8 [ceil(R·C / 2)] (4 bits). A non-finite row's codes are 0."""
     top = 2 ** (bits - 1) - 1
-    xf = x2.float()
+    xf = x.reshape(-1, x.shape[-1]).float()
     # max |x| of each row (NaN if the row holds a NaN, inf if an Inf) without an |x| temporary
     amax = torch.maximum(xf.amax(dim=-1, keepdim=True), -xf.amin(dim=-1, keepdim=True))
     finite = torch.isfinite(amax)
@@ -352,6 +352,42 @@ def encode_row_codes(x2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     return codes, scale.squeeze(-1)
 
 
+def normalized_row_codes(
+    x: torch.Tensor, eps: float, rms: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A normalization's saved tensors from its input x (..., C): (x̂ in x's dtype, or with
+    ``bits`` its codes; the codes' scales, empty without; rstd float32 (..., 1)), where
+    x̂ = (x − mean) · rstd (RMSNorm, ``rms``: no mean), rstd = 1 / sqrt(mean((x − mean)²) + eps),
+    all in float32."""
+    xf = x.float()
+    centred = xf if rms else xf - xf.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    x_hat = (centred * rstd).to(x.dtype)
+    if not bits:
+        return x_hat, x_hat.new_empty(0, dtype=torch.float32), rstd
+    return *encode_row_codes(x_hat, bits), rstd
+
+
+def norm_grad(
+    dy: torch.Tensor, saved: torch.Tensor, scales: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor | None, rms: bool, bits: int, has_bias: bool, x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """A normalization's (dx in ``x_dtype``, dγ, dβ) (float32 [C]; None when absent) from
+    ``normalized_row_codes``' outputs (``saved``: x̂, or its codes with their ``scales``), in
+    float32, with g = dy ⊙ γ:  dx = rstd · (g − x̂ · mean(g ⊙ x̂) [− mean(g), LayerNorm]),
+    dγ = Σ_rows dy ⊙ x̂, dβ = Σ_rows dy."""
+    if bits:
+        saved = decode_row_codes(saved, scales.reshape(-1), dy.shape[-1], x_dtype, bits)
+    x_hat, dyf = saved.view(dy.shape).float(), dy.float()
+    g = dyf * weight.float() if weight is not None else dyf
+    dx = g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)
+    if not rms:
+        dx = dx - g.mean(dim=-1, keepdim=True)
+    rows = tuple(range(dy.dim() - 1))
+    dw = None if weight is None else (dyf * x_hat).sum(dim=rows)
+    return (dx * rstd).to(x_dtype), dw, dyf.sum(dim=rows) if has_bias else None
+
+
 def decode_row_codes(
     codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
 ) -> torch.Tensor:
@@ -360,3 +396,16 @@ def decode_row_codes(
     if bits == 4:
         codes = unpack_codes(codes, 4, scales.numel() * cols).view(-1, cols).to(torch.int8) - 8
     return (codes.view(-1, cols).float() * scales.unsqueeze(-1)).to(dtype)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A dropout's bool mask as bits, 8 to a byte in flat order (first element in the lowest
+    bit; the last byte zero-padded): uint8 [ceil(numel / 8)]."""
+    return pack_codes(mask.flatten().view(torch.uint8), 1)
+
+
+def dropout_grad(dy: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
+    """dx of a dropout from its packed mask (``pack_mask``): ``native_dropout_backward``, i.e.
+    dy · mask · scale (a dropped element of a NaN dy stays NaN, as dense)."""
+    mask = unpack_codes(packed, 1, dy.numel()).view(dy.shape).view(torch.bool)
+    return torch.ops.aten.native_dropout_backward(dy, mask, scale)

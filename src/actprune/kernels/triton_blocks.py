@@ -559,3 +559,298 @@ def activation_grad(
             flat, codes, nonfinite, table, dx, flat.numel(), k, BITS=code.bits, BLOCK=block,
         )  # fmt: skip
     return dx.view(dy.shape)
+
+
+# --- per-row codes of the input-gradient path (``rowcode``): one launch each way ----------------
+# round-half-even of |v| < 2^22 in float32: (v + 1.5·2^23) − 1.5·2^23 (each add rounds to nearest
+# even; no fused or reassociated arithmetic: the launches pass EXACT).
+_RINT_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, NORM: tl.constexpr):
+    """Elements c of the rows at offsets ``rows``, in float32: x itself (NORM 0) or the
+    normalized x̂ = ((x − mean) · rstd) rounded to x's dtype, as ``reference.normalized_rows``."""
+    x = tl.load(x_ptr + rows[:, None] + c[None, :] * stride_c, mask=m, other=0.0)
+    if NORM == 0:
+        return x.to(tl.float32)
+    x_hat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    return x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _row_codes_kernel(x_ptr, out_ptr, scales_ptr, rstd_ptr, R, C, eps, d1, d2, stride_0, stride_1,
+                      stride_2, stride_c, NORM: tl.constexpr, BITS: tl.constexpr,
+                      ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """Rows [p·ROWS, (p+1)·ROWS) of x [d0, d1, d2, C] (read through its strides: attention's q,
+    k, v are permuted views). NORM 1 (RMSNorm) or 2 (LayerNorm): first their statistics (mean,
+    then the variance about it; rstd written), the rows becoming x̂, written as they are with BITS
+    0. With BITS > 0: the rows' max |value| and finiteness, then their codes (the rows are still
+    in cache): int8 per element (8 bits), or offset by 8 and packed two to a byte, row by row
+    (4 bits; C even)."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = r < R
+    rows = (r // (d1 * d2)) * stride_0 + (r // d2 % d1) * stride_1 + (r % d2) * stride_2
+    mean = tl.zeros((ROWS,), dtype=tl.float32)
+    rstd = tl.zeros((ROWS,), dtype=tl.float32)
+    if NORM > 0:
+        if NORM == 2:
+            for c0 in range(0, C, TILE_C):
+                c = c0 + tl.arange(0, TILE_C)
+                m = in_rows[:, None] & (c[None, :] < C)
+                mean += tl.sum(_row_value(x_ptr, rows, c, m, stride_c, mean, rstd, 0), axis=1)
+            mean = mean / C
+        square = tl.zeros((ROWS,), dtype=tl.float32)
+        for c0 in range(0, C, TILE_C):
+            c = c0 + tl.arange(0, TILE_C)
+            m = in_rows[:, None] & (c[None, :] < C)
+            d = tl.where(m, _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, 0) - mean[:, None],
+                         0.0)  # fmt: skip
+            square += tl.sum(d * d, axis=1)
+        rstd = 1.0 / tl.sqrt_rn(square / C + eps)
+        tl.store(rstd_ptr + r, rstd, mask=in_rows)
+    if BITS == 0:
+        for c0 in range(0, C, TILE_C):
+            c = c0 + tl.arange(0, TILE_C)
+            m = in_rows[:, None] & (c[None, :] < C)
+            x_hat = _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, NORM)
+            tl.store(out_ptr + r[:, None] * C + c[None, :],
+                     x_hat.to(out_ptr.dtype.element_ty), mask=m)  # fmt: skip
+    else:
+        TOP: tl.constexpr = (1 << (BITS - 1)) - 1
+        amax = tl.zeros((ROWS,), dtype=tl.float32)
+        bad = tl.zeros((ROWS,), dtype=tl.int32)
+        for c0 in range(0, C, TILE_C):
+            c = c0 + tl.arange(0, TILE_C)
+            m = in_rows[:, None] & (c[None, :] < C)
+            a = tl.abs(_row_value(x_ptr, rows, c, m, stride_c, mean, rstd, NORM))
+            amax = tl.maximum(amax, tl.max(a, axis=1))
+            bad += tl.sum(((a != a) | (a == float("inf"))).to(tl.int32), axis=1)
+        finite = bad == 0
+        top = tl.zeros((ROWS,), dtype=tl.float32) + TOP
+        tl.store(scales_ptr + r, tl.where(finite, tl.div_rn(amax, top), float("nan")),
+                 mask=in_rows)  # fmt: skip
+        inverse = tl.where(finite & (amax > 0), tl.div_rn(top, tl.maximum(amax, 1e-30)), 0.0)
+        for c0 in range(0, C, TILE_C):
+            c = c0 + tl.arange(0, TILE_C)
+            m = in_rows[:, None] & (c[None, :] < C)
+            v = _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, NORM)
+            v = tl.where(finite[:, None], v, 0.0)  # a non-finite row codes zeros
+            q = (v * inverse[:, None] + _RINT_MAGIC) - _RINT_MAGIC
+            q = tl.minimum(tl.maximum(q, -TOP), TOP).to(tl.int32)
+            if BITS == 8:
+                tl.store(out_ptr + r[:, None] * C + c[None, :], q.to(tl.int8), mask=m)
+            else:
+                lanes = (tl.arange(0, 2) * 4)[None, None, :]
+                pairs = tl.reshape(q + 8, (ROWS, TILE_C // 2, 2)) << lanes
+                packed = tl.sum(pairs, axis=2).to(tl.uint8)  # disjoint bits: the sum is the OR
+                jb = c0 // 2 + tl.arange(0, TILE_C // 2)
+                tl.store(out_ptr + r[:, None] * (C // 2) + jb[None, :], packed,
+                         mask=in_rows[:, None] & (jb[None, :] < C // 2))  # fmt: skip
+
+
+def _row_tiles(cols: int) -> dict[str, int]:
+    """TILE_C (columns per step, ≤ 1024) and ROWS (rows per program, ~4096 elements a step)."""
+    tile_c = min(1024, _tile(cols))
+    return {"TILE_C": tile_c, "ROWS": max(1, 4096 // tile_c)}
+
+
+def _row_codes(x: torch.Tensor, bits: int, norm: int, eps: float) -> tuple[torch.Tensor, ...]:
+    """One ``_row_codes_kernel`` launch over the rows of x (..., C): (codes or x̂, scales, rstd)."""
+    cols = x.shape[-1]
+    if x.dim() > 4:
+        x = x.reshape(-1, cols)
+    rows = x.numel() // cols if cols else 0
+    shape, dtype = {0: ((rows, cols), x.dtype), 8: ((rows, cols), torch.int8),
+                    4: ((rows * cols // 2,), torch.uint8)}[bits]  # fmt: skip
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    scales = torch.empty(rows if bits else 0, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows if norm else 0, dtype=torch.float32, device=x.device)
+    if rows and cols:
+        lead = 3 - (x.dim() - 1)
+        sizes, strides = (1,) * lead + x.shape[:-1], (0,) * lead + x.stride()[:-1]
+        tiles = _row_tiles(cols)
+        _row_codes_kernel[(triton.cdiv(rows, tiles["ROWS"]),)](
+            x, out, scales, rstd, rows, cols, eps, sizes[1], sizes[2], *strides, x.stride(-1),
+            NORM=norm, BITS=bits, **tiles, **EXACT,
+        )  # fmt: skip
+    return out, scales, rstd
+
+
+def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.encode_row_codes``: one launch, x read in place through its
+    strides (4 bits with an odd row length, where a byte would span two rows: the reference)."""
+    if bits == 4 and x.shape[-1] % 2:
+        return reference.encode_row_codes(x, bits)
+    codes, scales, _ = _row_codes(x, bits, 0, 0.0)
+    return codes, scales
+
+
+def normalized_row_codes(
+    x: torch.Tensor, eps: float, rms: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``reference.normalized_row_codes``: the statistics, x̂ and (bits > 0) its
+    codes in one launch; the statistics to float rounding of the reference's (another order of
+    summation), the codes those of this x̂."""
+    if bits == 4 and x.shape[-1] % 2:
+        return reference.normalized_row_codes(x, eps, rms, bits)
+    out, scales, rstd = _row_codes(x, bits, 1 if rms else 2, eps)
+    return (out if bits else out.view(x.shape)), scales, rstd.view(*x.shape[:-1], 1)
+
+
+@triton.jit
+def _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """x̂ of rows r, columns c in float32 from what the forward saved: x̂ itself (BITS 0) or its
+    codes decoded to x's dtype (as ``decode_row_codes``)."""
+    if BITS == 0:
+        return tl.load(saved_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if BITS == 8:
+        q = tl.load(saved_ptr + r[:, None] * C + c[None, :], mask=m, other=0).to(tl.float32)
+    else:
+        byte = tl.load(saved_ptr + r[:, None] * (C // 2) + c[None, :] // 2, mask=m, other=0)
+        q = (((byte.to(tl.int32) >> ((c[None, :] % 2) * 4)) & 15) - 8).to(tl.float32)
+    return (q * scale[:, None]).to(X_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _norm_grad_kernel(dy_ptr, saved_ptr, scales_ptr, rstd_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, R, C,
+                      RMS: tl.constexpr, BITS: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """dx of rows [p·ROWS, (p+1)·ROWS) (their two sums first, then dx), and this program's
+    partial column sums of dy ⊙ x̂ and dy (row p of dw, db: summed over programs after)."""
+    p = tl.program_id(0).to(tl.int64)
+    r = p * ROWS + tl.arange(0, ROWS)
+    in_rows = r < R
+    rstd = tl.load(rstd_ptr + r, mask=in_rows, other=0.0)
+    scale = tl.load(scales_ptr + r, mask=in_rows, other=0.0) if BITS > 0 else rstd
+    gx = tl.zeros((ROWS,), dtype=tl.float32)
+    gs = tl.zeros((ROWS,), dtype=tl.float32)
+    for c0 in range(0, C, TILE_C):
+        c = c0 + tl.arange(0, TILE_C)
+        m = in_rows[:, None] & (c[None, :] < C)
+        dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        g = dy * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :] if HAS_W else dy
+        x_hat = _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS, dx_ptr.dtype.element_ty)
+        gx += tl.sum(g * x_hat, axis=1)
+        gs += tl.sum(g, axis=1)
+    gx, gs = gx / C, gs / C
+    for c0 in range(0, C, TILE_C):
+        c = c0 + tl.arange(0, TILE_C)
+        m = in_rows[:, None] & (c[None, :] < C)
+        dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        g = dy * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :] if HAS_W else dy
+        x_hat = _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS, dx_ptr.dtype.element_ty)
+        dx = g - x_hat * gx[:, None]
+        if not RMS:
+            dx = dx - gs[:, None]
+        tl.store(dx_ptr + r[:, None] * C + c[None, :],
+                 (dx * rstd[:, None]).to(dx_ptr.dtype.element_ty), mask=m)  # fmt: skip
+        if HAS_W:
+            tl.store(dw_ptr + p * C + c, tl.sum(dy * x_hat, axis=0), mask=c < C)
+        if HAS_B:
+            tl.store(db_ptr + p * C + c, tl.sum(dy, axis=0), mask=c < C)
+
+
+def norm_grad(
+    dy: torch.Tensor, saved: torch.Tensor, scales: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor | None, rms: bool, bits: int, has_bias: bool, x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Triton version of ``reference.norm_grad``: one launch for dx and the partial sums, one
+    sum each for dγ and dβ; sums to float rounding of the reference's (another order)."""
+    cols = dy.shape[-1]
+    if bits == 4 and cols % 2:
+        return reference.norm_grad(dy, saved, scales, rstd, weight, rms, bits, has_bias, x_dtype)
+    rows = dy.numel() // cols if cols else 0
+    tiles = _row_tiles(cols)
+    programs = triton.cdiv(rows, tiles["ROWS"])
+    dx = torch.empty(dy.shape, dtype=x_dtype, device=dy.device)
+    parts = torch.empty(2 if has_bias else 1, programs, cols, dtype=torch.float32, device=dy.device)
+    if rows and cols:
+        _norm_grad_kernel[(programs,)](
+            dy.contiguous(), saved, scales, rstd, dx if weight is None else weight, dx, parts[0],
+            parts[-1], rows, cols, RMS=rms, BITS=bits, HAS_W=weight is not None, HAS_B=has_bias,
+            **tiles, **EXACT,
+        )  # fmt: skip
+    sums = parts.sum(dim=1)
+    return dx, None if weight is None else sums[0], sums[-1] if has_bias else None
+
+
+@triton.jit
+def _decode_row_codes_kernel(codes_ptr, scales_ptr, out_ptr, R, C, BITS: tl.constexpr,
+                             ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """x̃ = code · scale (float32, then the output's dtype) of rows [p·ROWS, (p+1)·ROWS)."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = r < R
+    scale = tl.load(scales_ptr + r, mask=in_rows, other=0.0)
+    for c0 in range(0, C, TILE_C):
+        c = c0 + tl.arange(0, TILE_C)
+        m = in_rows[:, None] & (c[None, :] < C)
+        if BITS == 8:
+            q = tl.load(codes_ptr + r[:, None] * C + c[None, :], mask=m, other=0).to(tl.float32)
+        else:
+            byte = tl.load(codes_ptr + r[:, None] * (C // 2) + c[None, :] // 2, mask=m, other=0)
+            q = (((byte.to(tl.int32) >> ((c[None, :] % 2) * 4)) & 15) - 8).to(tl.float32)
+        out = (q * scale[:, None]).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * C + c[None, :], out, mask=m)
+
+
+def decode_row_codes(
+    codes: torch.Tensor, scales: torch.Tensor, cols: int, dtype: torch.dtype, bits: int
+) -> torch.Tensor:
+    """Triton version of ``reference.decode_row_codes``: one launch."""
+    rows = scales.numel()
+    if bits == 4 and cols % 2:
+        return reference.decode_row_codes(codes, scales, cols, dtype, bits)
+    out = torch.empty(rows, cols, dtype=dtype, device=scales.device)
+    if rows and cols:
+        tiles = _row_tiles(cols)
+        _decode_row_codes_kernel[(triton.cdiv(rows, tiles["ROWS"]),)](
+            codes, scales.contiguous(), out, rows, cols, BITS=bits, **tiles, **EXACT,
+        )  # fmt: skip
+    return out
+
+
+# --- dropout masks as bits (``dropout``): one launch each way -------------------------------------
+
+
+@triton.jit
+def _pack_mask_kernel(mask_ptr, packed_ptr, numel, BYTES: tl.constexpr):
+    """Bytes [p·BYTES, (p+1)·BYTES) of the packed mask: 8 mask elements each, lowest bit first."""
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    lane = tl.arange(0, 8)
+    e = byte[:, None] * 8 + lane[None, :]
+    bit = tl.load(mask_ptr + e, mask=e < numel, other=0).to(tl.int32)
+    packed = tl.sum((bit != 0).to(tl.int32) << lane[None, :], axis=1)  # disjoint bits: the OR
+    tl.store(packed_ptr + byte, packed.to(tl.uint8), mask=byte * 8 < numel)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Triton version of ``reference.pack_mask``: one launch."""
+    flat = mask.contiguous().view(-1).view(torch.uint8)
+    packed = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=mask.device)
+    if flat.numel():
+        _pack_mask_kernel[(triton.cdiv(packed.numel(), 512),)](flat, packed, flat.numel(),
+                                                               BYTES=512)  # fmt: skip
+    return packed
+
+
+@triton.jit
+def _dropout_grad_kernel(dy_ptr, packed_ptr, dx_ptr, numel, scale, BLOCK: tl.constexpr):
+    """dx = (dy · bit) · scale in float32, then dy's dtype: native_dropout_backward's arithmetic."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = e < numel
+    byte = tl.load(packed_ptr + e // 8, mask=inside, other=0).to(tl.int32)
+    bit = ((byte >> (e % 8)) & 1).to(tl.float32)
+    dy = tl.load(dy_ptr + e, mask=inside, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + e, (dy * bit * scale).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+def dropout_grad(dy: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Triton version of ``reference.dropout_grad``: one launch."""
+    flat = dy.contiguous().view(-1)
+    dx = torch.empty_like(flat)
+    if flat.numel():
+        _dropout_grad_kernel[(triton.cdiv(flat.numel(), 1024),)](
+            flat, packed, dx, flat.numel(), scale, BLOCK=1024, **EXACT,
+        )  # fmt: skip
+    return dx.view(dy.shape)
