@@ -27,6 +27,7 @@ from actprune import (
 )
 from actprune.blocksparse import as_rows
 from actprune.kernels import reference
+from actprune.workloads import language_model
 
 HF = importlib.util.find_spec("transformers") is not None
 needs_hf = pytest.mark.skipif(not HF, reason="transformers not installed (optional extra)")
@@ -54,8 +55,7 @@ def _skip_without_library(spec):
 
 def _small(spec):
     """Size flags for a spec: a short sequence for language models, small images otherwise."""
-    language = spec.startswith(("hf:", "gpt"))
-    return ["--seq-len", "16"] if language else ["--image-size", "32"]
+    return ["--seq-len", "16"] if language_model(spec) else ["--image-size", "32"]
 
 
 SPECS = list(dict.fromkeys(s or "resmlp_s24" for c in ("plan", "bench memory")

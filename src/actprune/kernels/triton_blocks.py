@@ -579,6 +579,28 @@ def _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, NORM: tl.constexpr):
 
 
 @triton.jit
+def _row_statistics(x_ptr, rows, in_rows, C, eps, stride_c, NORM: tl.constexpr,
+                    ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """(mean, rstd) of the rows (NORM 1, RMSNorm: mean 0): the mean, then the variance about it."""
+    mean = tl.zeros((ROWS,), dtype=tl.float32)
+    none = tl.zeros((ROWS,), dtype=tl.float32)
+    if NORM == 2:
+        for c0 in range(0, C, TILE_C):
+            c = c0 + tl.arange(0, TILE_C)
+            m = in_rows[:, None] & (c[None, :] < C)
+            mean += tl.sum(_row_value(x_ptr, rows, c, m, stride_c, none, none, 0), axis=1)
+        mean = mean / C
+    square = tl.zeros((ROWS,), dtype=tl.float32)
+    for c0 in range(0, C, TILE_C):
+        c = c0 + tl.arange(0, TILE_C)
+        m = in_rows[:, None] & (c[None, :] < C)
+        x = _row_value(x_ptr, rows, c, m, stride_c, none, none, 0)
+        d = tl.where(m, x - mean[:, None], 0.0)
+        square += tl.sum(d * d, axis=1)
+    return mean, 1.0 / tl.sqrt_rn(square / C + eps)
+
+
+@triton.jit
 def _row_codes_kernel(x_ptr, out_ptr, scales_ptr, rstd_ptr, R, C, eps, d1, d2, stride_0, stride_1,
                       stride_2, stride_c, NORM: tl.constexpr, BITS: tl.constexpr,
                       ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
@@ -594,20 +616,7 @@ def _row_codes_kernel(x_ptr, out_ptr, scales_ptr, rstd_ptr, R, C, eps, d1, d2, s
     mean = tl.zeros((ROWS,), dtype=tl.float32)
     rstd = tl.zeros((ROWS,), dtype=tl.float32)
     if NORM > 0:
-        if NORM == 2:
-            for c0 in range(0, C, TILE_C):
-                c = c0 + tl.arange(0, TILE_C)
-                m = in_rows[:, None] & (c[None, :] < C)
-                mean += tl.sum(_row_value(x_ptr, rows, c, m, stride_c, mean, rstd, 0), axis=1)
-            mean = mean / C
-        square = tl.zeros((ROWS,), dtype=tl.float32)
-        for c0 in range(0, C, TILE_C):
-            c = c0 + tl.arange(0, TILE_C)
-            m = in_rows[:, None] & (c[None, :] < C)
-            d = tl.where(m, _row_value(x_ptr, rows, c, m, stride_c, mean, rstd, 0) - mean[:, None],
-                         0.0)  # fmt: skip
-            square += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt_rn(square / C + eps)
+        mean, rstd = _row_statistics(x_ptr, rows, in_rows, C, eps, stride_c, NORM, ROWS, TILE_C)
         tl.store(rstd_ptr + r, rstd, mask=in_rows)
     if BITS == 0:
         for c0 in range(0, C, TILE_C):
