@@ -41,6 +41,7 @@ CORE = {
     "actprune.kernels.triton_blocks",
     "actprune.layers",
     "actprune.memory",
+    "actprune.norm_input",
     "actprune.norms",
     "actprune.ops",
     "actprune.rng",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import ops, rng
+from . import norm_input, ops, rng
 from .config import PruneConfig
 from .storage import Parts
 
@@ -198,6 +198,8 @@ def linear_keeping_compressed_input(
     ``stream``: the ``rng.Stream`` id its rounding draws from (``CompressedLayer.stream_id``)."""
     if not _needs_graph(x, weight, bias):
         return F.linear(x, weight, bias)
+    compiling = torch.compiler.is_compiling()
+    norm = None if compiling or not weight.requires_grad else norm_input.find(x)
     kind = x.device.type
     if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         # Cast as autocast casts linear's arguments, so the op computes, and the compressed
@@ -205,8 +207,10 @@ def linear_keeping_compressed_input(
         dtype = torch.get_autocast_dtype(kind)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    if norm is not None:  # a norm's output: its saved x̂ serves dW (norm_input)
+        return norm_input.NormInputLinearFunction.apply(x, weight, bias, norm)
     parts = compressed_rows(x, config, stream) if weight.requires_grad else _nothing_saved(x)
-    if torch.compiler.is_compiling():
+    if compiling:
         return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
     return ops.PrunedLinearFunction.apply(x, weight, bias, *parts, config.to_json())
 

@@ -23,23 +23,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels, rowcode
+from . import kernels, norm_input, rowcode
 from .config import PruneConfig
 from .layers import CompressedLayer, _needs_graph
 
 
 class NormFunction(torch.autograd.Function):
     """y = ``dense(x)``; saves x̂ (exact or coded) and rstd. Args after x: weight (or None),
-    bias (or None), eps, rms (True: RMSNorm), bits, dense (the module's dense forward)."""
+    bias (or None), what ``kernels.normalized_row_codes`` gave (x̂ or its codes, their scales,
+    rstd), rms (True: RMSNorm), bits, dense (the module's dense forward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, rms, bits, dense):
-        y = dense(x)
-        codes, scales, rstd = kernels.normalized_row_codes(x.detach(), eps, rms, bits)
+    def forward(ctx, x, weight, bias, saved, scales, rstd, rms, bits, dense):
         ctx.rms, ctx.has_bias = rms, bias is not None
         params = () if weight is None else (weight,)
-        rowcode.save_encoded(ctx, x.shape, x.dtype, bits, codes, scales, rstd, *params)
-        return y
+        rowcode.save_encoded(ctx, x.shape, x.dtype, bits, saved, scales, rstd, *params)
+        return dense(x)
 
     @staticmethod
     def backward(ctx, dy):
@@ -51,7 +50,7 @@ class NormFunction(torch.autograd.Function):
                                        ctx.has_bias, x_dtype)  # fmt: skip
         dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
         db = db.to(weight.dtype) if db is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class CodedNorm(CompressedLayer):
@@ -109,8 +108,13 @@ class CodedNorm(CompressedLayer):
         dense = super().forward
         if not _needs_graph(x, weight, bias):
             return dense(x)
-        return NormFunction.apply(x, weight, bias, self.eps_for(x), self.rms,
-                                  self.prune_config.norm_bits, dense)  # fmt: skip
+        bits = self.prune_config.norm_bits
+        saved, scales, rstd = kernels.normalized_row_codes(x.detach(), self.eps_for(x), self.rms,
+                                                           bits)  # fmt: skip
+        y = NormFunction.apply(x, weight, bias, saved, scales, rstd, self.rms, bits, dense)
+        if not torch.compiler.is_compiling():  # the Linear layers reading y use x̂ for their dW
+            norm_input.keep(y, norm_input.NormOutput(saved, scales, weight, bias, bits, x.dtype))
+        return y
 
     def describe(self) -> str:
         bits = self.prune_config.norm_bits
