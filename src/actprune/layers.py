@@ -15,6 +15,8 @@ copy (``SavedTensorLog.shared_bytes`` reports it). The reuse is keyed by the ten
 version counter, so an in-place change between two readers (``add_``, ``mul_``, also on a view)
 makes the second compress again. A change through ``.data`` bypasses the version counter (as it
 bypasses autograd's own checks) and is not seen: the second layer would reuse the stale copy.
+A Linear whose input is a converted norm's output keeps no copy at all: it reads what the norm
+saved (``norm_input``).
 """
 
 from __future__ import annotations
