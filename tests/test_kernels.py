@@ -376,6 +376,15 @@ kernels = [
     (tb._activation_grad_kernel, "*fp32 *u8 *u8 *fp32 *fp32 i32 i32", {"BITS": 4, "BLOCK": 1024}),
     (tb._select_column_kernel, "*fp32 *i32 *i32 *i32 i32 i32 i32", {"TILE": 256}),
     (tb._select_global_kernel, "*fp32 *i8 *i32 *i32 *i32 i32 i32 i32", {"BLOCK": 1024}),
+    (tb._row_codes_kernel, "*bf16 *bf16 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
+     {"NORM": 1, "BITS": 0, "ROWS": 4, "TILE_C": 1024}),
+    (tb._row_codes_kernel, "*fp16 *i8 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
+     {"NORM": 0, "BITS": 8, "ROWS": 4, "TILE_C": 1024}),
+    (tb._decode_row_codes_kernel, "*u8 *fp32 *bf16 i32 i32", {"BITS": 4, "ROWS": 64, "TILE_C": 64}),
+    (tb._norm_grad_kernel, "*bf16 *u8 *fp32 *fp32 *fp32 *bf16 *fp32 *fp32 i32 i32",
+     {"RMS": False, "BITS": 4, "HAS_W": True, "HAS_B": True, "ROWS": 4, "TILE_C": 1024}),
+    (tb._pack_mask_kernel, "*u8 *u8 i32", {"BYTES": 512}),
+    (tb._dropout_grad_kernel, "*bf16 *u8 *bf16 i32 fp32", {"BLOCK": 1024}),
 ]
 for kernel, types, constexprs in kernels:
     signature = dict(zip(kernel.arg_names, types.split())) | dict.fromkeys(constexprs, "constexpr")
@@ -388,9 +397,10 @@ print("compiled", len(kernels))
 @pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
 def test_new_triton_kernels_compile_for_a_gpu():
     """The interpreter accepts more than the compiler does: the activation-code kernels, the
-    score kernel that zeroes an empty selection's offsets and the two selection kernels compile
-    to PTX for sm_90 (bundled ptxas, no GPU needed), for float32 and bfloat16 inputs."""
+    score kernel that zeroes an empty selection's offsets, the two selection kernels and the
+    transformer layers' kernels (row codes, norm statistics and backward, dropout bits) compile
+    to PTX for sm_90 (bundled ptxas, no GPU needed), for float32 and 16-bit inputs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True,
                          text=True)  # fmt: skip
-    assert run.returncode == 0 and "compiled 7" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 13" in run.stdout, run.stderr[-3000:]

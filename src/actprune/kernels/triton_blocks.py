@@ -722,6 +722,15 @@ def _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS: tl.constexpr, X_DTYPE: tl.c
 
 
 @triton.jit
+def _norm_grad_tile(dy_ptr, w_ptr, saved_ptr, scale, r, c, m, C, BITS: tl.constexpr,
+                    HAS_W: tl.constexpr, X_DTYPE: tl.constexpr):  # fmt: skip
+    """dy, g = dy ⊙ γ and x̂ of rows r, columns c, in float32."""
+    dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    g = dy * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :] if HAS_W else dy
+    return dy, g, _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS, X_DTYPE)
+
+
+@triton.jit
 def _norm_grad_kernel(dy_ptr, saved_ptr, scales_ptr, rstd_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, R, C,
                       RMS: tl.constexpr, BITS: tl.constexpr, HAS_W: tl.constexpr,
                       HAS_B: tl.constexpr, ROWS: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
@@ -737,18 +746,16 @@ def _norm_grad_kernel(dy_ptr, saved_ptr, scales_ptr, rstd_ptr, w_ptr, dx_ptr, dw
     for c0 in range(0, C, TILE_C):
         c = c0 + tl.arange(0, TILE_C)
         m = in_rows[:, None] & (c[None, :] < C)
-        dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        g = dy * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :] if HAS_W else dy
-        x_hat = _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS, dx_ptr.dtype.element_ty)
+        dy, g, x_hat = _norm_grad_tile(dy_ptr, w_ptr, saved_ptr, scale, r, c, m, C, BITS, HAS_W,
+                                       dx_ptr.dtype.element_ty)  # fmt: skip
         gx += tl.sum(g * x_hat, axis=1)
         gs += tl.sum(g, axis=1)
     gx, gs = gx / C, gs / C
     for c0 in range(0, C, TILE_C):
         c = c0 + tl.arange(0, TILE_C)
         m = in_rows[:, None] & (c[None, :] < C)
-        dy = tl.load(dy_ptr + r[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        g = dy * tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :] if HAS_W else dy
-        x_hat = _saved_x_hat(saved_ptr, scale, r, c, m, C, BITS, dx_ptr.dtype.element_ty)
+        dy, g, x_hat = _norm_grad_tile(dy_ptr, w_ptr, saved_ptr, scale, r, c, m, C, BITS, HAS_W,
+                                       dx_ptr.dtype.element_ty)  # fmt: skip
         dx = g - x_hat * gx[:, None]
         if not RMS:
             dx = dx - gs[:, None]
