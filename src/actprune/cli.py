@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from . import models, rowcode
 from .bench.kernels import linear_shapes, measure_kernels, write_results
 from .bench.memory import run_memory_bench, write_memory_results
 from .compare import compare, report_table
@@ -259,7 +259,7 @@ def _add_lm_args(p: argparse.ArgumentParser) -> None:
     for name in _LM_ONLY:
         p.add_argument(_flag(name), type=_positive_int, default=None,
                        help=f"--task lm only (default {getattr(lm, name)})")  # fmt: skip
-    p.add_argument("--boundary-bits", type=int, choices=(0, 4, 8), default=0,
+    p.add_argument("--boundary-bits", type=int, choices=(0, *rowcode.BITS), default=0,
                    help="--task lm only: the compressed runs also checkpoint every block, holding "
                    "its input as row codes of these bits (a lossy recompute, opt-in; default 0: "
                    "no checkpointing)")  # fmt: skip

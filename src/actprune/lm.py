@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import models, rng
+from . import models, rng, rowcode
 from .compare import compression_section, cosine_by_layer, run_name
 from .config import PruneConfig
 from .convert import describe_compression
@@ -68,7 +68,7 @@ class LMConfig:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_windows"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"must be positive, got {getattr(self, name)}", name)
-        if self.boundary_bits not in (0, 4, 8):
+        if self.boundary_bits not in (0, *rowcode.BITS):
             raise TrainError(f"must be 0, 4 or 8, got {self.boundary_bits}", "boundary_bits")
         if self.warmup_steps < 0:
             raise TrainError(f"must be >= 0, got {self.warmup_steps}", "warmup_steps")

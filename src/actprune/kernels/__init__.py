@@ -181,11 +181,10 @@ def activation_grad(
 
 
 def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales): the per-row ``bits``-bit codes of the rows of x (..., C) (``rowcode``; the
-    contract:
-    ``reference.encode_row_codes``). In eager mode numba for float32 CPU tensors and one Triton
-    launch for CUDA tensors; the PyTorch ops otherwise (under torch.compile: traced, and inductor
-    fuses them)."""
+    """(codes, scales): the per-row ``bits``-bit codes of the rows of x (..., C) (``rowcode``;
+    the contract: ``reference.encode_row_codes``). In eager mode numba for float32 CPU tensors
+    and one Triton launch for CUDA tensors; the PyTorch ops otherwise (under torch.compile:
+    traced, and inductor fuses them)."""
     backend = backend_for(x)
     if backend in ("numba", "triton") and not torch.compiler.is_compiling():
         return _module(backend).encode_row_codes(x, bits)
