@@ -404,3 +404,35 @@ def test_new_triton_kernels_compile_for_a_gpu():
     run = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True,
                          text=True)  # fmt: skip
     assert run.returncode == 0 and "compiled 13" in run.stdout, run.stderr[-3000:]
+
+
+def test_numba_serial_and_parallel_compilations_agree(monkeypatch):
+    """Each numba kernel runs its serial compilation below ``SERIAL_BELOW`` elements and its
+    parallel one above: both give the same bytes for every launcher (forced either way)."""
+    pytest.importorskip("numba")
+    from actprune import derivative_code
+    from actprune.kernels import cpu_blocks
+
+    x3, dy3 = torch.randn(3, 50, 72), torch.randn(3, 50, 72)
+    x3[1, 7, 5] = float("nan")
+    blocks = compress_rows_of(x3, PruneConfig(0.75, (16, 8), remainder_bits=4))
+    rows, cols, _ = reference.select_blocks(torch.rand(10, 9), 3, per_column=True)
+    code = derivative_code("gelu", 2)
+    runs = []
+    for serial_below in (0, 2**62):
+        monkeypatch.setattr(cpu_blocks, "SERIAL_BELOW", serial_below)
+        run = [
+            *cpu_blocks.score_blocks(x3, (16, 8), "l2", 4, 77),
+            cpu_blocks.pack_blocks(x3, rows, cols, (16, 8)),
+            cpu_blocks.decode_rows(blocks, 0, blocks.grid_shape[0], 3),
+            cpu_blocks.weight_grad(dy3, blocks),
+            cpu_blocks.channel_scale_grad(dy3, blocks),
+            *cpu_blocks.activation_codes(x3, code),
+            cpu_blocks.activation_grad(dy3, *reference.activation_codes(x3, code), code),
+        ]
+        for bits in (4, 8):
+            codes, scales = cpu_blocks.encode_row_codes(x3, bits)
+            run += [codes, scales, cpu_blocks.decode_row_codes(codes, scales, 72, x3.dtype, bits)]
+        runs.append(run)
+    for serial, parallel in zip(*runs):
+        torch.testing.assert_close(serial, parallel, rtol=0, atol=0, equal_nan=True)

@@ -177,7 +177,7 @@ def test_presets_and_the_cli_preset_flag():
     assert PruneConfig.preset("uniform") == PruneConfig(1.0, 32, scope="all", remainder_bits=4)
     assert PruneConfig.preset("recommended") == PruneConfig.preset("uniform")
     assert PruneConfig.preset("transformer") == PruneConfig.preset(
-        "uniform", norm_bits=8, attention_bits=8, swiglu_bits=8
+        "uniform", remainder_bits=8, norm_bits=8, attention_bits=8, swiglu_bits=8
     )
     assert set(PRESETS) == {"paper", "blocks", "uniform", "recommended", "transformer"}
     with pytest.raises(ValueError, match="unknown preset 'fast'; available: paper, blocks"):

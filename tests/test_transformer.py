@@ -513,7 +513,7 @@ def test_transformer_preset_saves_under_a_quarter(model):
 
 def test_transformer_preset_compiles_fullgraph():
     """Norm and SwiGLU codes trace; attention keeps dense SDPA under compile and the Linears
-    after a norm keep their own 4-bit copies (documented): both paths close to exact."""
+    after a norm keep their own 8-bit copies (documented): both paths close to exact."""
     torch.manual_seed(0)
     w = build_workload("llama_tiny", seq_len=16, depth=1)
     model = prune_activations_(w.model, PruneConfig.preset("transformer"), exclude="head")
@@ -592,7 +592,7 @@ def test_hf_models_convert_and_train_with_the_transformer_preset(name):
     assert torch.equal(loss, dense_loss)  # every forward is the dense module's
     for (n, a), (_, b) in zip(dense.named_parameters(), model.named_parameters()):
         if a.grad is not None and a.grad.abs().max() > 1e-6:
-            assert _cosine(a.grad, b.grad) > 0.9, n  # 4-bit dW of a tiny random model
+            assert _cosine(a.grad, b.grad) > 0.9, n  # 8-bit codes, a tiny random model
 
 
 def test_timm_vit_converts_and_trains_with_the_transformer_preset():
@@ -640,14 +640,14 @@ def test_plan_predicts_the_transformer_preset_within_10_percent(spec, config):
 
 def test_language_models_get_the_transformer_preset_in_the_frontier():
     names = [c.name for c in frontier_methods(language=True)]
-    assert "actprune_all_u4_n8_att8_sw8_b32" in names
-    assert "checkpoint+inside_all_u4_n8_att8_sw8_b32" in names
+    assert "actprune_all_u8_n8_att8_sw8_b32" in names
+    assert "checkpoint+inside_all_u8_n8_att8_sw8_b32" in names
     assert not set(names) - {c.name for c in frontier_methods()} - {names[-2], names[-1]}
     composed = methods([PruneConfig.preset("transformer")], ["composition"])
     assert [c.name for c in composed] == [
         "dense",
-        "actprune_all_u4_n8_att8_sw8_b32",
-        "checkpoint+inside_all_u4_n8_att8_sw8_b32",
+        "actprune_all_u8_n8_att8_sw8_b32",
+        "checkpoint+inside_all_u8_n8_att8_sw8_b32",
     ]
 
 
@@ -657,7 +657,7 @@ def test_packaged_language_model_measurements_name_frontier_configs():
     names = {c.name for c in frontier_methods(language=True)}
     assert "dense" in ratios and set(ratios) <= names
     # the default and the preset are measured (the 4-bit candidate too, outside the frontier)
-    assert {"actprune_all_u4_b32", "actprune_all_u4_n8_att8_sw8_b32"} <= set(deltas) & names
+    assert {"actprune_all_u4_b32", "actprune_all_u8_n8_att8_sw8_b32"} <= set(deltas) & names
     assert "standard library" in source
 
 
@@ -688,8 +688,8 @@ def test_cli_bench_memory_takes_bf16_autocast_and_compositions(tmp_path):
     assert run["amp"] == "bf16"
     assert [r["config"]["name"] for r in run["rows"]] == [
         "dense",
-        "actprune_all_u4_n8_att8_sw8_b32",
-        "checkpoint+inside_all_u4_n8_att8_sw8_b32",
+        "actprune_all_u8_n8_att8_sw8_b32",
+        "checkpoint+inside_all_u8_n8_att8_sw8_b32",
     ]
     assert "autocast bf16" in (tmp_path / f"{stem}.md").read_text()
 

@@ -16,7 +16,7 @@ import torch
 from . import kernels, rng
 from .config import PruneConfig
 from .kernels import select_blocks
-from .storage import BlockSparse, LowBitBlocks, quantize_int8
+from .storage import BlockSparse, LowBitBlocks, absent_part, quantize_int8
 
 
 def row_source(t: torch.Tensor, row_order: str) -> torch.Tensor:
@@ -90,7 +90,8 @@ def compress_rows_of(
         ccol = torch.empty(-(-x3.shape[2] // block_shape[1]) + 1, dtype=torch.int32,
                            device=x3.device)  # fmt: skip
         _, codes, low_scales = kernels.score_blocks(x3, block_shape, "max", bits, key, ccol)
-        rows, values = ccol.new_empty(0), x3.new_empty(0, *block_shape)
+        rows = absent_part(x3.device, torch.int32, (0,), "row_indices")
+        values = absent_part(x3.device, x3.dtype, (0, *block_shape), "values")
     else:
         scores, codes, low_scales = kernels.score_blocks(x3, block_shape, config.criterion, bits,
                                                          key)  # fmt: skip

@@ -168,7 +168,7 @@ class PruneConfig:
             name: ``"paper"`` (the seed paper's method), ``"blocks"`` (top blocks exact, the
                 rest at 4 bits), ``"uniform"`` (every element at 4 bits), ``"recommended"``
                 (actprune's default on the command line, today ``"uniform"``) or
-                ``"transformer"`` (``"uniform"`` plus 8-bit codes on the input-gradient path).
+                ``"transformer"`` (8 bits everywhere, the input-gradient path included).
             **overrides: fields to change, e.g. ``sparsity=0.8``.
 
         Returns:
@@ -285,8 +285,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "uniform": {"sparsity": 1.0, "block_size": 32, "scope": "all", "remainder_bits": 4},
 }
 PRESETS["recommended"] = PRESETS["uniform"]
-# "transformer": "uniform" plus 8-bit per-row codes of norm inputs, attention's q, k, v and
-# SwiGLU's gate and up: lossy on the input-gradient path, so an explicit choice, never a default
-# (docs/design.md, "Transformers").
-PRESETS["transformer"] = {**PRESETS["uniform"], "norm_bits": 8, "attention_bits": 8,
-                          "swiglu_bits": 8}  # fmt: skip
+# "transformer": 8 bits everywhere: the parameter-gradient inputs at 8 bits (not "uniform"'s 4,
+# which cost GPT's MLP output projection most of its gradient) plus 8-bit per-row codes of norm
+# inputs, attention's q, k, v and SwiGLU's gate and up: lossy on the input-gradient path, so an
+# explicit choice, never a default (docs/design.md, "Transformers").
+PRESETS["transformer"] = {**PRESETS["uniform"], "remainder_bits": 8, "norm_bits": 8,
+                          "attention_bits": 8, "swiglu_bits": 8}  # fmt: skip

@@ -78,7 +78,10 @@ class _CompressionCache:
             return None
         x_ref, version, entry_key, refs = entry
         tensors = tuple(r() for r in refs)
-        if x_ref() is not x or version != x._version or entry_key != key or None in tensors:
+        # not ``None in tensors``: that compares None to every tensor with ==, an op each
+        if x_ref() is not x or version != x._version or entry_key != key or any(
+            t is None for t in tensors
+        ):
             return None
         return tensors
 
@@ -99,9 +102,8 @@ def compressed_rows(x: torch.Tensor, config: PruneConfig, stream: int = 0) -> Pa
     if torch.compiler.is_compiling():
         return ops.compress_rows(x.detach(), key, stream)
     found = _cache.get(x, key)
-    if found is None:
-        with torch.no_grad():
-            found = ops.compress_parts(x, key, stream)
+    if found is None:  # compress_parts reads x detached: records no graph, grad mode or not
+        found = ops.compress_parts(x, key, stream)
         _cache.put(x, key, found)
     return found
 
@@ -214,7 +216,7 @@ def linear_keeping_compressed_input(
     parts = compressed_rows(x, config, stream) if weight.requires_grad else _nothing_saved(x)
     if compiling:
         return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
-    return ops.PrunedLinearFunction.apply(x, weight, bias, *parts, config.to_json())
+    return ops.PrunedLinearFunction.apply(x, weight, bias, parts, config.to_json())
 
 
 class PrunedLinear(CompressedLayer, nn.Linear):
@@ -332,7 +334,7 @@ def scale_channels(
     parts = compressed_rows(x, config, stream) if scale.requires_grad else _nothing_saved(x)
     if torch.compiler.is_compiling():
         return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
-    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, *parts, config.to_json())
+    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, config.to_json())
 
 
 class PrunedChannelScale(CompressedLayer):

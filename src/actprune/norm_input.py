@@ -7,12 +7,12 @@ own they save the norm's tensors (the same storages: autograd holds them once) a
 backward (Tempo, arXiv 2210.10246: a norm's saved tensor shared with the next Linear). dW then
 reads the norm's x̂ — exact when the norm is (equal to dense to float rounding: y is rebuilt by
 another rounding path), the norm's 8-bit code with ``norm_bits`` — instead of the Linear's own
-4-bit copy. Forward and dx are unchanged.
+copy (at ``remainder_bits``). Forward and dx are unchanged.
 
 The norm registers its output tensor (``keep``); a Linear finds it by the tensor object and its
 version counter (``find``), as the layers' compression cache does. Eager mode only: under
-torch.compile the Linears compress their input as before (their dW then reads their own 4-bit
-copy, so compiled and eager gradients differ by that).
+torch.compile the Linears compress their input as before (their dW then reads their own copy,
+so compiled and eager gradients differ by that).
 """
 
 from __future__ import annotations

@@ -134,17 +134,18 @@ pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 class PrunedLinearFunction(torch.autograd.Function):
     """``pruned_linear`` for eager mode: the same setup and backward, without the operator
-    dispatch (a custom op's Python dispatch costs more than a small layer's whole step)."""
+    dispatch (a custom op's Python dispatch costs more than a small layer's whole step). The
+    parts come as one tuple: autograd then checks three tensor arguments, not nine."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, *parts_and_config):
+    def forward(ctx, x, weight, bias, parts, config):
         out = F.linear(x, weight, bias)
-        _linear_setup(ctx, (x, weight, bias, *parts_and_config), out)
+        _linear_setup(ctx, (x, weight, bias, *parts, config), out)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        return _linear_backward(ctx, dy, param_grad_eager)
+        return (*_linear_backward(ctx, dy, param_grad_eager)[:3], None, None)
 
 
 # --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
@@ -196,14 +197,14 @@ class PrunedChannelScaleFunction(torch.autograd.Function):
     """``pruned_channel_scale`` for eager mode (see ``PrunedLinearFunction``)."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, *parts_and_config):
+    def forward(ctx, x, scale, shift, parts, config):
         out = x * scale if shift is None else torch.addcmul(shift, scale, x)
-        _scale_setup(ctx, (x, scale, shift, *parts_and_config), out)
+        _scale_setup(ctx, (x, scale, shift, *parts, config), out)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        return _scale_backward(ctx, dy, param_grad_eager)
+        return (*_scale_backward(ctx, dy, param_grad_eager)[:3], None, None)
 
 
 # --- the parameter gradient from a compressed tensor ----------------------------------------------

@@ -11,6 +11,7 @@ This module knows the format only; choosing blocks is ``blocksparse``, computing
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,17 @@ from .bitpack import unpack_codes
 # The tensors of a BlockSparse as the registered operators pass them: values, row_indices,
 # ccol_indices, scales, low_codes, low_scales (the last three empty when unused).
 Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@functools.cache
+def absent_part(
+    device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], name: str
+) -> torch.Tensor:
+    """The tensor without elements that stands for an absent part ``name`` of ``Parts``: one per
+    (device, dtype, shape, name) for the process. Nothing can be written to a tensor without
+    elements, so every call may share it (an allocation per call cost host time on the hot path);
+    different names stay different tensors, as an operator's outputs must not alias each other."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def blocked_view(x: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
@@ -193,10 +205,13 @@ class BlockSparse:
 
     def parts(self) -> Parts:
         """The six tensors the registered operators pass around (``Parts``): absent ones empty."""
-        empty_f = self.values.new_empty(0, dtype=torch.float32)
-        scales = self.scales if self.scales is not None else empty_f
+        device = self.values.device
+        scales = self.scales
+        if scales is None:
+            scales = absent_part(device, torch.float32, (0,), "scales")
         if self.remainder is None:
-            low = (self.values.new_empty(0, dtype=torch.uint8), empty_f.new_empty(0))
+            low = (absent_part(device, torch.uint8, (0,), "low_codes"),
+                   absent_part(device, torch.float32, (0,), "low_scales"))  # fmt: skip
         else:
             low = (self.remainder.codes, self.remainder.scales)
         return self.values, self.row_indices, self.ccol_indices, scales, *low

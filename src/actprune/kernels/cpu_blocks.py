@@ -13,10 +13,15 @@ alternatives weighed). The contract of each launcher is the function of the same
 ``reference.py``; the tests check codes and kept blocks bit for bit against it.
 
 Only float32 runs here (each dtype is a compilation of its own, and numpy has no bfloat16); the
-dispatcher sends other dtypes to the reference.
+dispatcher sends other dtypes to the reference. The launchers allocate their outputs with numpy
+and return ``torch.from_numpy`` of them (the same memory): at the sizes where host time is what a
+layer costs, ``torch.empty`` + ``.numpy()`` took about twice as long (3.5 vs 1.9 µs a tensor).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from types import FunctionType
 
 import numba as nb
 import numpy as np
@@ -33,6 +38,28 @@ from . import reference
 _CRITERION_CODE = {"l2": 0, "l1": 1, "max": 2}
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+# Below this many elements a kernel runs its serial compilation: entering a parallel region costs
+# microseconds on an idle machine and, while other processes hold the cores, waits for every
+# worker thread to be scheduled (docs/design.md, "Host cost, launches and the compiled path").
+SERIAL_BELOW = 1 << 15
+
+
+class _Parallel:
+    """A kernel compiled twice from one loop nest: ``parallel`` over its ``prange`` and ``serial``
+    (without ``parallel=True`` numba runs a ``prange`` as a ``range``); ``kernel[elements]`` is
+    the one for a call over that many elements. The serial one is compiled from a copy of the
+    function under its own name, so the two never share an entry of numba's on-disk cache."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.parallel = nb.njit(parallel=True, **_JIT)(fn)
+        serial = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)  # fmt: skip
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = nb.njit(**_JIT)(serial)
+
+    def __getitem__(self, elements: int) -> Callable:
+        return self.serial if elements < SERIAL_BELOW else self.parallel
 
 
 @intrinsic
@@ -256,7 +283,7 @@ def _score_block_row(x, x_bits, mask, inf_bits, br, bm, bk, criterion, bits, key
 
 # The parallel kernels are a prange over one helper call: numba's parallel lowering then has
 # little to analyse, which keeps the first (cached) compilation short.
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _score_blocks_kernel(x, x_bits, mask, inf_bits, bm, bk, criterion, bits, key, scores,
                          low_scales, codes):  # fmt: skip
     for br in nb.prange(scores.shape[0]):
@@ -282,17 +309,16 @@ def score_blocks(
         ccol.zero_()
     if bits and bk % 8:  # the codes are written 8 per group (a word of random bytes per 4)
         return reference.score_blocks(x3, block_shape, criterion, bits, key)
-    x3 = x3.contiguous()  # a no-op for activations; one compiled layout for every caller
+    x = x3.contiguous().numpy()  # a no-op for activations; one compiled layout for every caller
     n_br, n_bc = -(-batch * t // bm), -(-k // bk)
-    scores = torch.empty(n_br, n_bc, dtype=torch.float32)
-    low_scales = torch.empty((n_br, n_bc) if bits else (1, 1), dtype=torch.float32)
-    codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, dtype=torch.uint8)
-    _score_blocks_kernel(
-        x3.numpy(), x3.view(torch.int32).numpy(), _MAGNITUDE, _INF_BITS, bm, bk,
-        _CRITERION_CODE[criterion], bits, np.uint32(key), scores.numpy(), low_scales.numpy(),
-        codes.numpy(),
-    )  # fmt: skip
-    return scores, codes, low_scales if bits else low_scales.new_empty(0)
+    scores = np.empty((n_br, n_bc), np.float32)
+    low_scales = np.empty((n_br, n_bc) if bits else (1, 1), np.float32)
+    codes = np.empty(n_br * bm * n_bc * bk * bits // 8, np.uint8)
+    _score_blocks_kernel[x.size](x, x.view(np.int32), _MAGNITUDE, _INF_BITS, bm, bk,
+                                 _CRITERION_CODE[criterion], bits, np.uint32(key), scores,
+                                 low_scales, codes)  # fmt: skip
+    low_scales = low_scales if bits else np.empty(0, np.float32)
+    return torch.from_numpy(scores), torch.from_numpy(codes), torch.from_numpy(low_scales)
 
 
 @nb.njit(**_JIT)
@@ -345,14 +371,13 @@ def select_blocks(
     """numba version of ``reference.select_blocks`` (k >= 1): no sort, one pass to BSC order."""
     n_br, n_bc = scores.shape
     nnz = k * n_bc if per_column else k
-    rows, cols = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.int32)
-    ccol = torch.zeros(n_bc + 1, dtype=torch.int32)
-    _select_kernel(scores.contiguous().numpy(), k, per_column, rows.numpy(), cols.numpy(),
-                   ccol.numpy())  # fmt: skip
-    return rows, cols, ccol
+    rows, cols = np.empty(nnz, np.int32), np.empty(nnz, np.int32)
+    ccol = np.zeros(n_bc + 1, np.int32)
+    _select_kernel(scores.contiguous().numpy(), k, per_column, rows, cols, ccol)
+    return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(ccol)
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _pack_blocks_kernel(x, rows, cols, bm, bk, out):
     batch, m, k = x.shape[0], x.shape[0] * x.shape[1], x.shape[2]
     for n in nb.prange(rows.shape[0]):
@@ -372,11 +397,11 @@ def pack_blocks(
     x3: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_shape: tuple[int, int]
 ) -> torch.Tensor:
     """numba version of ``reference.pack_blocks``: reads only the kept blocks of x3."""
-    out = torch.empty(rows.numel(), *block_shape, dtype=x3.dtype)
-    _pack_blocks_kernel(
-        x3.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), *block_shape, out.numpy()
+    out = np.empty((rows.numel(), *block_shape), np.float32)
+    _pack_blocks_kernel[out.size](
+        x3.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), *block_shape, out
     )
-    return out
+    return torch.from_numpy(out)
 
 
 @nb.njit(**_JIT)
@@ -457,7 +482,7 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
             t, b = _next_row(t, b, batch)
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _decode_rows_kernel(codes, low_scales, bits, values, row_indices, ccol, n_br, m, batch, start,
                         stop, out):  # fmt: skip
     kept = _kept_map(row_indices, ccol, n_br)
@@ -478,12 +503,12 @@ def _low(x: BlockSparse) -> tuple[np.ndarray, np.ndarray, int]:
 def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
     """numba version of ``reference.decode_rows``: each row decoded straight to its place."""
     (m, _), (bm, bk), n_bc = x.shape, x.block_shape, x.grid_shape[1]
-    out = torch.empty(min(m, stop * bm) - start * bm, n_bc * bk, dtype=x.values.dtype)
-    _decode_rows_kernel(
+    out = np.empty((min(m, stop * bm) - start * bm, n_bc * bk), np.float32)
+    _decode_rows_kernel[out.size](
         *_low(x), x.values.numpy(), x.row_indices.numpy(), x.ccol_indices.numpy(),
-        x.grid_shape[0], m, batch, start, stop, out.numpy(),
+        x.grid_shape[0], m, batch, start, stop, out,
     )  # fmt: skip
-    return out
+    return torch.from_numpy(out)
 
 
 def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
@@ -512,7 +537,7 @@ def _sum_rows(partial, out):
             out[j] += partial[r, j]
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _channel_scale_grad_kernel(dy, codes, low_scales, bits, values, row_indices, ccol, out):
     k, bm = dy.shape[2], values.shape[1]
     n_br = -(-dy.shape[0] * dy.shape[1] // bm)
@@ -527,7 +552,7 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """numba version of ``reference.channel_scale_grad``: one pass over dy and the codes, each
     row of X̃ decoded into a row buffer, never a tile."""
     out = np.empty(x.shape[1], np.float64)
-    _channel_scale_grad_kernel(
+    _channel_scale_grad_kernel[dy3.numel()](
         dy3.detach().contiguous().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
         x.ccol_indices.numpy(), out,
     )  # fmt: skip
@@ -538,7 +563,7 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 # whole bytes of the codes and exactly one byte of the non-finite row flags ----------------------
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _activation_codes_kernel(x, bounds, bits, codes, nonfinite):
     rows, k = x.shape
     for chunk in nb.prange(-(-rows // 8)):
@@ -571,11 +596,12 @@ def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tenso
     codes = torch.empty(-(-rows * k * code.bits // 8), dtype=torch.uint8)
     nonfinite = torch.empty(-(-rows // 8), dtype=torch.uint8)
     bounds = np.array(code.boundaries, dtype=np.float32)  # compared in x's dtype
-    _activation_codes_kernel(x2.numpy(), bounds, code.bits, codes.numpy(), nonfinite.numpy())
+    _activation_codes_kernel[x2.numel()](x2.numpy(), bounds, code.bits, codes.numpy(),
+                                         nonfinite.numpy())  # fmt: skip
     return codes, nonfinite
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _activation_grad_kernel(dy, codes, nonfinite, table, bits, out):
     rows, k = dy.shape
     for chunk in nb.prange(-(-rows // 8)):
@@ -604,15 +630,15 @@ def activation_grad(
     dy2 = dy2.contiguous()
     out = torch.empty_like(dy2)
     table = np.array(code.values, dtype=np.float32)
-    _activation_grad_kernel(dy2.numpy(), codes.numpy(), nonfinite.numpy(), table, code.bits,
-                            out.numpy())  # fmt: skip
+    _activation_grad_kernel[dy2.numel()](dy2.numpy(), codes.numpy(), nonfinite.numpy(), table,
+                                         code.bits, out.numpy())  # fmt: skip
     return out.view(dy.shape)
 
 
 # --- per-row codes of the input-gradient path (``rowcode``) -------------------------------------
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _row_scales_kernel(x, top, scales, inverses):
     for r in nb.prange(x.shape[0]):
         amax, nan = np.float32(0.0), False
@@ -631,14 +657,14 @@ def _code(v, inverse, top):
     return 0.0 if c != c else min(max(c, -top), top)  # NaN · 0 of a non-finite row: 0
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _encode8_kernel(x, inverses, top, codes):
     for r in nb.prange(x.shape[0]):
         for j in range(x.shape[1]):
             codes[r, j] = np.int8(_code(x[r, j], inverses[r], top))
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _encode4_kernel(flat, cols, inverses, top, packed):
     n = flat.shape[0]
     for i in nb.prange(packed.shape[0]):
@@ -656,24 +682,24 @@ def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     rows, cols = x.shape
     top = np.float32(2 ** (bits - 1) - 1)
     scales, inverses = torch.empty(rows), np.empty(rows, np.float32)
-    _row_scales_kernel(x, top, scales.numpy(), inverses)
+    _row_scales_kernel[x.size](x, top, scales.numpy(), inverses)
     if bits == 8:
         codes = torch.empty(rows, cols, dtype=torch.int8)
-        _encode8_kernel(x, inverses, top, codes.numpy())
+        _encode8_kernel[x.size](x, inverses, top, codes.numpy())
     else:
         codes = torch.empty(-(-rows * cols // 2), dtype=torch.uint8)
-        _encode4_kernel(x.reshape(-1), cols, inverses, top, codes.numpy())
+        _encode4_kernel[x.size](x.reshape(-1), cols, inverses, top, codes.numpy())
     return codes, scales
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _decode8_kernel(codes, scales, out):
     for r in nb.prange(out.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] = np.float32(codes[r, j]) * scales[r]
 
 
-@nb.njit(parallel=True, **_JIT)
+@_Parallel
 def _decode4_kernel(packed, scales, cols, out):
     flat = out.reshape(-1)
     for i in nb.prange(flat.shape[0]):
@@ -688,7 +714,7 @@ def decode_row_codes(
     """numba version of ``reference.decode_row_codes`` (float32): one pass over the codes."""
     out = torch.empty(scales.numel(), cols)
     if bits == 8:
-        _decode8_kernel(codes.view(-1, cols).numpy(), scales.numpy(), out.numpy())
+        _decode8_kernel[out.numel()](codes.view(-1, cols).numpy(), scales.numpy(), out.numpy())
     else:
-        _decode4_kernel(codes.numpy(), scales.numpy(), cols, out.numpy())
+        _decode4_kernel[out.numel()](codes.numpy(), scales.numpy(), cols, out.numpy())
     return out

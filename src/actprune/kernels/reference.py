@@ -228,11 +228,14 @@ def weight_grad_tiled(
     X̃ in batch-major row order (``decode_rows``) and the same rows of dy, read in place, are
     multiplied into dW, so no dense copy of X̃ (or of token-major dy) ever exists. Accumulated in
     float32 for 16-bit dy; result in dy3.dtype."""
-    (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
+    (m, k), (bm, bk), batch = x.shape, x.block_shape, dy3.shape[0]
+    n_br, n_bc = -(-m // bm), -(-k // bk)
+    tile_elements = TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
+    if n_br * bm * n_bc * bk <= tile_elements and _accumulator(dy3) == dy3.dtype:
+        # one tile, one product, no accumulator (checked before ``row_tiles``: host time)
+        tile = decode(x, 0, n_br, batch)
+        return dy3.reshape(m, dy3.shape[2]).t().mm(tile if n_bc * bk == k else tile[:, :k])
     tiles = list(row_tiles(x, batch))
-    if len(tiles) == 1 and _accumulator(dy3) == dy3.dtype:  # one product, no accumulator
-        (start, stop), = tiles
-        return _dy_tile(dy3, start, stop, bm).t().mm(decode(x, start, stop, batch)[:, :k])
     dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3))
     for start, stop in tiles:
         tile, dy = decode(x, start, stop, batch)[:, :k], _dy_tile(dy3, start, stop, bm)
@@ -263,15 +266,26 @@ def _weight_grad_by_blocks(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     return grad[:, : x.shape[1]]
 
 
-def use_block_matmul(x: BlockSparse) -> bool:
-    """CPU cost model: per-block matmuls beat dense tiles only for big blocks at low density.
+# The per-block path is a fixed handful of PyTorch calls (pad, gather, bmm, index_add per chunk);
+# below this many multiply-adds of the dense product, one decoded tile and one matmul take less
+# time than those calls do (docs/design.md, "Host cost, launches and the compiled path").
+BLOCK_PATH_MIN_MACS = 1 << 22
+
+
+def use_block_matmul(x: BlockSparse, n: int) -> bool:
+    """CPU cost model: per-block matmuls beat dense tiles only for big blocks at low density, and
+    only for products big enough to pay for the path's own calls (``BLOCK_PATH_MIN_MACS``).
 
     The per-block path runs at about c / density of dense speed with c = 0.2 · sqrt(bm·bk / 1024),
     fitted to measurements (docs/design.md, "Kernels and dispatch"). Never with a remainder: then
-    X̃ is dense.
+    X̃ is dense. ``n``: the gradient's rows (dy's width).
     """
-    bm, bk = x.block_shape
-    return x.remainder is None and x.density <= 0.2 * math.sqrt(bm * bk / 1024)
+    (bm, bk), (m, k) = x.block_shape, x.shape
+    return (
+        x.remainder is None
+        and n * m * k >= BLOCK_PATH_MIN_MACS
+        and x.density <= 0.2 * math.sqrt(bm * bk / 1024)
+    )
 
 
 def weight_grad(
@@ -282,7 +296,7 @@ def weight_grad(
     """dW [N, K] = dyᵀ [N, M] · X̃ [M, K], dy given as the row source dy3 [B, T, N] and X̃ as
     float blocks; result in dy3.dtype. ``decode`` writes the tiles of X̃ (default
     ``decode_rows``; the numba and meta backends pass theirs)."""
-    if use_block_matmul(x):
+    if use_block_matmul(x, dy3.shape[-1]):
         return _weight_grad_by_blocks(rows_of(dy3), x)
     return weight_grad_tiled(dy3, x, decode or decode_rows)
 
