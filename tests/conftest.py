@@ -2,6 +2,7 @@
 torch.compile caches in a fresh folder per session."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,6 +23,15 @@ atexit.register(shutil.rmtree, _INDUCTOR_CACHE, ignore_errors=True)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (make test: pytest -n auto)
     os.environ["NUMBA_NUM_THREADS"] = "1"  # read when numba is first imported
     torch.set_num_threads(1)
+
+# The numba kernels are compiled twice, parallel and serial, and pick one by size
+# (cpu_blocks._Parallel). The tests run the serial ones throughout (each worker has one numba
+# thread, and compiling both in every worker added about 40 s to CI); the parallel compilations
+# are checked against them by test_numba_serial_and_parallel_compilations_agree.
+if importlib.util.find_spec("numba"):
+    from actprune.kernels import cpu_blocks
+
+    cpu_blocks.SERIAL_BELOW = 2**62
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
