@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from . import norm_input, ops, rng
 from .config import PruneConfig
-from .storage import Parts
+from .storage import Parts, absent_part
 
 _exact = threading.local()  # .on, set by exact_gradients(): every layer runs its dense original
 
@@ -109,9 +109,16 @@ def compressed_rows(x: torch.Tensor, config: PruneConfig, stream: int = 0) -> Pa
 
 
 def _nothing_saved(x: torch.Tensor) -> Parts:
-    """compress_rows' parts when no parameter gradient needs the input: empty tensors."""
-    empty = x.new_empty(0)
-    return empty, empty.int(), empty.int(), empty.float(), empty.to(torch.uint8), empty.float()
+    """compress_rows' parts when no parameter gradient needs the input: every part absent."""
+    device = x.device
+    return (
+        absent_part(device, x.dtype, (0,), "values"),
+        absent_part(device, torch.int32, (0,), "row_indices"),
+        absent_part(device, torch.int32, (0,), "ccol_indices"),
+        absent_part(device, torch.float32, (0,), "scales"),
+        absent_part(device, torch.uint8, (0,), "low_codes"),
+        absent_part(device, torch.float32, (0,), "low_scales"),
+    )
 
 
 def compressing() -> bool:

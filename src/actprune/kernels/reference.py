@@ -192,12 +192,17 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
     return tile.view(count // batch, batch, n_bc * bk).transpose(0, 1).reshape(count, -1)
 
 
+def _tile_elements(x: BlockSparse) -> int:
+    """``TILE_ELEMENTS`` for x's device (the CPU's figure off CUDA, "meta" included)."""
+    return TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
+
+
 def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
     """Block-row ranges [start, stop) of about ``TILE_ELEMENTS`` elements each (the CPU's figure
     off CUDA, "meta" included), every start a row that is a multiple of ``batch`` (so a tile's
     rows are whole tokens of the row source)."""
     (bm, bk), (n_br, n_bc) = x.block_shape, x.grid_shape
-    tile_elements = TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
+    tile_elements = _tile_elements(x)
     step_rows = math.lcm(bm, batch)
     if x.remainder is not None:  # a tile's codes start on a byte: rows · n_bc·bk · bits ≡ 0 (8)
         step_rows = math.lcm(step_rows, 8 // math.gcd(n_bc * bk * x.remainder.bits, 8))
@@ -228,10 +233,8 @@ def weight_grad_tiled(
     X̃ in batch-major row order (``decode_rows``) and the same rows of dy, read in place, are
     multiplied into dW, so no dense copy of X̃ (or of token-major dy) ever exists. Accumulated in
     float32 for 16-bit dy; result in dy3.dtype."""
-    (m, k), (bm, bk), batch = x.shape, x.block_shape, dy3.shape[0]
-    n_br, n_bc = -(-m // bm), -(-k // bk)
-    tile_elements = TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
-    if n_br * bm * n_bc * bk <= tile_elements and _accumulator(dy3) == dy3.dtype:
+    (m, k), (bm, bk), (n_br, n_bc), batch = x.shape, x.block_shape, x.grid_shape, dy3.shape[0]
+    if n_br * bm * n_bc * bk <= _tile_elements(x) and _accumulator(dy3) == dy3.dtype:
         # one tile, one product, no accumulator (checked before ``row_tiles``: host time)
         tile = decode(x, 0, n_br, batch)
         return dy3.reshape(m, dy3.shape[2]).t().mm(tile if n_bc * bk == k else tile[:, :k])
