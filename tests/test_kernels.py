@@ -141,6 +141,47 @@ def test_channel_scale_grad(monkeypatch, backend, device, dtypes, b, t, k, n, bl
         torch.testing.assert_close(ref.double(), want, rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("row_order", ["token-major", "batch-major"])
+@pytest.mark.parametrize(  # (input shape, N): around cpu_blocks.FUSED_GRAD_MAX_MACS, padded K
+    "shape, n", [((8, 64), 64), ((3, 7, 40), 5), ((4, 16, 48), 24), ((2, 40, 64), 33)]
+)
+def test_codec_weight_grad_is_the_product_with_the_decoded_input(shape, n, row_order, bits):
+    """The codec's eager routes to dW (numba: decode and product fused below
+    ``FUSED_GRAD_MAX_MACS``, X̃ decoded whole and one product above; the backend's tiles past a
+    tile) against dyᵀ·X̃ of the parts it compressed, for every backend on this machine."""
+    from actprune.blocksparse import as_rows, codec_for
+    from actprune.storage import BlockSparse
+
+    config = PruneConfig.preset("uniform", remainder_bits=bits, row_order=row_order)
+    x, dy = torch.randn(*shape, device=DEVICE), torch.randn(*shape[:-1], n, device=DEVICE)
+    for choice in ("torch", "numba", "triton"):
+        if choice != "torch" and not importlib.util.find_spec(choice):
+            continue
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ACTPRUNE_KERNELS", choice)
+            codec = codec_for(config, x.shape, x.dtype, x.device)
+            assert codec is codec_for(config, x.shape, x.dtype, x.device)  # built once
+            parts = codec.compress(x)
+            got = codec.weight_grad(dy, parts)
+        x_tilde = BlockSparse.from_parts(parts, codec.shape, bits).to_dense()
+        want = as_rows(dy, row_order).double().t() @ x_tilde.double()
+        assert got.shape == (n, shape[-1]) and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_codec_is_rebuilt_when_the_backend_changes(monkeypatch):
+    from actprune.blocksparse import codec_for
+
+    config, x = PruneConfig.preset("recommended"), torch.randn(8, 64)
+    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    first = codec_for(config, x.shape, x.dtype, x.device)
+    assert first.kernels is reference
+    monkeypatch.setenv("ACTPRUNE_KERNELS", "auto")
+    second = codec_for(config, x.shape, x.dtype, x.device)
+    assert second is not first and second.kernels is kernels.backend_module(x)
+
+
 @pytest.mark.parametrize("choice", ["numba", "triton"])
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: c.label())
 def test_compress_is_the_same_on_every_backend(monkeypatch, choice, config):

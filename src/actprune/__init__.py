@@ -8,12 +8,13 @@ Architectures by Structured Activation Pruning" (arXiv 2311.16883).
 """
 
 from .attention import CodedAttention, coded_attention
-from .blocksparse import compress, select_blocks
+from .blocksparse import compress
 from .checkpoint import coded_checkpoint
 from .config import PruneConfig
 from .convert import describe_compression, prune_activations_, register_conversion, restore_dense_
 from .derivative_code import DerivativeCode, activation_derivative, derivative_code
 from .dropout import CodedDropout
+from .kernels import select_blocks
 from .layers import (
     CodedActivation,
     CodedGELU,

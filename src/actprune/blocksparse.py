@@ -1,22 +1,30 @@
-"""Compression: choose the highest-scoring blocks of a 2-D tensor and store them (``storage``).
+"""Compression: choose the highest-scoring blocks of a 2-D tensor and store them (``storage``), and
+read parameter gradients back from what was stored.
 
 ``compress`` scores every (bm × bk) block and, with a remainder, codes the whole tensor at low
 precision in the same pass (``kernels.score_blocks``), keeps the top k of each block-column or of
 the whole tensor (``select_blocks``), gathers them (``kernels.pack_blocks``) and optionally
 quantises them (int8). ``as_rows`` is how an N-D activation becomes the matrix that blocks are cut
 from; ``row_source`` is the same matrix as the kernels read it, without a copy.
+
+A layer's input has the same shape, dtype and device step after step, so a ``Codec`` makes every
+decision that depends only on those and the config once (backend, sizes, absent parts, the weight
+gradient's route) and a call then runs the launches and little Python around them: on a GPU, and
+for small layers anywhere, host time is what a compressed layer costs (docs/design.md, "Host
+cost, launches and the compiled path"). Every compression goes through one (``codec_for``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from . import kernels, rng
 from .config import PruneConfig
-from .kernels import select_blocks
-from .storage import BlockSparse, LowBitBlocks, absent_part, quantize_int8
+from .kernels import reference
+from .storage import BlockSparse, Parts, absent_parts, quantize_int8
 
 
 def row_source(t: torch.Tensor, row_order: str) -> torch.Tensor:
@@ -75,33 +83,139 @@ def compress_rows_of(
     x3: torch.Tensor, config: PruneConfig, stream: rng.Stream | None = None
 ) -> BlockSparse:
     """``compress`` of the rows of a row source x3 [B, T, C] (``row_source``), read in place."""
-    if not x3.is_floating_point():
-        raise ValueError(f"compress expects a floating-point tensor, got dtype {x3.dtype}")
     if x3.numel() == 0:
         shape = tuple(x3.shape[1:]) if x3.shape[0] == 1 else tuple(x3.shape)
         raise ValueError(f"compress expects a non-empty tensor, got shape {shape}")
-    block_shape, bits = config.block_shape, config.remainder_bits
-    x3 = kernels.readable(x3.detach())
-    key = (stream or rng.thread_stream()).next_key() if bits else 0
-    if config.uniform:
-        # No block is kept: the selection is empty, and its offsets are zeroed by the pass that
-        # codes the tensor (one launch in all). Its scores need only the block max, which the
-        # scales need anyway (an l2 or l1 score would be a sum computed for nothing).
-        ccol = torch.empty(-(-x3.shape[2] // block_shape[1]) + 1, dtype=torch.int32,
-                           device=x3.device)  # fmt: skip
-        _, codes, low_scales = kernels.score_blocks(x3, block_shape, "max", bits, key, ccol)
-        rows = absent_part(x3.device, torch.int32, (0,), "row_indices")
-        values = absent_part(x3.device, x3.dtype, (0, *block_shape), "values")
-    else:
-        scores, codes, low_scales = kernels.score_blocks(x3, block_shape, config.criterion, bits,
-                                                         key)  # fmt: skip
+    codec = codec_for(config, x3.shape, x3.dtype, x3.device)
+    return BlockSparse.from_parts(codec.compress(x3, stream), codec.shape, codec.bits)
+
+
+class Codec:
+    """The compression of one kind of input (shape, dtype, device) under one config, and the
+    parameter gradients read back from its parts, with every decision made when it is built.
+
+    An input x (..., K) is compressed as its row source [B, T, K] (``row_source``: the config's
+    row order), that is as the [B·T, K] matrix ``as_rows`` gives. Built by ``codec_for``.
+
+    Attributes:
+        config: the ``PruneConfig``.
+        source_shape: (B, T, K), the row source of the inputs it takes.
+        shape: (B·T, K), the matrix compressed.
+        bits: the remainder's bits (0: none).
+        nothing_saved: the ``Parts`` of nothing kept (every part absent), for an input whose
+            parameter needs no gradient.
+    """
+
+    def __init__(
+        self, config: PruneConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"compress expects a floating-point tensor, got dtype {dtype}")
+        probe = torch.empty(shape, dtype=dtype, device="meta")
+        self.config, self.bits = config, config.remainder_bits
+        self.source_shape = tuple(row_source(probe, config.row_order).shape)
+        batch, tokens, k = self.source_shape
+        self.shape = (batch * tokens, k)
+        (bm, bk), self.block_shape = config.block_shape, config.block_shape
+        self.grid = (-(-batch * tokens // bm), -(-k // bk))
+        n_br, n_bc = self.grid
         per_column = config.selection == "column"
-        k = config.kept_blocks(scores.shape[0] if per_column else scores.numel())
-        rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
-        values = kernels.pack_blocks(x3, rows, cols, block_shape)
-    scales = None
-    if config.int8:
-        values, scales = quantize_int8(values)
-    remainder = LowBitBlocks(codes, low_scales, bits) if bits else None
-    shape = (x3.shape[0] * x3.shape[1], x3.shape[2])
-    return BlockSparse(values, rows, ccol, shape, scales, remainder)
+        self.kept = config.kept_blocks(n_br if per_column else n_br * n_bc)
+        self.kernels = kernels.backend_module(torch.empty(0, dtype=dtype, device=device))
+        # The reference reads rows in place only batch-major: the token-major rows are copied
+        # once per compression, not once per kernel.
+        self.copy_rows = self.kernels is reference
+        self.nothing_saved = absent_parts(torch.device(device), dtype, self.block_shape)
+        # The weight gradient as one decoded tile and one product (``reference.one_tile``); the
+        # backend's route (tiles, per-block products or kernels) otherwise.
+        elements, self.dtype = n_br * bm * n_bc * bk, dtype
+        self.one_tile = self.bits > 0 and reference.one_tile(elements, torch.device(device), dtype)
+        # A backend may offer uniform quantization as an (encode, weight_grad) pair with
+        # everything fixed (``cpu_blocks.uniform_coders``): then a compression is one call, and
+        # a small weight gradient too.
+        coders = getattr(self.kernels, "uniform_coders", None)
+        self.coders = coders(self.source_shape, self.block_shape, self.bits) if (
+            coders and config.uniform) else None  # fmt: skip
+
+    def compress(self, x: torch.Tensor, stream: rng.Stream | None = None) -> Parts:
+        """The ``Parts`` of x (this codec's kind, any view of its row source), its rounding
+        drawn from ``stream`` (default: the calling thread's)."""
+        c, (bm, bk), bits = self.config, self.block_shape, self.bits
+        x3 = x.detach().reshape(self.source_shape)
+        key = (stream or rng.thread_stream()).next_key() if bits else 0
+        values, rows, ccol, scales, codes, low_scales = self.nothing_saved
+        if self.coders is not None:
+            ccol, codes, low_scales = self.coders[0](x3, key)
+            return values, rows, ccol, scales, codes, low_scales
+        if self.copy_rows:
+            x3 = reference.rows_of(x3).unsqueeze(0)
+        if c.uniform:
+            # No block is kept: the selection is empty, and its offsets are zeroed by the pass
+            # that codes the tensor (one launch in all). Its scores need only the block max,
+            # which the scales need anyway (an l2 or l1 score would be a sum computed for nothing).
+            ccol = torch.empty(self.grid[1] + 1, dtype=torch.int32, device=x3.device)
+            _, codes, low_scales = self.kernels.score_blocks(x3, self.block_shape, "max", bits,
+                                                             key, ccol)  # fmt: skip
+            return values, rows, ccol, scales, codes, low_scales
+        scores, found_codes, found_scales = self.kernels.score_blocks(
+            x3, self.block_shape, c.criterion, bits, key
+        )
+        # at least one block is kept (``PruneConfig.kept_blocks``): the backend's kernels
+        per_column = c.selection == "column"
+        rows, cols, ccol = self.kernels.select_blocks(scores, self.kept, per_column=per_column)
+        values = self.kernels.pack_blocks(x3, rows, cols, (bm, bk))
+        if c.int8:
+            values, scales = quantize_int8(values)
+        if bits:
+            codes, low_scales = found_codes, found_scales
+        return values, rows, ccol, scales, codes, low_scales
+
+    def _source(self, dy: torch.Tensor) -> torch.Tensor:
+        """dy (the gradient of an output of the input's rows) as a row source [B, T, N]."""
+        return dy.reshape(self.source_shape[0], self.source_shape[1], dy.shape[-1])
+
+    def weight_grad(self, dy: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """dW [N, K] = dyᵀ·X̃, X̃ the input ``parts`` hold and dy (..., N) the output's gradient
+        (``kernels.weight_grad``); contiguous."""
+        dy3, k = self._source(dy), self.shape[1]
+        if self.one_tile and self.coders is not None and dy.dtype == self.dtype:
+            return self.coders[1](dy3, parts[4], parts[5])
+        x = BlockSparse.from_parts(parts, self.shape, self.bits).dequantized(dy.dtype)
+        if self.one_tile and dy.dtype == self.dtype:
+            tile = self.kernels.decode_rows(x, 0, self.grid[0], self.source_shape[0])
+            return reference.one_tile_weight_grad(dy3, tile, k)
+        return self.kernels.weight_grad(dy3, x).contiguous()
+
+    def channel_scale_grad(self, dy: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """[K] = Σ_rows dy ⊙ X̃, the gradient of a per-channel scale whose input ``parts`` hold
+        (``kernels.channel_scale_grad``); contiguous."""
+        x = BlockSparse.from_parts(parts, self.shape, self.bits).dequantized(dy.dtype)
+        return self.kernels.channel_scale_grad(self._source(dy), x).contiguous()
+
+
+_codecs: dict[tuple, Codec] = {}
+
+
+def codec_for(
+    config: PruneConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Codec:
+    """The ``Codec`` of inputs of ``shape``, ``dtype`` and ``device`` under ``config``: built on
+    the first call, one dict lookup after that (also keyed by ``ACTPRUNE_KERNELS``, which picks
+    the backend).
+
+    Example:
+        >>> import torch
+        >>> from actprune import PruneConfig
+        >>> from actprune.blocksparse import codec_for
+        >>> x = torch.randn(4, 16, 64)
+        >>> codec = codec_for(PruneConfig.preset("recommended"), x.shape, x.dtype, x.device)
+        >>> codec.source_shape, codec.shape
+        ((4, 16, 64), (64, 64))
+        >>> [tuple(t.shape) for t in codec.compress(x)][4:]   # 4-bit codes, a scale per block
+        [(2048,), (2, 2)]
+    """
+    key = (config.to_json(), shape, dtype, device, os.environ.get("ACTPRUNE_KERNELS"))
+    found = _codecs.get(key)
+    if found is None:
+        found = _codecs[key] = Codec(config, shape, dtype, device)
+    return found

@@ -22,6 +22,7 @@ saved (``norm_input``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -32,8 +33,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import norm_input, ops, rng
+from .blocksparse import Codec, codec_for
 from .config import PruneConfig
-from .storage import Parts, absent_part
+from .storage import Parts, absent_parts
 
 _exact = threading.local()  # .on, set by exact_gradients(): every layer runs its dense original
 
@@ -72,20 +74,20 @@ class _CompressionCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple] = {}
 
-    def get(self, x: torch.Tensor, key: str) -> Parts | None:
+    def get(self, x: torch.Tensor, key: object) -> Parts | None:
         entry = self._entries.get(id(x))
         if entry is None:
             return None
         x_ref, version, entry_key, refs = entry
         tensors = tuple(r() for r in refs)
         # not ``None in tensors``: that compares None to every tensor with ==, an op each
-        if x_ref() is not x or version != x._version or entry_key != key or any(
+        if x_ref() is not x or version != x._version or entry_key is not key or any(
             t is None for t in tensors
         ):
             return None
         return tensors
 
-    def put(self, x: torch.Tensor, key: str, tensors: Parts) -> None:
+    def put(self, x: torch.Tensor, key: object, tensors: Parts) -> None:
         ident = id(x)
         drop = self._entries.pop
         x_ref = weakref.ref(x, lambda _: drop(ident, None))
@@ -95,30 +97,22 @@ class _CompressionCache:
 _cache = _CompressionCache()
 
 
-def compressed_rows(x: torch.Tensor, config: PruneConfig, stream: int = 0) -> Parts:
-    """``ops.compress_rows`` of x, reusing an earlier call's tensors for the same x and config
-    (drawn from whichever stream compressed it first)."""
-    key = config.to_json()
-    if torch.compiler.is_compiling():
-        return ops.compress_rows(x.detach(), key, stream)
-    found = _cache.get(x, key)
-    if found is None:  # compress_parts reads x detached: records no graph, grad mode or not
-        found = ops.compress_parts(x, key, stream)
-        _cache.put(x, key, found)
+def compressed_rows(x: torch.Tensor, codec: Codec, stream: int = 0) -> Parts:
+    """``codec.compress(x)`` (drawn from ``rng.stream(stream)``), reusing an earlier call's
+    tensors for the same x and codec (drawn from whichever stream compressed it first)."""
+    found = _cache.get(x, codec)
+    if found is None:  # the codec reads x detached: records no graph, grad mode or not
+        found = codec.compress(x, rng.stream(stream))
+        _cache.put(x, codec, found)
     return found
 
 
-def _nothing_saved(x: torch.Tensor) -> Parts:
-    """compress_rows' parts when no parameter gradient needs the input: every part absent."""
-    device = x.device
-    return (
-        absent_part(device, x.dtype, (0,), "values"),
-        absent_part(device, torch.int32, (0,), "row_indices"),
-        absent_part(device, torch.int32, (0,), "ccol_indices"),
-        absent_part(device, torch.float32, (0,), "scales"),
-        absent_part(device, torch.uint8, (0,), "low_codes"),
-        absent_part(device, torch.float32, (0,), "low_scales"),
-    )
+def _compiled_parts(x: torch.Tensor, config: PruneConfig, stream: int, needed: bool) -> Parts:
+    """The parts under torch.compile: ``ops.compress_rows`` (opaque to inductor), or every part
+    absent when no parameter gradient needs them."""
+    if needed:
+        return ops.compress_rows(x.detach(), config.to_json(), stream)
+    return absent_parts(x.device, x.dtype, config.block_shape)
 
 
 def compressing() -> bool:
@@ -135,14 +129,28 @@ def _needs_graph(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     )
 
 
+_autocast_available = functools.cache(torch.amp.is_autocast_available)  # per call: host time
+# One C call that is False while autocast is off on every device: the common case, answered
+# without building x's device (private to torch, hence the fallback: always ask per device).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast now casts to on x's device, or None when it is off there."""
+    if not _any_autocast():
+        return None
+    kind = x.device.type
+    if _autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def autocast_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """The autocast now active for x's device, as a context to enter again later: autocast is
     off during backward, and a backward that recomputes forward work must compute it in the
     forward's dtypes."""
-    kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind))
-    return contextlib.nullcontext()
+    dtype = _autocast_dtype(x)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
 class CompressedLayer:
@@ -211,19 +219,20 @@ def linear_keeping_compressed_input(
         return F.linear(x, weight, bias)
     compiling = torch.compiler.is_compiling()
     norm = None if compiling or not weight.requires_grad else norm_input.find(x)
-    kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
         # Cast as autocast casts linear's arguments, so the op computes, and the compressed
         # input is kept, in the autocast dtype (the op itself is opaque to autocast).
-        dtype = torch.get_autocast_dtype(kind)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if norm is not None:  # a norm's output: its saved x̂ serves dW (norm_input)
         return norm_input.NormInputLinearFunction.apply(x, weight, bias, norm)
-    parts = compressed_rows(x, config, stream) if weight.requires_grad else _nothing_saved(x)
     if compiling:
+        parts = _compiled_parts(x, config, stream, weight.requires_grad)
         return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
-    return ops.PrunedLinearFunction.apply(x, weight, bias, parts, config.to_json())
+    codec = codec_for(config, x.shape, x.dtype, x.device)
+    parts = compressed_rows(x, codec, stream) if weight.requires_grad else codec.nothing_saved
+    return ops.PrunedLinearFunction.apply(x, weight, bias, parts, codec)
 
 
 class PrunedLinear(CompressedLayer, nn.Linear):
@@ -338,10 +347,12 @@ def scale_channels(
     also for a scale that is a bare Parameter inside a block's forward."""
     if not _needs_graph(x, scale, shift):
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
-    parts = compressed_rows(x, config, stream) if scale.requires_grad else _nothing_saved(x)
     if torch.compiler.is_compiling():
+        parts = _compiled_parts(x, config, stream, scale.requires_grad)
         return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
-    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, config.to_json())
+    codec = codec_for(config, x.shape, x.dtype, x.device)
+    parts = compressed_rows(x, codec, stream) if scale.requires_grad else codec.nothing_saved
+    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, codec)
 
 
 class PrunedChannelScale(CompressedLayer):

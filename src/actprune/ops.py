@@ -32,24 +32,20 @@ import torch.nn.functional as F
 
 from . import kernels, rng
 from .bitpack import pack_codes, unpack_codes
-from .blocksparse import compress_rows_of, row_source
+from .blocksparse import Codec, codec_for, row_source
 from .config import PruneConfig
 from .derivative_code import ACTIVATIONS, derivative_code
-from .storage import BlockSparse, Parts
-
-
-def compress_parts(x: torch.Tensor, config: str, stream: int) -> Parts:
-    """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``, its
-    rounding drawn from ``rng.stream(stream)`` (0: the calling thread's): ``compress_rows``'s
-    body, which eager mode calls directly (no operator dispatch)."""
-    c = PruneConfig.from_json(config)
-    return compress_rows_of(row_source(x.detach(), c.row_order), c, rng.stream(stream)).parts()
+from .storage import Parts
 
 
 @torch.library.custom_op("actprune::compress_rows", mutates_args=())
 def compress_rows(x: torch.Tensor, config: str, stream: int) -> Parts:
-    """``compress_parts`` as an operator (torch.compile and the meta device see its shapes)."""
-    return compress_parts(x, config, stream)
+    """The ``Parts`` of ``compress(as_rows(x), c)``, c = ``PruneConfig.from_json(config)``, its
+    rounding drawn from ``rng.stream(stream)`` (0: the calling thread's): the ``Codec``'s
+    compression as an operator (torch.compile and the meta device see its shapes; eager layers
+    call the codec directly)."""
+    codec = codec_for(PruneConfig.from_json(config), x.shape, x.dtype, x.device)
+    return codec.compress(x, rng.stream(stream))
 
 
 @compress_rows.register_fake
@@ -68,24 +64,33 @@ def _(x, config, stream):
     return values, rows, ccol, scales, low_codes, low_scales
 
 
-def _dy_rows(ctx, dy: torch.Tensor) -> torch.Tensor:
-    """dy as the row source the gradient kernels read (a view: no token-major copy)."""
-    return row_source(dy, ctx.config.row_order)
+def _save_compressed(ctx, x, parts, codec_or_config, *params) -> None:
+    """Saves the parameters and parts; keeps what the parameter gradient needs: the ``Codec``
+    (eager) or the config string (the operators', which call ``block_sparse_grad``)."""
+    ctx.x_shape = x.shape
+    ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
+    if isinstance(codec_or_config, Codec):
+        ctx.codec = codec_or_config
+    else:
+        ctx.codec, ctx.config = None, codec_or_config
+        ctx.row_order = PruneConfig.from_json(codec_or_config).row_order
+    ctx.save_for_backward(*params, *parts)
 
 
-def _require_saved(ctx, op: str) -> None:
+def _param_grad(ctx, dy: torch.Tensor, parts: list, param: str, op: str) -> torch.Tensor:
+    """The gradient of the parameter that multiplied the compressed input: dW for a Linear
+    (``param="weight"``), d scale for a per-channel scale (``"channel_scale"``)."""
     if not ctx.compressed:
         raise RuntimeError(
             f"actprune::{op} got no compressed input (empty values and codes), so it kept "
             "nothing to compute the parameter gradient from; pass compress_rows' outputs when "
             "the parameter needs grad"
         )
-
-
-def _save_compressed(ctx, x, parts, config, *params) -> None:
-    ctx.x_shape, ctx.config = x.shape, PruneConfig.from_json(config)
-    ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
-    ctx.save_for_backward(*params, *parts)
+    if ctx.codec is not None:  # eager: the codec's kernels, no operator dispatch
+        return _CODEC_GRADIENTS[param](ctx.codec, dy, tuple(parts))
+    rows, cols = math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1]
+    dy3 = row_source(dy, ctx.row_order)  # a view: no token-major copy
+    return block_sparse_grad(dy3, *parts, ctx.config, rows, cols, param)
 
 
 # --- Linear ---------------------------------------------------------------------------------------
@@ -107,23 +112,19 @@ def _(x, weight, bias, *parts_and_config):
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, *parts, config = inputs
+    x, weight, bias, *parts, codec_or_config = inputs
     ctx.has_bias = bias is not None
-    _save_compressed(ctx, x, parts, config, weight)
+    _save_compressed(ctx, x, parts, codec_or_config, weight)
 
 
-def _linear_backward(ctx, dy, param_grad=None):
+def _linear_backward(ctx, dy):
     weight, *parts = ctx.saved_tensors
     dy2d = dy.reshape(math.prod(ctx.x_shape[:-1]), dy.shape[-1])  # also when dy has 0 columns
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = dy2d.mm(weight).view(ctx.x_shape)
     if ctx.needs_input_grad[1]:
-        _require_saved(ctx, "pruned_linear")
-        rows, cols = dy2d.shape[0], ctx.x_shape[-1]
-        dw = (param_grad or block_sparse_grad)(
-            _dy_rows(ctx, dy), *parts, ctx.config.to_json(), rows, cols, "weight"
-        )
+        dw = _param_grad(ctx, dy, parts, "weight", "pruned_linear")
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy2d.sum(0)
     return dx, dw, db, *[None] * 7
@@ -134,18 +135,19 @@ pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 class PrunedLinearFunction(torch.autograd.Function):
     """``pruned_linear`` for eager mode: the same setup and backward, without the operator
-    dispatch (a custom op's Python dispatch costs more than a small layer's whole step). The
-    parts come as one tuple: autograd then checks three tensor arguments, not nine."""
+    dispatch (a custom op's Python dispatch costs more than a small layer's whole step), given
+    the ``Codec`` that made the parts instead of the config string. The parts come as one tuple:
+    autograd then checks three tensor arguments, not nine."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, parts, config):
+    def forward(ctx, x, weight, bias, parts, codec):
         out = F.linear(x, weight, bias)
-        _linear_setup(ctx, (x, weight, bias, *parts, config), out)
+        _linear_setup(ctx, (x, weight, bias, *parts, codec), out)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_linear_backward(ctx, dy, param_grad_eager)[:3], None, None)
+        return (*_linear_backward(ctx, dy)[:3], None, None)
 
 
 # --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
@@ -167,23 +169,20 @@ def _(x, scale, shift, *parts_and_config):
 
 
 def _scale_setup(ctx, inputs, output) -> None:
-    x, scale, shift, *parts, config = inputs
+    x, scale, shift, *parts, codec_or_config = inputs
     ctx.shift_shape = None if shift is None else shift.shape
     ctx.scale_shape = scale.shape
-    _save_compressed(ctx, x, parts, config, scale)
+    _save_compressed(ctx, x, parts, codec_or_config, scale)
 
 
-def _scale_backward(ctx, dy, param_grad=None):
+def _scale_backward(ctx, dy):
     scale, *parts = ctx.saved_tensors
     dx = dscale = dshift = None
     channels = ctx.x_shape[-1]
     if ctx.needs_input_grad[0]:
         dx = dy * scale
     if ctx.needs_input_grad[1]:
-        _require_saved(ctx, "pruned_channel_scale")
-        rows, config = dy.numel() // channels, ctx.config.to_json()
-        dscale = (param_grad or block_sparse_grad)(_dy_rows(ctx, dy), *parts, config, rows,
-                                                   channels, "channel_scale")  # fmt: skip
+        dscale = _param_grad(ctx, dy, parts, "channel_scale", "pruned_channel_scale")
         dscale = dscale.view(ctx.scale_shape)
     if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
         dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
@@ -197,30 +196,20 @@ class PrunedChannelScaleFunction(torch.autograd.Function):
     """``pruned_channel_scale`` for eager mode (see ``PrunedLinearFunction``)."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, parts, config):
+    def forward(ctx, x, scale, shift, parts, codec):
         out = x * scale if shift is None else torch.addcmul(shift, scale, x)
-        _scale_setup(ctx, (x, scale, shift, *parts, config), out)
+        _scale_setup(ctx, (x, scale, shift, *parts, codec), out)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_scale_backward(ctx, dy, param_grad_eager)[:3], None, None)
+        return (*_scale_backward(ctx, dy)[:3], None, None)
 
 
 # --- the parameter gradient from a compressed tensor ----------------------------------------------
 
 
-_GRADIENTS = {"weight": kernels.weight_grad, "channel_scale": kernels.channel_scale_grad}
-
-
-def param_grad_eager(dy, *parts_and_args) -> torch.Tensor:
-    """``block_sparse_grad``'s body, which eager mode calls directly. Contiguous, as the fake
-    says (a gradient of a width that is not a multiple of the block is a slice of a padded one,
-    which compiled code would otherwise read with the wrong strides)."""
-    *parts, config, rows, cols, param = parts_and_args
-    bits = PruneConfig.from_json(config).remainder_bits
-    grad = _GRADIENTS[param](dy, BlockSparse.from_parts(tuple(parts), (rows, cols), bits))
-    return grad.contiguous()
+_CODEC_GRADIENTS = {"weight": Codec.weight_grad, "channel_scale": Codec.channel_scale_grad}
 
 
 @torch.library.custom_op("actprune::block_sparse_grad", mutates_args=())
@@ -234,7 +223,9 @@ def block_sparse_grad(
     parts: ``param="weight"`` gives dW [N, cols] = dyᵀ·X̃ (Linear), ``param="channel_scale"``
     gives [cols] = Σ_m dy[m, :] ⊙ X̃[m, :] (N = cols)."""
     parts = (values, row_indices, ccol_indices, scales, low_codes, low_scales)
-    return param_grad_eager(dy, *parts, config, rows, cols, param)
+    source = (dy.shape[0], rows // max(1, dy.shape[0]), cols)  # X's row source
+    codec = codec_for(PruneConfig.from_json(config), source, dy.dtype, dy.device)
+    return _CODEC_GRADIENTS[param](codec, dy, parts)
 
 
 @block_sparse_grad.register_fake

@@ -35,6 +35,20 @@ def absent_part(
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.cache
+def absent_parts(device: torch.device, dtype: torch.dtype, block_shape: tuple[int, int]) -> Parts:
+    """The ``Parts`` of nothing kept, every part absent (``absent_part``), for an input of
+    ``dtype`` compressed in blocks of ``block_shape``."""
+    return (
+        absent_part(device, dtype, (0, *block_shape), "values"),
+        absent_part(device, torch.int32, (0,), "row_indices"),
+        absent_part(device, torch.int32, (0,), "ccol_indices"),
+        absent_part(device, torch.float32, (0,), "scales"),
+        absent_part(device, torch.uint8, (0,), "low_codes"),
+        absent_part(device, torch.float32, (0,), "low_scales"),
+    )
+
+
 def blocked_view(x: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
     """View x [M, K] as [n_br, bm, n_bc, bk], zero-padding the edges (a copy only when needed)."""
     bm, bk = block_shape

@@ -32,6 +32,7 @@ __all__ = [
     "activation_codes",
     "activation_grad",
     "backend_for",
+    "backend_module",
     "channel_scale_grad",
     "decode_row_codes",
     "dropout_grad",
@@ -40,7 +41,6 @@ __all__ = [
     "normalized_row_codes",
     "pack_blocks",
     "pack_mask",
-    "readable",
     "score_blocks",
     "select_blocks",
     "weight_grad",
@@ -78,15 +78,13 @@ def _module(backend: str) -> ModuleType:
     return reference if name is None else importlib.import_module(f".{name}", __name__)
 
 
-def _impl(x: torch.Tensor) -> ModuleType:
-    # "meta" is the planner: allocate what the fast backends allocate
+def backend_module(x: torch.Tensor) -> ModuleType:
+    """The module whose kernels run for tensors like x: ``backend_for``'s, or on the meta device
+    (the planner) ``meta_blocks``, which allocates what the fast backends allocate. Each has
+    ``score_blocks``, ``pack_blocks``, ``decode_rows``, ``weight_grad`` and
+    ``channel_scale_grad`` with ``reference``'s contracts; ``blocksparse.Codec`` asks once and
+    calls them directly."""
     return _module("meta" if x.device.type == "meta" else backend_for(x))
-
-
-def readable(x3: torch.Tensor) -> torch.Tensor:
-    """x3 as the kernels for it want the row source: itself for the backends that follow strides,
-    its rows as [1, M, C] (copied once) for the reference, which would otherwise copy per call."""
-    return reference.rows_of(x3).unsqueeze(0) if _impl(x3) is reference else x3
 
 
 def score_blocks(
@@ -102,7 +100,7 @@ def score_blocks(
     the whole tensor (``storage.LowBitBlocks``), rounded with ``rng.random_bytes(key, ·)``.
     ``ccol`` (int32 [n_bc + 1]), when given, is zeroed in the same pass: the block-column offsets
     of an empty selection, so uniform quantization's compression is one launch."""
-    return _impl(x3).score_blocks(x3, block_shape, criterion, bits, key, ccol)
+    return backend_module(x3).score_blocks(x3, block_shape, criterion, bits, key, ccol)
 
 
 def select_blocks(
@@ -133,10 +131,9 @@ def select_blocks(
         ([0, 3], [0, 1, 1, 1, 2])
     """
     # numba on the CPU, one Triton launch on CUDA (neither sorts; "meta" allocates as numba
-    # does); the PyTorch reference otherwise.
-    if k and (scores.is_meta or backend_for(scores) in ("numba", "triton")):
-        return _impl(scores).select_blocks(scores, k, per_column=per_column)
-    return reference.select_blocks(scores, k, per_column=per_column)
+    # does); the PyTorch reference otherwise and for an empty selection.
+    impl = backend_module(scores) if k else reference
+    return impl.select_blocks(scores, k, per_column=per_column)
 
 
 def pack_blocks(
@@ -145,7 +142,7 @@ def pack_blocks(
     """values [nnz, bm, bk]: block (rows[i], cols[i]) of the rows of x3, zero-padded at edges."""
     if rows.numel() == 0:  # uniform quantization keeps no block: no launch
         return x3.new_empty(0, *block_shape)
-    return _impl(x3).pack_blocks(x3, rows, cols, block_shape)
+    return backend_module(x3).pack_blocks(x3, rows, cols, block_shape)
 
 
 def _as_source(dy: torch.Tensor) -> torch.Tensor:
@@ -158,26 +155,26 @@ def weight_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     rows at a time.
 
     int8 blocks are dequantised to dy.dtype first (a transient of the kept blocks' size)."""
-    return _impl(dy).weight_grad(_as_source(dy), x.dequantized(dy.dtype))
+    return backend_module(dy).weight_grad(_as_source(dy), x.dequantized(dy.dtype))
 
 
 def channel_scale_grad(dy: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     """[K] = Σ_m dy[m, k] · X̃[m, k], dy [M, K] or a row source [B, T, K] (its rows): the gradient
     of a per-channel scale whose input is X̃."""
-    return _impl(dy).channel_scale_grad(_as_source(dy), x.dequantized(dy.dtype))
+    return backend_module(dy).channel_scale_grad(_as_source(dy), x.dequantized(dy.dtype))
 
 
 def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, nonfinite): ``code``'s packed piece index of every element of an activation's
     input x (..., K), and one bit per row set where the row holds a NaN or ±Inf."""
-    return _impl(x).activation_codes(x, code)
+    return backend_module(x).activation_codes(x, code)
 
 
 def activation_grad(
     dy: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, code: DerivativeCode
 ) -> torch.Tensor:
     """dx = dy ⊙ q(x) from ``activation_codes``' output, NaN in the rows flagged non-finite."""
-    return _impl(dy).activation_grad(dy, codes, nonfinite, code)
+    return backend_module(dy).activation_grad(dy, codes, nonfinite, code)
 
 
 def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

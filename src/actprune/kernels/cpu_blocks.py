@@ -20,6 +20,7 @@ layer costs, ``torch.empty`` + ``.numpy()`` took about twice as long (3.5 vs 1.9
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import FunctionType
 
@@ -293,6 +294,34 @@ def _score_blocks_kernel(x, x_bits, mask, inf_bits, bm, bk, criterion, bits, key
 
 # float32's magnitude bits: the mask that clears the sign bit, and the bits of +Inf.
 _MAGNITUDE, _INF_BITS = np.int32(0x7FFFFFFF), 0x7F800000
+_NO_SCALES = np.empty(0, np.float32)  # the low scales without a remainder (read-only: no elements)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scorer(
+    shape: tuple[int, int, int], block_shape: tuple[int, int], criterion: str, bits: int
+) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``score_blocks`` of row sources of ``shape`` as a function of (x as a C-contiguous float32
+    array of that shape, key) to (scores, codes, low_scales): sizes and the compilation fixed once
+    per kind of call (host time: docs/design.md, "Host cost, launches and the compiled path")."""
+    (bm, bk), (batch, t, k) = block_shape, shape
+    n_br, n_bc = -(-batch * t // bm), -(-k // bk)
+    kernel, code = _score_blocks_kernel[batch * t * k], _CRITERION_CODE[criterion]
+    scale_shape, code_bytes = (n_br, n_bc) if bits else (1, 1), n_br * bm * n_bc * bk * bits // 8
+
+    def score(x: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, low_scales = np.empty((n_br, n_bc), np.float32), np.empty(scale_shape, np.float32)
+        codes = np.empty(code_bytes, np.uint8)
+        kernel(x, x.view(np.int32), _MAGNITUDE, _INF_BITS, bm, bk, code, bits, np.uint32(key),
+               scores, low_scales, codes)  # fmt: skip
+        return scores, codes, low_scales if bits else _NO_SCALES
+
+    return score
+
+
+def _array(x3: torch.Tensor) -> np.ndarray:
+    """x3's memory as a C-contiguous array (a no-op for activations: one compiled layout)."""
+    return x3.detach().contiguous().numpy()
 
 
 def score_blocks(
@@ -304,21 +333,84 @@ def score_blocks(
     ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """numba version of ``reference.score_blocks``: one read of x3 for scores and codes."""
-    (bm, bk), (batch, t, k) = block_shape, x3.shape
     if ccol is not None:
         ccol.zero_()
-    if bits and bk % 8:  # the codes are written 8 per group (a word of random bytes per 4)
+    if bits and block_shape[1] % 8:  # the codes are written 8 per group (a word per 4 bytes)
         return reference.score_blocks(x3, block_shape, criterion, bits, key)
-    x = x3.contiguous().numpy()  # a no-op for activations; one compiled layout for every caller
-    n_br, n_bc = -(-batch * t // bm), -(-k // bk)
-    scores = np.empty((n_br, n_bc), np.float32)
-    low_scales = np.empty((n_br, n_bc) if bits else (1, 1), np.float32)
-    codes = np.empty(n_br * bm * n_bc * bk * bits // 8, np.uint8)
-    _score_blocks_kernel[x.size](x, x.view(np.int32), _MAGNITUDE, _INF_BITS, bm, bk,
-                                 _CRITERION_CODE[criterion], bits, np.uint32(key), scores,
-                                 low_scales, codes)  # fmt: skip
-    low_scales = low_scales if bits else np.empty(0, np.float32)
-    return torch.from_numpy(scores), torch.from_numpy(codes), torch.from_numpy(low_scales)
+    score = _scorer(tuple(x3.shape), block_shape, criterion, bits)
+    return tuple(torch.from_numpy(a) for a in score(_array(x3), key))
+
+
+@nb.njit(**_JIT)
+def _uniform_weight_grad_kernel(dy, codes, low_scales, bits, bm, bk, out):
+    """out [N, K] = dyᵀ·X̃ for an X̃ coded whole (no kept block), dy its row source [B, T, N]:
+    each row of X̃ decoded into a row buffer (token-major: row t·B + b meets dy[b, t]) and its
+    outer product with that row of dy added to out, in one call."""
+    batch, tokens, n = dy.shape
+    n_bc, k = low_scales.shape[1], out.shape[1]
+    k_padded = n_bc * bk
+    scales = np.empty(k_padded, np.float32)
+    lanes = np.empty(k_padded, np.uint8)
+    row = np.empty(k_padded, np.float32)
+    no_kept, no_values = np.full(n_bc, -1, np.int32), np.empty((0, bm, bk), np.float32)
+    out[:] = 0
+    t = b = 0
+    for r in range(batch * tokens):
+        if r % bm == 0:
+            _block_row_scales(low_scales, r // bm, bk, bits, scales)
+        _unpack_rows(codes, bits, r, 1, k_padded, lanes)
+        _decoded_row(lanes, 0, scales, bits, no_kept, no_values, 0, row)
+        for i in range(n):
+            g = dy[b, t, i]
+            for j in range(k):
+                out[i, j] += g * row[j]
+        t, b = _next_row(t, b, batch)
+
+
+# Below this many multiply-adds the weight gradient of uniform quantization is one numba call
+# (decode and product fused); above it, X̃ decoded and one matmul (docs/design.md, "Host cost,
+# launches and the compiled path").
+FUSED_GRAD_MAX_MACS = 1 << 16
+
+
+def uniform_coders(
+    shape: tuple[int, int, int], block_shape: tuple[int, int], bits: int
+) -> tuple[Callable, Callable] | None:
+    """Uniform quantization (no block kept) of row sources of ``shape`` as two functions, every
+    size, compilation and absent part fixed: ``encode(x3, key)`` (x3 detached) gives (ccol, codes,
+    low_scales), ``score_blocks``' codes and scales with the empty selection's zeroed offsets, and
+    ``weight_grad(dy3, codes, low_scales)`` gives dW = dyᵀ·X̃ (``reference.weight_grad``) for dy3
+    [B, T, N], one fused call below ``FUSED_GRAD_MAX_MACS`` multiply-adds, else X̃ decoded whole
+    (``decode_rows`` of every block-row) and one product: ``blocksparse.Codec`` calls them where X̃
+    fits one tile. None where ``score_blocks`` would not run here (bk not a multiple of 8)."""
+    (bm, bk), (batch, t, k) = block_shape, shape
+    if bk % 8:
+        return None
+    m, n_br, n_bc = batch * t, -(-batch * t // bm), -(-k // bk)
+    score = _scorer(shape, block_shape, "max", bits)
+    kernel = _decode_rows_kernel[m * n_bc * bk]
+    no_values, no_ints = np.empty((0, bm, bk), np.float32), np.empty(0, np.int32)
+    ccol = np.zeros(n_bc + 1, np.int32)
+
+    def encode(x3: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, codes, low_scales = score(x3.contiguous().numpy(), key)
+        return torch.from_numpy(ccol.copy()), torch.from_numpy(codes), torch.from_numpy(low_scales)
+
+    def weight_grad(
+        dy3: torch.Tensor, codes: torch.Tensor, low_scales: torch.Tensor
+    ) -> torch.Tensor:
+        n = dy3.shape[2]
+        if m * n * k <= FUSED_GRAD_MAX_MACS:
+            out = np.empty((n, k), np.float32)
+            _uniform_weight_grad_kernel(_array(dy3), codes.numpy(), low_scales.numpy(), bits, bm,
+                                        bk, out)  # fmt: skip
+            return torch.from_numpy(out)
+        tile = np.empty((m, n_bc * bk), np.float32)
+        kernel(codes.numpy(), low_scales.numpy(), bits, no_values, no_ints, ccol, n_br, m, batch,
+               0, n_br, tile)  # fmt: skip
+        return reference.one_tile_weight_grad(dy3, torch.from_numpy(tile), k)
+
+    return encode, weight_grad
 
 
 @nb.njit(**_JIT)

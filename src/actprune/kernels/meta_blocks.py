@@ -50,13 +50,13 @@ def pack_blocks(
     return x3.new_empty(rows.numel(), *block_shape)
 
 
-def _decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
+def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tensor:
     (m, _), (bm, bk), n_bc = x.shape, x.block_shape, x.grid_shape[1]
     return x.values.new_empty(min(m, stop * bm) - start * bm, n_bc * bk)
 
 
 def weight_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
-    return reference.weight_grad(dy3, x, _decode_rows)
+    return reference.weight_grad(dy3, x, decode_rows)
 
 
 def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:

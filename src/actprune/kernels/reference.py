@@ -192,9 +192,9 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
     return tile.view(count // batch, batch, n_bc * bk).transpose(0, 1).reshape(count, -1)
 
 
-def _tile_elements(x: BlockSparse) -> int:
-    """``TILE_ELEMENTS`` for x's device (the CPU's figure off CUDA, "meta" included)."""
-    return TILE_ELEMENTS.get(x.device.type, TILE_ELEMENTS["cpu"])
+def _tile_elements(device: torch.device) -> int:
+    """``TILE_ELEMENTS`` for a device (the CPU's figure off CUDA, "meta" included)."""
+    return TILE_ELEMENTS.get(device.type, TILE_ELEMENTS["cpu"])
 
 
 def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
@@ -202,7 +202,7 @@ def row_tiles(x: BlockSparse, batch: int) -> Iterator[tuple[int, int]]:
     off CUDA, "meta" included), every start a row that is a multiple of ``batch`` (so a tile's
     rows are whole tokens of the row source)."""
     (bm, bk), (n_br, n_bc) = x.block_shape, x.grid_shape
-    tile_elements = _tile_elements(x)
+    tile_elements = _tile_elements(x.device)
     step_rows = math.lcm(bm, batch)
     if x.remainder is not None:  # a tile's codes start on a byte: rows · n_bc·bk · bits ≡ 0 (8)
         step_rows = math.lcm(step_rows, 8 // math.gcd(n_bc * bk * x.remainder.bits, 8))
@@ -220,8 +220,23 @@ def _dy_tile(dy3: torch.Tensor, start: int, stop: int, bm: int) -> torch.Tensor:
     return tile.reshape(tile.shape[0] * tile.shape[1], tile.shape[2])  # sizes: N may be 0
 
 
-def _accumulator(dy: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(dy.dtype, torch.float32)
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def one_tile(padded_elements: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the weight gradient over an X̃ of ``padded_elements`` (its whole grid) is one
+    decoded tile and one product (``one_tile_weight_grad``): X̃ within ``TILE_ELEMENTS`` and dy's
+    ``dtype`` its own accumulator (16-bit products are accumulated in float32, tile by tile)."""
+    return padded_elements <= _tile_elements(device) and _accumulator(dtype) == dtype
+
+
+def one_tile_weight_grad(dy3: torch.Tensor, tile: torch.Tensor, k: int) -> torch.Tensor:
+    """``weight_grad_tiled`` when ``one_tile`` holds: dyᵀ·X̃ given X̃ decoded whole (``tile``,
+    batch-major rows, its width padded to whole blocks): one product, no accumulator and no tile
+    planning (host time)."""
+    dy = dy3.reshape(tile.shape[0], dy3.shape[2])
+    return dy.t().mm(tile[:, :k] if tile.shape[1] > k else tile)
 
 
 def weight_grad_tiled(
@@ -233,13 +248,11 @@ def weight_grad_tiled(
     X̃ in batch-major row order (``decode_rows``) and the same rows of dy, read in place, are
     multiplied into dW, so no dense copy of X̃ (or of token-major dy) ever exists. Accumulated in
     float32 for 16-bit dy; result in dy3.dtype."""
-    (m, k), (bm, bk), (n_br, n_bc), batch = x.shape, x.block_shape, x.grid_shape, dy3.shape[0]
-    if n_br * bm * n_bc * bk <= _tile_elements(x) and _accumulator(dy3) == dy3.dtype:
-        # one tile, one product, no accumulator (checked before ``row_tiles``: host time)
-        tile = decode(x, 0, n_br, batch)
-        return dy3.reshape(m, dy3.shape[2]).t().mm(tile if n_bc * bk == k else tile[:, :k])
+    k, (bm, bk), (n_br, n_bc), batch = x.shape[1], x.block_shape, x.grid_shape, dy3.shape[0]
+    if one_tile(n_br * bm * n_bc * bk, x.device, dy3.dtype):
+        return one_tile_weight_grad(dy3, decode(x, 0, n_br, batch), k)
     tiles = list(row_tiles(x, batch))
-    dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3))
+    dw = dy3.new_zeros(dy3.shape[-1], k, dtype=_accumulator(dy3.dtype))
     for start, stop in tiles:
         tile, dy = decode(x, start, stop, batch)[:, :k], _dy_tile(dy3, start, stop, bm)
         if dy.dtype == dw.dtype:
@@ -312,7 +325,7 @@ def channel_scale_grad(
     """[K] = Σ_m dy[m, k] · X̃[m, k], dy the rows of dy3 [B, T, K]: over the kept blocks only,
     or tile by tile with a remainder or a ``decode`` (``decode_rows``' contract; the Triton
     backend passes its own); accumulated in float32, dy3.dtype out."""
-    acc = _accumulator(dy3)
+    acc = _accumulator(dy3.dtype)
     if x.remainder is not None or decode is not None:
         (_, k), (bm, batch) = x.shape, (x.block_shape[0], dy3.shape[0])
         out = dy3.new_zeros(k, dtype=acc)
