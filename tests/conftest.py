@@ -42,3 +42,14 @@ def _seed() -> None:
 
     torch.manual_seed(0)
     rng.manual_seed(0)  # actprune's own stream (the remainder's rounding)
+
+
+@pytest.fixture(autouse=True)
+def _backend_choice():
+    """Every test starts from ACTPRUNE_KERNELS (or "auto"), whatever the last one chose with
+    ``kernels.set_backend``."""
+    from actprune import kernels
+
+    kernels.set_backend(None)
+    yield
+    kernels.set_backend(None)

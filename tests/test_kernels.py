@@ -158,39 +158,38 @@ def test_codec_weight_grad_is_the_product_with_the_decoded_input(shape, n, row_o
     for choice in ("torch", "numba", "triton"):
         if choice != "torch" and not importlib.util.find_spec(choice):
             continue
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("ACTPRUNE_KERNELS", choice)
-            codec = codec_for(config, x.shape, x.dtype, x.device)
-            assert codec is codec_for(config, x.shape, x.dtype, x.device)  # built once
-            parts = codec.compress(x)
-            got = codec.weight_grad(dy, parts)
+        kernels.set_backend(choice)  # conftest resets it after the test
+        codec = codec_for(config, x.shape, x.dtype, x.device)
+        assert codec is codec_for(config, x.shape, x.dtype, x.device)  # built once
+        parts = codec.compress(x)
+        got = codec.weight_grad(dy, parts)
         x_tilde = BlockSparse.from_parts(parts, codec.shape, bits).to_dense()
         want = as_rows(dy, row_order).double().t() @ x_tilde.double()
         assert got.shape == (n, shape[-1]) and got.is_contiguous()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_codec_is_rebuilt_when_the_backend_changes(monkeypatch):
+def test_codec_is_rebuilt_when_the_backend_changes():
     from actprune.blocksparse import codec_for
 
     config, x = PruneConfig.preset("recommended"), torch.randn(8, 64)
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    kernels.set_backend("torch")
     first = codec_for(config, x.shape, x.dtype, x.device)
     assert first.kernels is reference
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "auto")
+    kernels.set_backend("auto")
     second = codec_for(config, x.shape, x.dtype, x.device)
     assert second is not first and second.kernels is kernels.backend_module(x)
 
 
 @pytest.mark.parametrize("choice", ["numba", "triton"])
 @pytest.mark.parametrize("config", _configs(), ids=lambda c: c.label())
-def test_compress_is_the_same_on_every_backend(monkeypatch, choice, config):
+def test_compress_is_the_same_on_every_backend(choice, config):
     pytest.importorskip(choice)
     x3 = row_source(torch.randn(4, 30, 40, device=DEVICE), "token-major")
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    kernels.set_backend("torch")
     rng.manual_seed(9)
     want = compress_rows_of(x3, config)
-    monkeypatch.setenv("ACTPRUNE_KERNELS", choice)
+    kernels.set_backend(choice)
     rng.manual_seed(9)
     got = compress_rows_of(x3, config)
     assert kernels.backend_for(x3) == choice or x3.is_cuda
@@ -314,25 +313,32 @@ def test_dispatch(monkeypatch):
     assert kernels.backend_for(cpu) == ("numba" if has_numba else "torch")
     assert kernels.backend_for(cpu.double()) == "torch"  # numba runs float32 only
     monkeypatch.setenv("ACTPRUNE_KERNELS", "triton")
-    assert kernels.backend_for(cpu) == "triton"
+    assert kernels.backend_for(cpu) != "triton"  # read at the first kernel call, not per call
+    kernels.set_backend(None)  # read it again
+    assert kernels.backend_for(cpu) == "triton" and kernels.backend_choice() == "triton"
+    kernels.set_backend("torch")
+    assert kernels.backend_for(cpu) == "torch"
+    with pytest.raises(ValueError, match="ACTPRUNE_KERNELS must be one of"):
+        kernels.set_backend("cuda")
     monkeypatch.setenv("ACTPRUNE_KERNELS", "cuda")
+    kernels.set_backend(None)
     with pytest.raises(ValueError, match="ACTPRUNE_KERNELS"):
         kernels.backend_for(cpu)
 
 
 @pytest.mark.parametrize("choice", ["numba", "triton"])
-def test_pruned_linear_backward_on_every_backend(monkeypatch, choice):
+def test_pruned_linear_backward_on_every_backend(choice):
     pytest.importorskip(choice)
     from actprune import PrunedLinear
 
     layer = PrunedLinear(40, 24, config=PruneConfig(0.5, 16, remainder_bits=2), device=DEVICE)
     x, dy = torch.randn(3, 20, 40, device=DEVICE), torch.randn(3, 20, 24, device=DEVICE)
-    monkeypatch.setenv("ACTPRUNE_KERNELS", "torch")
+    kernels.set_backend("torch")
     rng.manual_seed(2)
     layer(x).backward(dy)
     want = layer.weight.grad.clone()
     layer.weight.grad = None
-    monkeypatch.setenv("ACTPRUNE_KERNELS", choice)
+    kernels.set_backend(choice)
     rng.manual_seed(2)  # the same key: the same remainder codes
     layer(x).backward(dy)
     torch.testing.assert_close(layer.weight.grad, want, rtol=1e-4, atol=1e-4)

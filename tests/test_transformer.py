@@ -19,6 +19,7 @@ from actprune import (
     PrunedLinear,
     SavedTensorLog,
     exact_gradients,
+    kernels,
     measure_training_step,
     prune_activations_,
     restore_dense_,
@@ -451,7 +452,7 @@ def test_triton_norm_backward_is_the_reference(rms, bits, dtype):
 
 @pytest.mark.parametrize("model", ["llama_tiny", "gpt_tiny", "hf:gpt2:n_layer=1,n_embd=64,n_head=4,"
                                    "vocab_size=300"])  # fmt: skip
-def test_transformer_layers_on_the_triton_path_match_the_reference(monkeypatch, model):
+def test_transformer_layers_on_the_triton_path_match_the_reference(model):
     """Every coded layer of the preset (norm statistics and codes, norm backward, attention and
     SwiGLU codes, dropout bits) through the CUDA code path's kernels (the interpreter on CPU):
     the same loss, gradients to float rounding of the PyTorch reference path."""
@@ -463,7 +464,7 @@ def test_transformer_layers_on_the_triton_path_match_the_reference(monkeypatch, 
     batch = w.batch(2)
     grads = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("ACTPRUNE_KERNELS", backend)
+        kernels.set_backend(backend)
         actprune_rng.manual_seed(0, model)
         torch.manual_seed(1)
         loss = w.loss(model, batch)

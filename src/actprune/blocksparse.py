@@ -17,7 +17,6 @@ cost, launches and the compiled path"). Every compression goes through one (``co
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -200,8 +199,8 @@ def codec_for(
     config: PruneConfig, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> Codec:
     """The ``Codec`` of inputs of ``shape``, ``dtype`` and ``device`` under ``config``: built on
-    the first call, one dict lookup after that (also keyed by ``ACTPRUNE_KERNELS``, which picks
-    the backend).
+    the first call, one dict lookup after that (also keyed by ``kernels.backend_choice()``, which
+    picks the backend).
 
     Example:
         >>> import torch
@@ -214,7 +213,7 @@ def codec_for(
         >>> [tuple(t.shape) for t in codec.compress(x)][4:]   # 4-bit codes, a scale per block
         [(2048,), (2, 2)]
     """
-    key = (config.to_json(), shape, dtype, device, os.environ.get("ACTPRUNE_KERNELS"))
+    key = (config.to_json(), shape, dtype, device, kernels.backend_choice())
     found = _codecs.get(key)
     if found is None:
         found = _codecs[key] = Codec(config, shape, dtype, device)

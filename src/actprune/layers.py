@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import threading
 import weakref
 from collections.abc import Iterator
@@ -79,19 +80,20 @@ class _CompressionCache:
         if entry is None:
             return None
         x_ref, version, entry_key, refs = entry
-        tensors = tuple(r() for r in refs)
-        # not ``None in tensors``: that compares None to every tensor with ==, an op each
-        if x_ref() is not x or version != x._version or entry_key is not key or any(
-            t is None for t in tensors
-        ):
+        if x_ref() is not x or version != x._version or entry_key is not key:
             return None
-        return tensors
+        tensors = tuple(map(operator.call, refs))
+        # not ``None in tensors``: that compares None to every tensor with ==, an op each
+        return None if any(map(_is_none, tensors)) else tensors
 
     def put(self, x: torch.Tensor, key: object, tensors: Parts) -> None:
         ident = id(x)
         drop = self._entries.pop
         x_ref = weakref.ref(x, lambda _: drop(ident, None))
-        self._entries[ident] = (x_ref, x._version, key, tuple(weakref.ref(t) for t in tensors))
+        self._entries[ident] = (x_ref, x._version, key, tuple(map(weakref.ref, tensors)))
+
+
+_is_none = functools.partial(operator.is_, None)
 
 
 _cache = _CompressionCache()

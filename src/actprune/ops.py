@@ -68,12 +68,13 @@ def _save_compressed(ctx, x, parts, codec_or_config, *params) -> None:
     """Saves the parameters and parts; keeps what the parameter gradient needs: the ``Codec``
     (eager) or the config string (the operators', which call ``block_sparse_grad``)."""
     ctx.x_shape = x.shape
-    ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     if isinstance(codec_or_config, Codec):
         ctx.codec = codec_or_config
+        ctx.compressed = parts is not codec_or_config.nothing_saved
     else:
         ctx.codec, ctx.config = None, codec_or_config
         ctx.row_order = PruneConfig.from_json(codec_or_config).row_order
+        ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     ctx.save_for_backward(*params, *parts)
 
 
@@ -87,7 +88,7 @@ def _param_grad(ctx, dy: torch.Tensor, parts: list, param: str, op: str) -> torc
             "the parameter needs grad"
         )
     if ctx.codec is not None:  # eager: the codec's kernels, no operator dispatch
-        return _CODEC_GRADIENTS[param](ctx.codec, dy, tuple(parts))
+        return _CODEC_GRADIENTS[param](ctx.codec, dy, parts)
     rows, cols = math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1]
     dy3 = row_source(dy, ctx.row_order)  # a view: no token-major copy
     return block_sparse_grad(dy3, *parts, ctx.config, rows, cols, param)
@@ -112,7 +113,11 @@ def _(x, weight, bias, *parts_and_config):
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, *parts, codec_or_config = inputs
+    x, weight, bias, *parts, config = inputs
+    _save_linear(ctx, x, weight, bias, parts, config)
+
+
+def _save_linear(ctx, x, weight, bias, parts, codec_or_config) -> None:
     ctx.has_bias = bias is not None
     _save_compressed(ctx, x, parts, codec_or_config, weight)
 
@@ -141,9 +146,8 @@ class PrunedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, parts, codec):
-        out = F.linear(x, weight, bias)
-        _linear_setup(ctx, (x, weight, bias, *parts, codec), out)
-        return out
+        _save_linear(ctx, x, weight, bias, parts, codec)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -169,7 +173,11 @@ def _(x, scale, shift, *parts_and_config):
 
 
 def _scale_setup(ctx, inputs, output) -> None:
-    x, scale, shift, *parts, codec_or_config = inputs
+    x, scale, shift, *parts, config = inputs
+    _save_scale(ctx, x, scale, shift, parts, config)
+
+
+def _save_scale(ctx, x, scale, shift, parts, codec_or_config) -> None:
     ctx.shift_shape = None if shift is None else shift.shape
     ctx.scale_shape = scale.shape
     _save_compressed(ctx, x, parts, codec_or_config, scale)
@@ -197,9 +205,8 @@ class PrunedChannelScaleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, parts, codec):
-        out = x * scale if shift is None else torch.addcmul(shift, scale, x)
-        _scale_setup(ctx, (x, scale, shift, *parts, codec), out)
-        return out
+        _save_scale(ctx, x, scale, shift, parts, codec)
+        return x * scale if shift is None else torch.addcmul(shift, scale, x)
 
     @staticmethod
     def backward(ctx, dy):

@@ -4,8 +4,9 @@ Triton kernels (``triton_blocks``) run for CUDA tensors when triton is installed
 (``cpu_blocks``) run for float32 CPU tensors when numba is installed; everything else runs
 the PyTorch reference (``reference``), which is also the contract both are tested against.
 ``ACTPRUNE_KERNELS=torch`` forces the reference everywhere, ``=numba`` the numba kernels on CPU,
-``=triton`` Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``; used by the tests). triton and
-numba are imported on first use only, so ``import actprune`` stays light.
+``=triton`` Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``; used by the tests); it is
+read at the first kernel call, and ``set_backend`` changes the choice in a running process.
+triton and numba are imported on first use only, so ``import actprune`` stays light.
 
 Every kernel reads activations and output gradients as a *row source* [B, T, C] whose rows are
 t·B + b (``reference``'s docstring); ``row_source`` makes one without copying.
@@ -31,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "activation_codes",
     "activation_grad",
+    "backend_choice",
     "backend_for",
     "backend_module",
     "channel_scale_grad",
@@ -43,6 +45,7 @@ __all__ = [
     "pack_mask",
     "score_blocks",
     "select_blocks",
+    "set_backend",
     "weight_grad",
 ]
 
@@ -52,11 +55,49 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def backend_for(x: torch.Tensor) -> str:
-    """ "triton", "numba" or "torch": the backend the kernels below use for a tensor like x."""
-    choice = os.environ.get("ACTPRUNE_KERNELS", "auto")
+_choice: str | None = None  # backend_choice(): None until read
+
+
+def _checked(choice: str) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"ACTPRUNE_KERNELS must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    return choice
+
+
+def backend_choice() -> str:
+    """The backend choice, one of ``BACKENDS``: ``ACTPRUNE_KERNELS`` ("auto" when unset), read
+    from the environment at the first kernel call of the process (a read per call was a few µs
+    on every layer's step: docs/design.md, "Host cost, launches and the compiled path"), or the
+    one given to ``set_backend``."""
+    global _choice
+    if _choice is None:
+        _choice = _checked(os.environ.get("ACTPRUNE_KERNELS", "auto"))
+    return _choice
+
+
+def set_backend(choice: str | None) -> None:
+    """Choose the kernels' backend from now on in this process, as ``ACTPRUNE_KERNELS`` does at
+    start-up; None: read ``ACTPRUNE_KERNELS`` again at the next kernel call.
+
+    Args:
+        choice: "auto" (Triton on CUDA, numba for float32 on the CPU, PyTorch otherwise),
+            "torch", "numba", "triton", or None.
+
+    Example:
+        >>> import torch
+        >>> from actprune import kernels
+        >>> kernels.set_backend("torch")
+        >>> kernels.backend_for(torch.zeros(2))
+        'torch'
+        >>> kernels.set_backend(None)                 # back to ACTPRUNE_KERNELS (or "auto")
+    """
+    global _choice
+    _choice = None if choice is None else _checked(choice)
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """ "triton", "numba" or "torch": the backend the kernels below use for a tensor like x."""
+    choice = backend_choice()
     if choice == "numba" and x.is_cuda:
         return "torch"
     if choice != "auto":

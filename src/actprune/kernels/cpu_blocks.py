@@ -377,12 +377,13 @@ def uniform_coders(
     shape: tuple[int, int, int], block_shape: tuple[int, int], bits: int
 ) -> tuple[Callable, Callable] | None:
     """Uniform quantization (no block kept) of row sources of ``shape`` as two functions, every
-    size, compilation and absent part fixed: ``encode(x3, key)`` (x3 detached) gives (ccol, codes,
-    low_scales), ``score_blocks``' codes and scales with the empty selection's zeroed offsets, and
-    ``weight_grad(dy3, codes, low_scales)`` gives dW = dyᵀ·X̃ (``reference.weight_grad``) for dy3
-    [B, T, N], one fused call below ``FUSED_GRAD_MAX_MACS`` multiply-adds, else X̃ decoded whole
-    (``decode_rows`` of every block-row) and one product: ``blocksparse.Codec`` calls them where X̃
-    fits one tile. None where ``score_blocks`` would not run here (bk not a multiple of 8)."""
+    size, compilation and absent part fixed. ``encode(x, key)`` (x the activation, or any shape of
+    its elements in the same order) gives (ccol, codes, low_scales): ``score_blocks``' codes and
+    scales, and the empty selection's zeroed offsets. ``weight_grad(dy, codes, low_scales)`` gives
+    dW = dyᵀ·X̃ (``reference.weight_grad``) for the output's gradient dy (..., N): one fused call
+    below ``FUSED_GRAD_MAX_MACS`` multiply-adds, else X̃ decoded whole (``decode_rows`` of every
+    block-row) and one product. ``blocksparse.Codec`` calls them where X̃ fits one tile. None
+    where ``score_blocks`` would not run here (bk not a multiple of 8)."""
     (bm, bk), (batch, t, k) = block_shape, shape
     if bk % 8:
         return None
@@ -392,23 +393,23 @@ def uniform_coders(
     no_values, no_ints = np.empty((0, bm, bk), np.float32), np.empty(0, np.int32)
     ccol = np.zeros(n_bc + 1, np.int32)
 
-    def encode(x3: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, codes, low_scales = score(x3.contiguous().numpy(), key)
+    def encode(x: torch.Tensor, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, codes, low_scales = score(_array(x).reshape(shape), key)
         return torch.from_numpy(ccol.copy()), torch.from_numpy(codes), torch.from_numpy(low_scales)
 
     def weight_grad(
-        dy3: torch.Tensor, codes: torch.Tensor, low_scales: torch.Tensor
+        dy: torch.Tensor, codes: torch.Tensor, low_scales: torch.Tensor
     ) -> torch.Tensor:
-        n = dy3.shape[2]
+        n = dy.shape[-1]
         if m * n * k <= FUSED_GRAD_MAX_MACS:
             out = np.empty((n, k), np.float32)
-            _uniform_weight_grad_kernel(_array(dy3), codes.numpy(), low_scales.numpy(), bits, bm,
-                                        bk, out)  # fmt: skip
+            _uniform_weight_grad_kernel(_array(dy).reshape(batch, t, n), codes.numpy(),
+                                        low_scales.numpy(), bits, bm, bk, out)  # fmt: skip
             return torch.from_numpy(out)
         tile = np.empty((m, n_bc * bk), np.float32)
         kernel(codes.numpy(), low_scales.numpy(), bits, no_values, no_ints, ccol, n_br, m, batch,
                0, n_br, tile)  # fmt: skip
-        return reference.one_tile_weight_grad(dy3, torch.from_numpy(tile), k)
+        return reference.one_tile_weight_grad(dy, torch.from_numpy(tile), k)
 
     return encode, weight_grad
 

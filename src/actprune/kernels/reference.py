@@ -233,9 +233,9 @@ def one_tile(padded_elements: int, device: torch.device, dtype: torch.dtype) -> 
 
 def one_tile_weight_grad(dy3: torch.Tensor, tile: torch.Tensor, k: int) -> torch.Tensor:
     """``weight_grad_tiled`` when ``one_tile`` holds: dyᵀ·X̃ given X̃ decoded whole (``tile``,
-    batch-major rows, its width padded to whole blocks): one product, no accumulator and no tile
-    planning (host time)."""
-    dy = dy3.reshape(tile.shape[0], dy3.shape[2])
+    batch-major rows, its width padded to whole blocks) and dy as a row source (or any shape with
+    its rows in that order): one product, no accumulator and no tile planning (host time)."""
+    dy = dy3.reshape(tile.shape[0], dy3.shape[-1])
     return dy.t().mm(tile[:, :k] if tile.shape[1] > k else tile)
 
 
