@@ -6,8 +6,9 @@ x. So those inputs are kept block-sparse (``actprune.compress``): the output and
 gradient stay exact and only the parameter gradient sees the pruned input (Barley & Fröning 2023,
 arXiv 2311.16883). An activation's input is on the input-gradient path; it is kept as a low-bit
 code of the derivative (``derivative_code``; ReLU: an exact 1-bit mask). The computations are
-registered operators (``ops.py``), so torch.compile keeps them whole and saves only the compressed
-tensors.
+autograd Functions around registered kernel operators (``ops.py``): torch.compile traces the
+Functions (inductor fuses the layer's own PyTorch ops), keeps the kernels whole and saves only the
+compressed tensors.
 
 In eager mode a tensor is compressed once per config even when several layers read it (q, k and v
 projections of one input): the later layers reuse the first one's tensors, so autograd holds one
@@ -231,7 +232,7 @@ def linear_keeping_compressed_input(
         return norm_input.NormInputLinearFunction.apply(x, weight, bias, norm)
     if compiling:
         parts = _compiled_parts(x, config, stream, weight.requires_grad)
-        return ops.pruned_linear(x, weight, bias, *parts, config.to_json())
+        return ops.PrunedLinearFunction.apply(x, weight, bias, parts, config)
     codec = codec_for(config, x.shape, x.dtype, x.device)
     parts = compressed_rows(x, codec, stream) if weight.requires_grad else codec.nothing_saved
     return ops.PrunedLinearFunction.apply(x, weight, bias, parts, codec)
@@ -351,7 +352,7 @@ def scale_channels(
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
     if torch.compiler.is_compiling():
         parts = _compiled_parts(x, config, stream, scale.requires_grad)
-        return ops.pruned_channel_scale(x, scale, shift, *parts, config.to_json())
+        return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, config)
     codec = codec_for(config, x.shape, x.dtype, x.device)
     parts = compressed_rows(x, codec, stream) if scale.requires_grad else codec.nothing_saved
     return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, codec)
@@ -455,7 +456,7 @@ class CodedActivation(CompressedLayer):
         bits = 1 if function == "relu" else self.prune_config.activation_bits
         if torch.compiler.is_compiling():
             codes, nonfinite = ops.activation_code(x, bits, function)
-            return ops.coded_activation(x, codes, nonfinite, bits, function)
+            return ops.CodedActivationFunction.apply(x, codes, nonfinite, bits, function)
         with torch.no_grad():
             codes, nonfinite = ops.activation_code_parts(x, bits, function)
         return ops.CodedActivationFunction.apply(x, codes, nonfinite, bits, function)

@@ -1,7 +1,16 @@
-"""actprune's layers as registered PyTorch operators (torch.library), so torch.compile and the meta
-device see opaque ops with known output shapes instead of tracing into the block selection.
+"""actprune's layers as autograd Functions around registered PyTorch operators (torch.library).
 
-Compression is an op of its own, and each layer op takes the compressed tensors as inputs and
+The work that is not PyTorch ops (the numba or Triton kernels: compressing, decoding into a
+parameter gradient, coding an activation's derivative) is a registered operator, so torch.compile
+and the meta device see opaque ops with known output shapes instead of tracing into the kernels.
+Everything around them is an ``autograd.Function`` of PyTorch ops (``PrunedLinearFunction``,
+``PrunedChannelScaleFunction``, ``CodedActivationFunction``), which torch.compile traces: inductor
+fuses the layer's own computation (F.linear, the scale, the activation) with its neighbours, and
+the Function saves exactly the compressed tensors. In eager mode the Functions call the kernels
+directly (``blocksparse.Codec``, ``activation_code_parts``): a custom op's Python dispatch costs
+more than a small layer's whole step.
+
+The compression operator returns the compressed tensors, and each layer takes them as inputs and
 keeps them for its backward. So one compressed copy of a tensor can serve several layers that read
 it (``layers`` deduplicates in eager mode), and autograd saves exactly those tensors.
 
@@ -11,21 +20,16 @@ Every op that compresses or reads compressed tensors takes the configuration as 
 - ``actprune::compress_rows`` — the ``storage.Parts`` of ``compress(as_rows(x))``: values,
   row_indices, ccol_indices, scales (int8), low_codes and low_scales (the low-bit remainder),
   empty when not used; shapes depend only on the input shape and the config.
-- ``actprune::pruned_linear`` — F.linear; backward dx = dy·W and db exact, dW = dyᵀ·X̃.
-- ``actprune::pruned_channel_scale`` — x ⊙ scale (+ shift) per channel (Affine, LayerScale);
-  backward dx = dy ⊙ scale and d shift exact, d scale = Σ_rows dy ⊙ X̃.
-- ``actprune::activation_code`` / ``actprune::coded_activation`` — the packed derivative code of
-  an activation's input (``derivative_code``; ReLU: an exact 1-bit mask) plus one bit per row
-  marking non-finite inputs, and the activation itself, whose backward is dy ⊙ q(x) (NaN in the
-  marked rows).
-- ``actprune::activation_grad`` — the coded activation's input gradient, from its codes.
 - ``actprune::block_sparse_grad`` — a parameter gradient from compressed tensors (``kernels``):
   dyᵀ·X̃ for a weight (``param="weight"``), Σ_rows dy ⊙ X̃ for a per-channel scale
   (``param="channel_scale"``).
+- ``actprune::activation_code`` — the packed derivative code of an activation's input
+  (``derivative_code``; ReLU: an exact 1-bit mask) plus one bit per row marking non-finite
+  inputs.
+- ``actprune::activation_grad`` — the coded activation's input gradient, from its codes.
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +70,14 @@ def _(x, config, stream):
 
 def _save_compressed(ctx, x, parts, codec_or_config, *params) -> None:
     """Saves the parameters and parts; keeps what the parameter gradient needs: the ``Codec``
-    (eager) or the config string (the operators', which call ``block_sparse_grad``)."""
+    (eager) or the config string (compiled, for ``block_sparse_grad``)."""
     ctx.x_shape = x.shape
     if isinstance(codec_or_config, Codec):
         ctx.codec = codec_or_config
         ctx.compressed = parts is not codec_or_config.nothing_saved
-    else:
-        ctx.codec, ctx.config = None, codec_or_config
-        ctx.row_order = PruneConfig.from_json(codec_or_config).row_order
+    else:  # under torch.compile: the PruneConfig
+        ctx.codec, ctx.config = None, codec_or_config.to_json()
+        ctx.row_order = codec_or_config.row_order
         ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     ctx.save_for_backward(*params, *parts)
 
@@ -83,7 +87,7 @@ def _param_grad(ctx, dy: torch.Tensor, parts: list, param: str, op: str) -> torc
     (``param="weight"``), d scale for a per-channel scale (``"channel_scale"``)."""
     if not ctx.compressed:
         raise RuntimeError(
-            f"actprune::{op} got no compressed input (empty values and codes), so it kept "
+            f"{op} got no compressed input (empty values and codes), so it kept "
             "nothing to compute the parameter gradient from; pass compress_rows' outputs when "
             "the parameter needs grad"
         )
@@ -97,120 +101,62 @@ def _param_grad(ctx, dy: torch.Tensor, parts: list, param: str, op: str) -> torc
 # --- Linear ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("actprune::pruned_linear", mutates_args=())
-def pruned_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],  # noqa: UP045 - older torch.library reads only Optional
-    values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
-) -> torch.Tensor:  # fmt: skip
-    """F.linear(x, weight, bias); backward reads x only as the compressed tensors given."""
-    return F.linear(x, weight, bias)
-
-
-@pruned_linear.register_fake
-def _(x, weight, bias, *parts_and_config):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, *parts, config = inputs
-    _save_linear(ctx, x, weight, bias, parts, config)
-
-
-def _save_linear(ctx, x, weight, bias, parts, codec_or_config) -> None:
-    ctx.has_bias = bias is not None
-    _save_compressed(ctx, x, parts, codec_or_config, weight)
-
-
-def _linear_backward(ctx, dy):
-    weight, *parts = ctx.saved_tensors
-    dy2d = dy.reshape(math.prod(ctx.x_shape[:-1]), dy.shape[-1])  # also when dy has 0 columns
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = dy2d.mm(weight).view(ctx.x_shape)
-    if ctx.needs_input_grad[1]:
-        dw = _param_grad(ctx, dy, parts, "weight", "pruned_linear")
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = dy2d.sum(0)
-    return dx, dw, db, *[None] * 7
-
-
-pruned_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
 class PrunedLinearFunction(torch.autograd.Function):
-    """``pruned_linear`` for eager mode: the same setup and backward, without the operator
-    dispatch (a custom op's Python dispatch costs more than a small layer's whole step), given
-    the ``Codec`` that made the parts instead of the config string. The parts come as one tuple:
+    """F.linear(x, weight, bias) whose backward reads x only as the compressed ``parts``: dx =
+    dy·W and db exact, dW = dyᵀ·X̃. Given the ``Codec`` that made the parts (eager: the codec's
+    kernels, no operator dispatch, which costs more than a small layer's whole step) or the
+    ``PruneConfig`` (under torch.compile, which traces this Function: inductor sees F.linear and
+    fuses around it, and dW is ``block_sparse_grad``, opaque). The parts come as one tuple:
     autograd then checks three tensor arguments, not nine."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, parts, codec):
-        _save_linear(ctx, x, weight, bias, parts, codec)
+    def forward(ctx, x, weight, bias, parts, codec_or_config):
+        ctx.has_bias = bias is not None
+        _save_compressed(ctx, x, parts, codec_or_config, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_linear_backward(ctx, dy)[:3], None, None)
+        weight, *parts = ctx.saved_tensors
+        dy2d = dy.reshape(math.prod(ctx.x_shape[:-1]), dy.shape[-1])  # also with 0 columns
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2d.mm(weight).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = _param_grad(ctx, dy, parts, "weight", "PrunedLinearFunction")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2d.sum(0)
+        return dx, dw, db, None, None
 
 
 # --- per-channel scale (Affine, LayerScale) -------------------------------------------------------
 
 
-@torch.library.custom_op("actprune::pruned_channel_scale", mutates_args=())
-def pruned_channel_scale(
-    x: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor],  # noqa: UP045 - older torch.library reads only Optional
-    values: torch.Tensor, row_indices: torch.Tensor, ccol_indices: torch.Tensor,
-    scales: torch.Tensor, low_codes: torch.Tensor, low_scales: torch.Tensor, config: str,
-) -> torch.Tensor:  # fmt: skip
-    """x ⊙ scale (+ shift), scale and shift holding one value per channel (last dim of x)."""
-    return x * scale if shift is None else torch.addcmul(shift, scale, x)
-
-
-@pruned_channel_scale.register_fake
-def _(x, scale, shift, *parts_and_config):
-    return torch.empty_like(x)
-
-
-def _scale_setup(ctx, inputs, output) -> None:
-    x, scale, shift, *parts, config = inputs
-    _save_scale(ctx, x, scale, shift, parts, config)
-
-
-def _save_scale(ctx, x, scale, shift, parts, codec_or_config) -> None:
-    ctx.shift_shape = None if shift is None else shift.shape
-    ctx.scale_shape = scale.shape
-    _save_compressed(ctx, x, parts, codec_or_config, scale)
-
-
-def _scale_backward(ctx, dy):
-    scale, *parts = ctx.saved_tensors
-    dx = dscale = dshift = None
-    channels = ctx.x_shape[-1]
-    if ctx.needs_input_grad[0]:
-        dx = dy * scale
-    if ctx.needs_input_grad[1]:
-        dscale = _param_grad(ctx, dy, parts, "channel_scale", "pruned_channel_scale")
-        dscale = dscale.view(ctx.scale_shape)
-    if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
-        dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
-    return dx, dscale, dshift, *[None] * 7
-
-
-pruned_channel_scale.register_autograd(_scale_backward, setup_context=_scale_setup)
-
-
 class PrunedChannelScaleFunction(torch.autograd.Function):
-    """``pruned_channel_scale`` for eager mode (see ``PrunedLinearFunction``)."""
+    """x ⊙ scale (+ shift), scale and shift holding one value per channel (last dim of x), whose
+    backward reads x only as the compressed ``parts``: dx = dy ⊙ scale and d shift exact, d scale
+    = Σ_rows dy ⊙ X̃ (see ``PrunedLinearFunction`` for eager and compiled)."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, parts, codec):
-        _save_scale(ctx, x, scale, shift, parts, codec)
+    def forward(ctx, x, scale, shift, parts, codec_or_config):
+        ctx.shift_shape = None if shift is None else shift.shape
+        ctx.scale_shape = scale.shape
+        _save_compressed(ctx, x, parts, codec_or_config, scale)
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_scale_backward(ctx, dy)[:3], None, None)
+        scale, *parts = ctx.saved_tensors
+        dx = dscale = dshift = None
+        channels = ctx.x_shape[-1]
+        if ctx.needs_input_grad[0]:
+            dx = dy * scale
+        if ctx.needs_input_grad[1]:
+            dscale = _param_grad(ctx, dy, parts, "channel_scale", "PrunedChannelScaleFunction")
+            dscale = dscale.view(ctx.scale_shape)
+        if ctx.shift_shape is not None and ctx.needs_input_grad[2]:
+            dshift = dy.reshape(-1, channels).sum(0).view(ctx.shift_shape)
+        return dx, dscale, dshift, None, None
 
 
 # --- the parameter gradient from a compressed tensor ----------------------------------------------
@@ -279,49 +225,28 @@ def _(x, bits, function):
     return codes, x.new_empty(0 if function == "relu" else -(-_rows(x) // 8), dtype=torch.uint8)
 
 
-@torch.library.custom_op("actprune::coded_activation", mutates_args=())
-def coded_activation(
-    x: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int, function: str
-) -> torch.Tensor:
-    """``function``(x), computed as the dense module computes it; backward reads only ``codes``
-    and ``nonfinite`` (dx = dy ⊙ q(x), NaN in every row that held a non-finite x: f' is NaN
-    there in dense training too; for ReLU dx = dy where the mask is set, else 0, exactly)."""
-    return _forward(function)(x)
-
-
-@coded_activation.register_fake
-def _(x, codes, nonfinite, bits, function):
-    return torch.empty_like(x)
-
-
-def _activation_setup(ctx, inputs, output) -> None:
-    x, codes, nonfinite, ctx.bits, ctx.function = inputs
-    ctx.save_for_backward(codes, nonfinite)
-
-
-def _activation_backward(ctx, dy, grad=None):
-    codes, nonfinite = ctx.saved_tensors
-    if ctx.function == "relu":
-        mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
-        return torch.where(mask, dy, 0), None, None, None, None
-    dx = (grad or activation_grad)(dy, codes, nonfinite, ctx.bits, ctx.function)
-    return dx, None, None, None, None
-
-
-coded_activation.register_autograd(_activation_backward, setup_context=_activation_setup)
-
-
 class CodedActivationFunction(torch.autograd.Function):
-    """``coded_activation`` for eager mode (see ``PrunedLinearFunction``)."""
+    """``function``(x), computed as the dense module computes it, whose backward reads only
+    ``codes`` and ``nonfinite`` (``activation_code``'s outputs): dx = dy ⊙ q(x), NaN in every
+    row that held a non-finite x (f' is NaN there in dense training too); for ReLU dx = dy where
+    the mask is set, else 0, exactly. Eager mode decodes with the kernels directly; under
+    torch.compile (which traces this Function, so inductor fuses the activation with its
+    neighbours) the decoding is ``activation_grad``, opaque."""
 
     @staticmethod
     def forward(ctx, x, codes, nonfinite, bits, function):
-        _activation_setup(ctx, (x, codes, nonfinite, bits, function), None)
+        ctx.bits, ctx.function = bits, function
+        ctx.save_for_backward(codes, nonfinite)
         return _forward(function)(x)
 
     @staticmethod
     def backward(ctx, dy):
-        return _activation_backward(ctx, dy, activation_grad_eager)
+        codes, nonfinite = ctx.saved_tensors
+        if ctx.function == "relu":
+            mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
+            return torch.where(mask, dy, 0), None, None, None, None
+        grad = activation_grad if torch.compiler.is_compiling() else activation_grad_eager
+        return grad(dy, codes, nonfinite, ctx.bits, ctx.function), None, None, None, None
 
 
 def activation_grad_eager(
