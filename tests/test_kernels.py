@@ -169,6 +169,21 @@ def test_codec_weight_grad_is_the_product_with_the_decoded_input(shape, n, row_o
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_codecs_are_kept_up_to_a_bound(monkeypatch):
+    """One codec per kind of input, but not one per sequence length for the whole process."""
+    from actprune import blocksparse
+
+    monkeypatch.setattr(blocksparse, "_codecs", {})
+    monkeypatch.setattr(blocksparse, "MAX_CODECS", 4)
+    config = PruneConfig.preset("recommended")
+    codecs = [blocksparse.codec_for(config, (2, t, 32), torch.float32, torch.device("cpu"))
+              for t in range(1, 7)]  # fmt: skip
+    assert len(blocksparse._codecs) == 4
+    assert list(blocksparse._codecs.values()) == codecs[2:]  # the oldest went first
+    cpu = torch.device("cpu")
+    assert blocksparse.codec_for(config, (2, 6, 32), torch.float32, cpu) is codecs[-1]
+
+
 def test_codec_is_rebuilt_when_the_backend_changes():
     from actprune.blocksparse import codec_for
 

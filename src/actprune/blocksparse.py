@@ -193,6 +193,9 @@ class Codec:
 
 
 _codecs: dict[tuple, Codec] = {}
+# Codecs kept at most (the oldest built goes first): inputs whose shape changes every step (a
+# language model's sequence length) would otherwise add one per shape for the whole process.
+MAX_CODECS = 1024
 
 
 def codec_for(
@@ -200,7 +203,7 @@ def codec_for(
 ) -> Codec:
     """The ``Codec`` of inputs of ``shape``, ``dtype`` and ``device`` under ``config``: built on
     the first call, one dict lookup after that (also keyed by ``kernels.backend_choice()``, which
-    picks the backend).
+    picks the backend); the ``MAX_CODECS`` most recently built are kept.
 
     Example:
         >>> import torch
@@ -216,5 +219,7 @@ def codec_for(
     key = (config.to_json(), shape, dtype, device, kernels.backend_choice())
     found = _codecs.get(key)
     if found is None:
+        if len(_codecs) >= MAX_CODECS:
+            del _codecs[next(iter(_codecs))]
         found = _codecs[key] = Codec(config, shape, dtype, device)
     return found
