@@ -224,8 +224,9 @@ def linear_keeping_compressed_input(
     norm = None if compiling or not weight.requires_grad else norm_input.find(x)
     dtype = _autocast_dtype(x)
     if dtype is not None:
-        # Cast as autocast casts linear's arguments, so the op computes, and the compressed
-        # input is kept, in the autocast dtype (the op itself is opaque to autocast).
+        # Cast as autocast casts linear's arguments, so the Function computes, and the
+        # compressed input is kept, in the autocast dtype (the compression's kernels are
+        # opaque to autocast).
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if norm is not None:  # a norm's output: its saved x̂ serves dW (norm_input)
