@@ -140,12 +140,12 @@ class Codec:
         """The ``Parts`` of x (this codec's kind, any view of its row source), its rounding
         drawn from ``stream`` (default: the calling thread's)."""
         c, (bm, bk), bits = self.config, self.block_shape, self.bits
-        x3 = x.detach().reshape(self.source_shape)
         key = (stream or rng.thread_stream()).next_key() if bits else 0
         values, rows, ccol, scales, codes, low_scales = self.nothing_saved
-        if self.coders is not None:
-            ccol, codes, low_scales = self.coders[0](x3, key)
+        if self.coders is not None:  # they take x as it is (a numpy reshape is cheaper)
+            ccol, codes, low_scales = self.coders[0](x, key)
             return values, rows, ccol, scales, codes, low_scales
+        x3 = x.detach().reshape(self.source_shape)
         if self.copy_rows:
             x3 = reference.rows_of(x3).unsqueeze(0)
         if c.uniform:
@@ -176,9 +176,9 @@ class Codec:
     def weight_grad(self, dy: torch.Tensor, parts: Parts) -> torch.Tensor:
         """dW [N, K] = dyᵀ·X̃, X̃ the input ``parts`` hold and dy (..., N) the output's gradient
         (``kernels.weight_grad``); contiguous."""
-        dy3, k = self._source(dy), self.shape[1]
         if self.one_tile and self.coders is not None and dy.dtype == self.dtype:
-            return self.coders[1](dy3, parts[4], parts[5])
+            return self.coders[1](dy, parts[4], parts[5])
+        dy3, k = self._source(dy), self.shape[1]
         x = BlockSparse.from_parts(parts, self.shape, self.bits).dequantized(dy.dtype)
         if self.one_tile and dy.dtype == self.dtype:
             tile = self.kernels.decode_rows(x, 0, self.grid[0], self.source_shape[0])
