@@ -176,13 +176,14 @@ class Codec:
     def weight_grad(self, dy: torch.Tensor, parts: Parts) -> torch.Tensor:
         """dW [N, K] = dyᵀ·X̃, X̃ the input ``parts`` hold and dy (..., N) the output's gradient
         (``kernels.weight_grad``); contiguous."""
-        if self.one_tile and self.coders is not None and dy.dtype == self.dtype:
+        one_tile = self.one_tile and dy.dtype == self.dtype
+        if one_tile and self.coders is not None:
             return self.coders[1](dy, parts[4], parts[5])
-        dy3, k = self._source(dy), self.shape[1]
+        dy3 = self._source(dy)
         x = BlockSparse.from_parts(parts, self.shape, self.bits).dequantized(dy.dtype)
-        if self.one_tile and dy.dtype == self.dtype:
+        if one_tile:
             tile = self.kernels.decode_rows(x, 0, self.grid[0], self.source_shape[0])
-            return reference.one_tile_weight_grad(dy3, tile, k)
+            return reference.one_tile_weight_grad(dy3, tile, self.shape[1])
         return self.kernels.weight_grad(dy3, x).contiguous()
 
     def channel_scale_grad(self, dy: torch.Tensor, parts: Parts) -> torch.Tensor:

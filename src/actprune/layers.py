@@ -110,12 +110,19 @@ def compressed_rows(x: torch.Tensor, codec: Codec, stream: int = 0) -> Parts:
     return found
 
 
-def _compiled_parts(x: torch.Tensor, config: PruneConfig, stream: int, needed: bool) -> Parts:
-    """The parts under torch.compile: ``ops.compress_rows`` (opaque to inductor), or every part
-    absent when no parameter gradient needs them."""
-    if needed:
-        return ops.compress_rows(x.detach(), config.to_json(), stream)
-    return absent_parts(x.device, x.dtype, config.block_shape)
+def _compressed_input(
+    x: torch.Tensor, config: PruneConfig, stream: int, needed: bool
+) -> tuple[Parts, Codec | PruneConfig]:
+    """What a layer's Function saves of its input x, and what it reads it back with: in eager
+    mode the codec's parts (``compressed_rows``) and the codec; under torch.compile
+    ``ops.compress_rows``' (opaque to inductor) and the config. Every part absent when no
+    parameter gradient ``needed`` them."""
+    if torch.compiler.is_compiling():
+        if needed:
+            return ops.compress_rows(x.detach(), config.to_json(), stream), config
+        return absent_parts(x.device, x.dtype, config.block_shape), config
+    codec = codec_for(config, x.shape, x.dtype, x.device)
+    return (compressed_rows(x, codec, stream) if needed else codec.nothing_saved), codec
 
 
 def compressing() -> bool:
@@ -231,12 +238,8 @@ def linear_keeping_compressed_input(
         bias = None if bias is None else bias.to(dtype)
     if norm is not None:  # a norm's output: its saved x̂ serves dW (norm_input)
         return norm_input.NormInputLinearFunction.apply(x, weight, bias, norm)
-    if compiling:
-        parts = _compiled_parts(x, config, stream, weight.requires_grad)
-        return ops.PrunedLinearFunction.apply(x, weight, bias, parts, config)
-    codec = codec_for(config, x.shape, x.dtype, x.device)
-    parts = compressed_rows(x, codec, stream) if weight.requires_grad else codec.nothing_saved
-    return ops.PrunedLinearFunction.apply(x, weight, bias, parts, codec)
+    parts, reader = _compressed_input(x, config, stream, weight.requires_grad)
+    return ops.PrunedLinearFunction.apply(x, weight, bias, parts, reader)
 
 
 class PrunedLinear(CompressedLayer, nn.Linear):
@@ -351,12 +354,8 @@ def scale_channels(
     also for a scale that is a bare Parameter inside a block's forward."""
     if not _needs_graph(x, scale, shift):
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
-    if torch.compiler.is_compiling():
-        parts = _compiled_parts(x, config, stream, scale.requires_grad)
-        return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, config)
-    codec = codec_for(config, x.shape, x.dtype, x.device)
-    parts = compressed_rows(x, codec, stream) if scale.requires_grad else codec.nothing_saved
-    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, codec)
+    parts, reader = _compressed_input(x, config, stream, scale.requires_grad)
+    return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, reader)
 
 
 class PrunedChannelScale(CompressedLayer):
