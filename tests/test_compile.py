@@ -99,3 +99,141 @@ def test_every_preset_compiles_fullgraph_and_matches_eager(preset):
     F.cross_entropy(compiled(x), y).backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- the traced compression (every backend but numba: CUDA, or "torch" here) ----------------------
+
+
+@pytest.mark.parametrize(
+    "shape, config",
+    [
+        ((4, 20, 24), PruneConfig(1.0, 8, remainder_bits=4)),  # token-major, padded edges
+        ((3, 16, 48), PruneConfig(1.0, (16, 8), row_order="batch-major", remainder_bits=2)),
+    ],
+)
+def test_traced_compression_writes_the_codecs_parts(shape, config):
+    """The traced compression, eager and compiled by inductor, writes the codec's codes and
+    scales bit for bit under the same key, and its gradients are the codec's (same X̃)."""
+    from actprune import blocksparse, rng
+
+    x = torch.randn(shape)
+    x.view(-1)[5] = 40.0  # a block with a large scale next to small ones
+    codec = blocksparse.codec_for(config, x.shape, x.dtype, x.device)
+    expected = codec.compress(x, rng.Stream(seed=3))
+    key = torch.tensor(rng.Stream(seed=3).next_key())
+    compiled = torch.compile(blocksparse.traced_compress, fullgraph=True)
+    for parts in (blocksparse.traced_compress(x, config, key), compiled(x, config, key)):
+        for got, want in zip(parts[2:], expected[2:]):  # ccol, scales, codes, low scales
+            assert torch.equal(got, want)
+    dy = torch.randn(*shape[:-1], 10)
+    torch.testing.assert_close(
+        blocksparse.traced_param_grad(dy, parts, config, x.shape, "weight"),
+        codec.weight_grad(dy, expected), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    dy = torch.randn(shape)
+    torch.testing.assert_close(
+        blocksparse.traced_param_grad(dy, parts, config, x.shape, "channel_scale"),
+        codec.channel_scale_grad(dy, expected), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_traced_path_compiles_fullgraph_and_matches_eager(monkeypatch):
+    """With a backend whose compressions are traced (kernels.traced: CUDA, or "torch" here), the
+    compiled step calls no codec (the quantization and the activation codes are PyTorch ops that
+    inductor fuses), draws the same keys as eager (so the gradients agree to rounding) and saves
+    no more than eager does."""
+    from actprune import blocksparse, kernels
+
+    kernels.set_backend("torch")
+    torch.manual_seed(0)
+    model = models.create("resmlp_tiny", width=32, depth=1)
+    prune_activations_(model, PruneConfig.preset("recommended"), exclude="head")
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    eager, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    F.cross_entropy(eager(x), y).backward()
+    eager_bytes = saved_activation_bytes(lambda: eager(x).sum())
+
+    def no_codec(*args, **kwargs):
+        raise AssertionError("a backend kernel ran under torch.compile: not traced")
+
+    for name in ("compress", "weight_grad", "channel_scale_grad"):
+        monkeypatch.setattr(blocksparse.Codec, name, no_codec)
+    for name in ("activation_codes", "activation_grad"):
+        monkeypatch.setattr(kernels, name, no_codec)
+    compiled = torch.compile(compiled_model, backend="inductor", fullgraph=True)
+    F.cross_entropy(compiled(x), y).backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the traced step does not keep the empty selection's offsets (its backward never reads them)
+    assert saved_activation_bytes(lambda: compiled(x).sum()) <= eager_bytes
+
+
+def test_ops_that_draw_keys_on_the_host_are_cudagraph_unsafe():
+    """A CUDA graph replays kernel arguments as captured: an operator that draws its key on the
+    host must run outside inductor's graphs, or every replay would round with one key."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    for op in (ops.compress_rows, ops.next_key):
+        assert tag in op.tags
+    assert tag not in ops.block_sparse_grad.tags  # deterministic: safe to capture
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.next_key, (x, w, 0), test_utils=checks)
+    first, second = ops.next_key(x, w, 0), ops.next_key(x, w, 0)
+    assert first.dtype == torch.int64 and first.shape == () and first != second
+
+
+def test_traced_keys_follow_eager_when_a_layer_runs_twice():
+    """A layer applied twice in one graph draws two keys, as in eager mode (identical key calls
+    would be merged by the graph's common-subexpression pass: the key takes the tensor it codes),
+    and the compiled gradients equal eager's."""
+    from actprune import kernels, rng
+
+    kernels.set_backend("torch")
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.relu(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = prune_activations_(Twice(), PruneConfig.preset("recommended"))
+    eager, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(64, 32)
+    eager(x).sum().backward()
+    torch.compile(compiled_model, fullgraph=True)(x).sum().backward()
+    assert rng.get_state(compiled_model) == rng.get_state(eager)  # two draws each
+    torch.testing.assert_close(compiled_model.lin.weight.grad, eager.lin.weight.grad)
+
+
+def test_traced_rounding_is_unbiased_with_eagers_variance():
+    """Over many compiled steps of one traced layer on the same input the weight gradient's mean
+    converges to the exact dyᵀ·x and its spread is eager's: each call rounds with a new key (a
+    key frozen into the graph, as a captured CUDA graph would replay it, has no spread at all)."""
+    from actprune import PrunedLinear, kernels
+
+    kernels.set_backend("torch")
+    torch.manual_seed(0)
+    layer = PrunedLinear.from_linear(torch.nn.Linear(64, 16), PruneConfig.preset("recommended"))
+    x, dy = torch.randn(128, 64), torch.randn(128, 16)
+    exact = dy.t() @ x
+
+    def weight_grads(run, steps: int = 200) -> torch.Tensor:
+        grads = []
+        for _ in range(steps):
+            layer.weight.grad = None
+            run(x).backward(dy)
+            grads.append(layer.weight.grad)
+        return torch.stack(grads)
+
+    compiled, eager = weight_grads(torch.compile(layer, fullgraph=True)), weight_grads(layer)
+    for grads in (compiled, eager):
+        spread = grads.std(0)
+        # the mean's error within ~4 standard errors, element by element, on average
+        assert ((grads.mean(0) - exact).abs() / (spread / 200**0.5)).mean() < 4
+    ratio = compiled.var(0).mean() / eager.var(0).mean()
+    assert 0.8 < ratio < 1.25

@@ -50,7 +50,11 @@ def _worker(rank, init_file, out_dir, wrapper):
         for n, p in model.named_parameters()
     }
     torch.save(grads, os.path.join(out_dir, f"grads_{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without Python's teardown: freeing DDP's reducer after the gradients joins gloo's
+    # worker thread while holding the GIL, and that thread can be waiting for the GIL to free a
+    # finished allreduce (a deadlock in torch, seen once in this suite: the test hung).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])

@@ -23,7 +23,7 @@ import torch
 from . import kernels, rng
 from .config import PruneConfig
 from .kernels import reference
-from .storage import BlockSparse, Parts, absent_parts, quantize_int8
+from .storage import BlockSparse, Parts, absent_parts, empty_parts, quantize_int8
 
 
 def row_source(t: torch.Tensor, row_order: str) -> torch.Tensor:
@@ -87,6 +87,39 @@ def compress_rows_of(
         raise ValueError(f"compress expects a non-empty tensor, got shape {shape}")
     codec = codec_for(config, x3.shape, x3.dtype, x3.device)
     return BlockSparse.from_parts(codec.compress(x3, stream), codec.shape, codec.bits)
+
+
+def traced(config: PruneConfig, x: torch.Tensor) -> bool:
+    """Whether under torch.compile the compression of x with ``config`` is traced
+    (``traced_compress``): uniform quantization where ``kernels.traced`` holds. Block selection
+    stays an operator (``ops.compress_rows``): its kept blocks are data-dependent gathers."""
+    return config.uniform and kernels.traced(x)
+
+
+def traced_compress(x: torch.Tensor, config: PruneConfig, key: torch.Tensor) -> Parts:
+    """The ``Parts`` of a uniform compression of x (..., K) as ``reference``'s PyTorch ops, for
+    torch.compile to trace and fuse (``traced``): the same codes as every backend writes under
+    the same key, given here as a 0-d int64 tensor (``ops.next_key``), so that a new key each
+    call is a new input, not a recompilation."""
+    x3 = row_source(x.detach(), config.row_order)
+    ccol = x3.new_empty(-(-x3.shape[-1] // config.block_shape[1]) + 1, dtype=torch.int32)
+    _, codes, low_scales = reference.score_blocks(
+        x3, config.block_shape, "max", config.remainder_bits, key, ccol
+    )
+    values, rows, _, scales, _, _ = empty_parts(x.device, x.dtype, config.block_shape)
+    return values, rows, ccol, scales, codes, low_scales
+
+
+def traced_param_grad(
+    dy: torch.Tensor, parts: Parts, config: PruneConfig, x_shape: torch.Size, param: str
+) -> torch.Tensor:
+    """The parameter gradient read back from ``traced_compress``' parts of an input of
+    ``x_shape``, as ``reference``'s PyTorch ops: dyᵀ·X̃ (``param="weight"``) or Σ_rows dy ⊙ X̃
+    (``"channel_scale"``), X̃ decoded one tile of rows at a time (``reference.row_tiles``)."""
+    shape = (math.prod(x_shape[:-1]), x_shape[-1])
+    x = BlockSparse.from_parts(parts, shape, config.remainder_bits).dequantized(dy.dtype)
+    grad = reference.weight_grad if param == "weight" else reference.channel_scale_grad
+    return grad(row_source(dy, config.row_order), x)
 
 
 class Codec:

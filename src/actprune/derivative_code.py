@@ -182,6 +182,21 @@ def derivative_code(function: str = "gelu", bits: int = 2) -> DerivativeCode:
         return _fit(function, bits)
 
 
+@torch.compiler.assume_constant_result
+def _pieces(function: str, bits: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    code = derivative_code(function, bits)
+    return code.boundaries, code.values
+
+
+def traced_code(function: str, bits: int) -> DerivativeCode:
+    """``derivative_code(function, bits)`` for code that torch.compile traces: the fit's
+    boundaries and values are constants to the compiler, which calls the (cached) fit once while
+    tracing instead of tracing it (the fit reads numbers out of tensors: a graph break). The
+    error figures are not carried (NaN); ``encode`` and ``derivative`` do not read them."""
+    boundaries, values = _pieces(function, bits)
+    return DerivativeCode(bits, function, boundaries, values, math.nan, math.nan)
+
+
 def _fit(function: str, bits: int) -> DerivativeCode:
     derivative = ACTIVATIONS[function][1]
     x = torch.linspace(*_GRID, dtype=torch.float64)

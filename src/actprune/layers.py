@@ -7,8 +7,8 @@ gradient stay exact and only the parameter gradient sees the pruned input (Barle
 arXiv 2311.16883). An activation's input is on the input-gradient path; it is kept as a low-bit
 code of the derivative (``derivative_code``; ReLU: an exact 1-bit mask). The computations are
 autograd Functions around registered kernel operators (``ops.py``): torch.compile traces the
-Functions (inductor fuses the layer's own PyTorch ops), keeps the kernels whole and saves only the
-compressed tensors.
+Functions (inductor fuses the layer's own PyTorch ops, and off numba the uniform compression and
+the activation codes too), keeps the other kernels whole and saves only the compressed tensors.
 
 In eager mode a tensor is compressed once per config even when several layers read it (q, k and v
 projections of one input): the later layers reuse the first one's tensors, so autograd holds one
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import norm_input, ops, rng
-from .blocksparse import Codec, codec_for
+from . import kernels, norm_input, ops, rng
+from .blocksparse import Codec, codec_for, traced, traced_compress
 from .config import PruneConfig
-from .storage import Parts, absent_parts
+from .storage import Parts, empty_parts
 
 _exact = threading.local()  # .on, set by exact_gradients(): every layer runs its dense original
 
@@ -111,16 +111,20 @@ def compressed_rows(x: torch.Tensor, codec: Codec, stream: int = 0) -> Parts:
 
 
 def _compressed_input(
-    x: torch.Tensor, config: PruneConfig, stream: int, needed: bool
+    x: torch.Tensor, config: PruneConfig, stream: int, param: torch.Tensor
 ) -> tuple[Parts, Codec | PruneConfig]:
-    """What a layer's Function saves of its input x, and what it reads it back with: in eager
-    mode the codec's parts (``compressed_rows``) and the codec; under torch.compile
-    ``ops.compress_rows``' (opaque to inductor) and the config. Every part absent when no
-    parameter gradient ``needed`` them."""
+    """What a layer's Function saves of its input x, and what it reads it back with, for the
+    gradient of ``param`` (every part absent when it needs none): in eager mode the codec's
+    parts (``compressed_rows``) and the codec; under torch.compile the traced compression's
+    (``blocksparse.traced``: PyTorch ops that inductor fuses, its key from ``ops.next_key``) or
+    ``ops.compress_rows``' (opaque), and the config."""
+    needed = param.requires_grad
     if torch.compiler.is_compiling():
-        if needed:
-            return ops.compress_rows(x.detach(), config.to_json(), stream), config
-        return absent_parts(x.device, x.dtype, config.block_shape), config
+        if not needed:
+            return empty_parts(x.device, x.dtype, config.block_shape), config
+        if traced(config, x):
+            return traced_compress(x, config, ops.next_key(x, param, stream)), config
+        return ops.compress_rows(x.detach(), config.to_json(), stream), config
     codec = codec_for(config, x.shape, x.dtype, x.device)
     return (compressed_rows(x, codec, stream) if needed else codec.nothing_saved), codec
 
@@ -238,7 +242,7 @@ def linear_keeping_compressed_input(
         bias = None if bias is None else bias.to(dtype)
     if norm is not None:  # a norm's output: its saved x̂ serves dW (norm_input)
         return norm_input.NormInputLinearFunction.apply(x, weight, bias, norm)
-    parts, reader = _compressed_input(x, config, stream, weight.requires_grad)
+    parts, reader = _compressed_input(x, config, stream, weight)
     return ops.PrunedLinearFunction.apply(x, weight, bias, parts, reader)
 
 
@@ -354,7 +358,7 @@ def scale_channels(
     also for a scale that is a bare Parameter inside a block's forward."""
     if not _needs_graph(x, scale, shift):
         return x * scale if shift is None else torch.addcmul(shift, scale, x)
-    parts, reader = _compressed_input(x, config, stream, scale.requires_grad)
+    parts, reader = _compressed_input(x, config, stream, scale)
     return ops.PrunedChannelScaleFunction.apply(x, scale, shift, parts, reader)
 
 
@@ -455,7 +459,10 @@ class CodedActivation(CompressedLayer):
         function = self.function()
         bits = 1 if function == "relu" else self.prune_config.activation_bits
         if torch.compiler.is_compiling():
-            codes, nonfinite = ops.activation_code(x, bits, function)
+            if kernels.traced(x):  # PyTorch ops that inductor fuses
+                codes, nonfinite = ops.activation_code_parts(x, bits, function, traced=True)
+            else:
+                codes, nonfinite = ops.activation_code(x, bits, function)
             return ops.CodedActivationFunction.apply(x, codes, nonfinite, bits, function)
         with torch.no_grad():
             codes, nonfinite = ops.activation_code_parts(x, bits, function)

@@ -6,9 +6,12 @@ and the meta device see opaque ops with known output shapes instead of tracing i
 Everything around them is an ``autograd.Function`` of PyTorch ops (``PrunedLinearFunction``,
 ``PrunedChannelScaleFunction``, ``CodedActivationFunction``), which torch.compile traces: inductor
 fuses the layer's own computation (F.linear, the scale, the activation) with its neighbours, and
-the Function saves exactly the compressed tensors. In eager mode the Functions call the kernels
-directly (``blocksparse.Codec``, ``activation_code_parts``): a custom op's Python dispatch costs
-more than a small layer's whole step.
+the Function saves exactly the compressed tensors. Under torch.compile on every backend but numba
+(``kernels.traced``: CUDA) the uniform compression and the activation codes, and what reads them
+back, are PyTorch ops too (``blocksparse.traced_compress``), so inductor fuses them as well; their
+rounding key comes from ``next_key``. In eager mode the Functions call the kernels directly
+(``blocksparse.Codec``, ``activation_code_parts``): a custom op's Python dispatch costs more than
+a small layer's whole step.
 
 The compression operator returns the compressed tensors, and each layer takes them as inputs and
 keeps them for its backward. So one compressed copy of a tensor can serve several layers that read
@@ -27,6 +30,12 @@ Every op that compresses or reads compressed tensors takes the configuration as 
   (``derivative_code``; ReLU: an exact 1-bit mask) plus one bit per row marking non-finite
   inputs.
 - ``actprune::activation_grad`` — the coded activation's input gradient, from its codes.
+- ``actprune::next_key`` — the next rounding key of a random stream as a 0-d int64 tensor on
+  the device of the tensor compressed, for a traced compression.
+
+``compress_rows`` and ``next_key`` draw on the host and carry ``torch.Tag.cudagraph_unsafe``:
+inductor runs them outside CUDA graphs, whose replays would repeat one key (docs/design.md,
+"Keys under torch.compile, and CUDA graphs").
 """
 
 import math
@@ -37,22 +46,33 @@ import torch.nn.functional as F
 
 from . import kernels, rng
 from .bitpack import pack_codes, unpack_codes
-from .blocksparse import Codec, codec_for, row_source
+from .blocksparse import Codec, codec_for, row_source, traced, traced_param_grad
 from .config import PruneConfig
-from .derivative_code import ACTIVATIONS, derivative_code
+from .derivative_code import ACTIVATIONS, derivative_code, traced_code
+from .kernels import reference
 from .storage import Parts
 
 _LIBRARY = torch.library.Library("actprune", "DEF")
 
 
-def _define(schema: str, body: Callable, fake: Callable) -> torch._ops.OpOverload:
+# The tags of an operator whose body draws a random key on the host: its value is a new draw
+# each call (``nondeterministic_seeded``), and it must run outside CUDA graphs, whose replays
+# would repeat the key captured (``cudagraph_unsafe``, which older torch lacks).
+_HOST_RANDOM = tuple(
+    tag for tag in (torch.Tag.nondeterministic_seeded, getattr(torch.Tag, "cudagraph_unsafe", None))
+    if tag is not None
+)  # fmt: skip
+
+
+def _define(schema: str, body: Callable, fake: Callable, tags: tuple = ()) -> torch._ops.OpOverload:
     """The operator ``actprune::<schema>``: ``body`` its kernel on every device, ``fake`` its
-    shapes (FakeTensor, "meta"). Defined on a ``torch.library.Library`` rather than with
-    ``torch.library.custom_op``, whose autograd wrapper and per-call checks cost ~13 µs a call
-    above the body on this CPU: compiled steps call these once per compressed tensor each way,
-    and none needs autograd (they run on detached inputs or inside a backward)."""
+    shapes (FakeTensor, "meta"), ``tags`` its ``torch.Tag``s. Defined on a
+    ``torch.library.Library`` rather than with ``torch.library.custom_op``, whose autograd
+    wrapper and per-call checks cost ~13 µs a call above the body on this CPU: compiled steps
+    call these once per compressed tensor each way, and none needs autograd (they run on
+    detached inputs or inside a backward)."""
     name = schema.split("(", 1)[0]
-    _LIBRARY.define(schema)
+    _LIBRARY.define(schema, tags=tags)
     _LIBRARY.impl(name, body, "CompositeExplicitAutograd")
     torch.library.register_fake(f"actprune::{name}", fake, lib=_LIBRARY)
     return getattr(torch.ops.actprune, name).default
@@ -84,7 +104,23 @@ def _compress_rows_fake(x: torch.Tensor, config: str, stream: int) -> Parts:
 
 compress_rows = _define(
     "compress_rows(Tensor x, str config, int stream) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor)", _compress_rows, _compress_rows_fake,
+    "Tensor)", _compress_rows, _compress_rows_fake, _HOST_RANDOM,
+)  # fmt: skip
+
+
+def _next_key(x: torch.Tensor, param: torch.Tensor, stream: int) -> torch.Tensor:
+    """The next key of ``rng.stream(stream)`` (0: the calling thread's) as a 0-d int64 tensor
+    on x's device, written by a fill (no host-to-device copy): the key of a traced compression
+    of x for the gradient of ``param`` (``blocksparse.traced_compress``). Both are inputs so
+    that the draw is ordered by x's computation, as in eager mode (the compiled step draws the
+    same keys for the same compressions), and so that two layers reading one x are two calls:
+    the graph's common-subexpression pass merges identical calls whatever their tags."""
+    return torch.full((), rng.stream(stream).next_key(), dtype=torch.int64, device=x.device)
+
+
+next_key = _define(
+    "next_key(Tensor x, Tensor param, int stream) -> Tensor", _next_key,
+    lambda x, param, stream: x.new_empty((), dtype=torch.int64), _HOST_RANDOM,
 )  # fmt: skip
 
 
@@ -96,8 +132,8 @@ def _save_compressed(ctx, x, parts, codec_or_config, *params) -> None:
         ctx.codec = codec_or_config
         ctx.compressed = parts is not codec_or_config.nothing_saved
     else:  # under torch.compile: the PruneConfig
-        ctx.codec, ctx.config = None, codec_or_config.to_json()
-        ctx.row_order = codec_or_config.row_order
+        ctx.codec, ctx.config = None, codec_or_config
+        ctx.traced = traced(codec_or_config, x)
         ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     ctx.save_for_backward(*params, *parts)
 
@@ -113,9 +149,11 @@ def _param_grad(ctx, dy: torch.Tensor, parts: list, param: str, op: str) -> torc
         )
     if ctx.codec is not None:  # eager: the codec's kernels, no operator dispatch
         return _CODEC_GRADIENTS[param](ctx.codec, dy, parts)
+    if ctx.traced:
+        return traced_param_grad(dy, parts, ctx.config, ctx.x_shape, param)
     rows, cols = math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1]
-    dy3 = row_source(dy, ctx.row_order)  # a view: no token-major copy
-    return block_sparse_grad(dy3, *parts, ctx.config, rows, cols, param)
+    dy3 = row_source(dy, ctx.config.row_order)  # a view: no token-major copy
+    return block_sparse_grad(dy3, *parts, ctx.config.to_json(), rows, cols, param)
 
 
 # --- Linear ---------------------------------------------------------------------------------------
@@ -224,17 +262,20 @@ def _forward(function: str):
 
 
 def activation_code_parts(
-    x: torch.Tensor, bits: int, function: str
+    x: torch.Tensor, bits: int, function: str, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, nonfinite): uint8, the packed ``bits``-bit code of ``function``'s derivative at
     every element of x, and one bit per row (last dim) set where the row holds a NaN or ±Inf.
     ``function="relu"`` (bits 1): the exact mask of where dense ReLU passes the gradient
     (x > 0 or NaN), and no rows (dense ReLU's dx stays finite at a NaN input). ``activation_code``'s
-    body, which eager mode calls directly."""
+    body, which eager mode calls directly; ``traced``: as ``reference``'s PyTorch ops, for
+    torch.compile to trace (``kernels.traced``)."""
     x = x.detach()
     if function == "relu":
         codes = pack_codes((~(x <= 0)).reshape(-1).to(torch.uint8), 1)
         return codes, x.new_empty(0, dtype=torch.uint8)
+    if traced:
+        return reference.activation_codes(x, traced_code(function, bits))
     return kernels.activation_codes(x, derivative_code(function, bits))
 
 
@@ -269,8 +310,14 @@ class CodedActivationFunction(torch.autograd.Function):
         if ctx.function == "relu":
             mask = unpack_codes(codes, 1, dy.numel()).view(dy.shape).bool()
             return torch.where(mask, dy, 0), None, None, None, None
-        grad = activation_grad if torch.compiler.is_compiling() else activation_grad_eager
-        return grad(dy, codes, nonfinite, ctx.bits, ctx.function), None, None, None, None
+        if not torch.compiler.is_compiling():
+            dx = activation_grad_eager(dy, codes, nonfinite, ctx.bits, ctx.function)
+        elif kernels.traced(dy):
+            code = traced_code(ctx.function, ctx.bits)
+            dx = reference.activation_grad(dy, codes, nonfinite, code)
+        else:
+            dx = activation_grad(dy, codes, nonfinite, ctx.bits, ctx.function)
+        return dx, None, None, None, None
 
 
 def activation_grad_eager(

@@ -197,8 +197,9 @@ def state_problem(state: object) -> str | None:
 GOLDEN, MIX1, MIX2 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35
 
 
-def random_words(key: int, word: torch.Tensor) -> torch.Tensor:
-    """The 32-bit words (as int64) whose bytes are the random bytes: hash(key, word)."""
+def random_words(key: int | torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    """The 32-bit words (as int64) whose bytes are the random bytes: hash(key, word); the key
+    an int or a 0-d int64 tensor (``ops.next_key``, under torch.compile)."""
     h = ((word * GOLDEN) & _MASK32) ^ key
     h = h ^ (h >> 16)
     h = (h * MIX1) & _MASK32
@@ -207,12 +208,12 @@ def random_words(key: int, word: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def random_bytes(key: int, index: torch.Tensor) -> torch.Tensor:
+def random_bytes(key: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """uint8 random bytes of the elements whose (int64) indices are ``index`` under ``key``: the
     definition the numba and Triton kernels reproduce bit for bit. Word indices wrap modulo 2^32.
 
     Args:
-        key: from ``Stream.next_key()``.
+        key: from ``Stream.next_key()`` (or that int as a 0-d int64 tensor).
         index: int64 tensor of element indices, any shape.
 
     Returns:

@@ -24,29 +24,27 @@ from .bitpack import unpack_codes
 Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@functools.cache
-def absent_part(
-    device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], name: str
-) -> torch.Tensor:
-    """The tensor without elements that stands for an absent part ``name`` of ``Parts``: one per
-    (device, dtype, shape, name) for the process. Nothing can be written to a tensor without
-    elements, so every call may share it (an allocation per call cost host time on the hot path);
-    different names stay different tensors, as an operator's outputs must not alias each other."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def empty_parts(device: torch.device, dtype: torch.dtype, block_shape: tuple[int, int]) -> Parts:
+    """The ``Parts`` of nothing kept, every part a new tensor without elements, for an input of
+    ``dtype`` compressed in blocks of ``block_shape``: what code that torch.compile traces
+    builds (eager code shares one set, ``absent_parts``)."""
+    return (
+        torch.empty((0, *block_shape), dtype=dtype, device=device),  # values
+        torch.empty(0, dtype=torch.int32, device=device),  # row_indices
+        torch.empty(0, dtype=torch.int32, device=device),  # ccol_indices
+        torch.empty(0, dtype=torch.float32, device=device),  # scales
+        torch.empty(0, dtype=torch.uint8, device=device),  # low_codes
+        torch.empty(0, dtype=torch.float32, device=device),  # low_scales
+    )
 
 
 @functools.cache
 def absent_parts(device: torch.device, dtype: torch.dtype, block_shape: tuple[int, int]) -> Parts:
-    """The ``Parts`` of nothing kept, every part absent (``absent_part``), for an input of
-    ``dtype`` compressed in blocks of ``block_shape``."""
-    return (
-        absent_part(device, dtype, (0, *block_shape), "values"),
-        absent_part(device, torch.int32, (0,), "row_indices"),
-        absent_part(device, torch.int32, (0,), "ccol_indices"),
-        absent_part(device, torch.float32, (0,), "scales"),
-        absent_part(device, torch.uint8, (0,), "low_codes"),
-        absent_part(device, torch.float32, (0,), "low_scales"),
-    )
+    """``empty_parts``, one set per (device, dtype, block shape) for the process. Nothing can be
+    written to a tensor without elements, so every call may share it (an allocation per call
+    cost host time on the hot path); the six stay different tensors, as an operator's outputs
+    must not alias each other."""
+    return empty_parts(device, dtype, block_shape)
 
 
 def blocked_view(x: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
@@ -219,13 +217,10 @@ class BlockSparse:
 
     def parts(self) -> Parts:
         """The six tensors the registered operators pass around (``Parts``): absent ones empty."""
-        device = self.values.device
-        scales = self.scales
-        if scales is None:
-            scales = absent_part(device, torch.float32, (0,), "scales")
+        absent = absent_parts(self.values.device, self.values.dtype, self.block_shape)
+        scales = absent[3] if self.scales is None else self.scales
         if self.remainder is None:
-            low = (absent_part(device, torch.uint8, (0,), "low_codes"),
-                   absent_part(device, torch.float32, (0,), "low_scales"))  # fmt: skip
+            low = absent[4:]
         else:
             low = (self.remainder.codes, self.remainder.scales)
         return self.values, self.row_indices, self.ccol_indices, scales, *low

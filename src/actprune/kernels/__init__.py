@@ -46,6 +46,7 @@ __all__ = [
     "score_blocks",
     "select_blocks",
     "set_backend",
+    "traced",
     "weight_grad",
 ]
 
@@ -107,6 +108,17 @@ def backend_for(x: torch.Tensor) -> str:
     if x.device.type == "cpu" and x.dtype == torch.float32 and _installed("numba"):
         return "numba"
     return "torch"
+
+
+def traced(x: torch.Tensor) -> bool:
+    """Whether, under torch.compile, the uniform compression and the activation codes of tensors
+    like x (and the gradients read back from them) are ``reference``'s PyTorch ops, traced, so
+    that inductor fuses them with their neighbours (on CUDA the quantization into the kernel that
+    produces x, the decoding into the one that reads it), rather than opaque operators around the
+    backend's kernels. True on every backend but numba: on the CPU inductor's code for the same
+    ops measured slower than the numba kernels (docs/design.md, "Host cost, launches and the
+    compiled path")."""
+    return backend_for(x) != "numba"
 
 
 _MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks", "meta": "meta_blocks"}

@@ -58,7 +58,7 @@ def block_scores(x: torch.Tensor, block_shape: tuple[int, int], criterion: str) 
 
 
 def low_bit_code(
-    x: torch.Tensor, block_shape: tuple[int, int], bits: int, key: int
+    x: torch.Tensor, block_shape: tuple[int, int], bits: int, key: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``storage.LowBitBlocks`` codes and scales of x [M, K] (padded to whole blocks).
 
@@ -67,10 +67,10 @@ def low_bit_code(
     q = int(v · c + 128·L + ½), c = 128·L / max(s, 1e-30) (float32, each operation rounded, no
     fused multiply-add), so q = round(256·u); the code is (q + byte) >> 8, clamped to L, byte the
     element's random byte (``rng.random_bytes(key, i)``, i its row-major index in the padded
-    tensor). Its expectation is q / 256: unbiased to 1/512 of a level. One multiply-add per
-    element and no division (docs/design.md, "Remainder"). A block holding NaN/±Inf has scale NaN
-    and all-zero codes, so it decodes to NaN (such blocks score +inf and are kept exactly when
-    any block is kept)."""
+    tensor; the key an int or, traced, a 0-d int64 tensor). Its expectation is q / 256:
+    unbiased to 1/512 of a level. One multiply-add per element and no division (docs/design.md,
+    "Remainder"). A block holding NaN/±Inf has scale NaN and all-zero codes, so it decodes to NaN
+    (such blocks score +inf and are kept exactly when any block is kept)."""
     blocks = blocked_view(x.contiguous(), block_shape)  # row-major, so flat order = index
     levels = (1 << bits) - 1
     scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
@@ -91,7 +91,7 @@ def score_blocks(
     block_shape: tuple[int, int],
     criterion: str,
     bits: int,
-    key: int,
+    key: int | torch.Tensor,
     ccol: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, codes, low_scales) of the row source x3: ``block_scores`` of its rows and, with
@@ -184,9 +184,10 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
         tile = x.values.new_zeros(stop - start, bm, n_bc, bk)
     else:
         tile = x.remainder.decode(x.block_shape, x.values.dtype, slice(start, stop))
-    here = ((x.row_indices >= start) & (x.row_indices < stop)).nonzero().squeeze(1)
-    rows = x.row_indices[here].long() - start
-    tile[rows, :, x.col_indices()[here].long(), :] = x.values[here]
+    if x.nnz_blocks:  # (static: a traced uniform decoding has no data-dependent shape)
+        here = ((x.row_indices >= start) & (x.row_indices < stop)).nonzero().squeeze(1)
+        rows = x.row_indices[here].long() - start
+        tile[rows, :, x.col_indices()[here].long(), :] = x.values[here]
     count = min(x.shape[0], stop * bm) - start * bm
     tile = tile.view((stop - start) * bm, n_bc * bk)[:count]
     return tile.view(count // batch, batch, n_bc * bk).transpose(0, 1).reshape(count, -1)
