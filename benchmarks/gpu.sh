@@ -7,7 +7,8 @@
 # configuration's peak and interleaved step time (the step-time JSON is what `actprune plan
 # --step-times` reads for a GPU). (The planner predicts on the meta device: CPU work.)
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to docs/results/gpu-<GPU name>
-#   bash benchmarks/gpu.sh --quick [OUT]  # under 5 minutes: kernel correctness, dense /
+#   bash benchmarks/gpu.sh --quick [OUT]  # under 5 minutes: kernel correctness (and the traced
+#       compiled path's on CUDA, CUDA graphs included), dense /
 #       checkpointing / default / paper step times interleaved, eager and compiled, on ResMLP-S24
 #       b64 and GPT-2 124M at seq 1024 (bf16 autocast; hf:gpt2, or the zoo's gpt2_small without
 #       transformers), compress GB/s against a copy. Run it before a change and after.
@@ -30,14 +31,14 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, keep its output, repo
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
 if [ "$QUICK" = 1 ]; then
-  step 90 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py \
-    -k "not compile_for_a_gpu"
+  step 120 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py \
+    tests/test_compile.py -k "not compile_for_a_gpu and (test_kernels or cuda)"
   configs="dense checkpoint actprune_all_u4_b32 actprune_global_s0.9_b32"
-  step 100 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
+  step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
     --rounds 5 --compile --configs $configs --out "$OUT"
   gpt=gpt2_small
   $PY -c "import transformers" 2>/dev/null && gpt=hf:gpt2
-  step 110 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \
+  step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \
     --batch-size 8 --amp bf16 --rounds 5 --compile --configs $configs --out "$OUT"
   step 40 bench.txt $PY -m actprune bench kernels --device cuda --dtype float32 --batch-size 64 \
     --model resmlp_s24 --repeats 20 --preset recommended paper --out "$OUT"

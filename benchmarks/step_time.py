@@ -94,10 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         return time.perf_counter() - start
 
+    failed: dict[str, str] = {}  # configuration: its error (the others still run)
     for name, model, opt in runs:  # warm-up: optimizer state, compilation, allocator
-        for _ in range(2 if name.endswith("(compiled)") else 1):
-            step(model, opt)
+        try:
+            for _ in range(2 if name.endswith("(compiled)") else 1):
+                step(model, opt)
+        except Exception as error:  # a device run is scarce: report it and go on
+            failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"FAILED: {name}: {failed[name]}", file=sys.stderr, flush=True)
+            continue
         print(f"warm: {name}", file=sys.stderr, flush=True)
+    if "dense" in failed:
+        raise SystemExit(f"dense failed, no ratios: {failed['dense']}")
+    if "dense (compiled)" in failed:  # no compiled ratios: keep the eager rows
+        for name, _, _ in runs:
+            failed.setdefault(name, "dense (compiled) failed") if "(compiled)" in name else None
+    runs = [run for run in runs if run[0] not in failed]
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for r in range(args.rounds):
         for name, model, opt in runs:
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "| config | median step s | × dense |\n|---|---|---|\n"
     )
     table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} |\n" for r in rows]
+    table += [f"| {name} | failed: {error} | |\n" for name, error in failed.items()]
     md = head + "".join(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(md)
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
              "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
-               "times": times}  # fmt: skip
+               "times": times, "failed": failed}  # fmt: skip
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(md)
     return 0
