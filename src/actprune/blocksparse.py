@@ -89,7 +89,7 @@ def compress_rows_of(
     return BlockSparse.from_parts(codec.compress(x3, stream), codec.shape, codec.bits)
 
 
-def traced(config: PruneConfig, x: torch.Tensor) -> bool:
+def traced_compression(config: PruneConfig, x: torch.Tensor) -> bool:
     """Whether under torch.compile the compression of x with ``config`` is traced
     (``traced_compress``): uniform quantization where ``kernels.traced`` holds. Block selection
     stays an operator (``ops.compress_rows``): its kept blocks are data-dependent gathers."""
@@ -98,9 +98,9 @@ def traced(config: PruneConfig, x: torch.Tensor) -> bool:
 
 def traced_compress(x: torch.Tensor, config: PruneConfig, key: torch.Tensor) -> Parts:
     """The ``Parts`` of a uniform compression of x (..., K) as ``reference``'s PyTorch ops, for
-    torch.compile to trace and fuse (``traced``): the same codes as every backend writes under
-    the same key, given here as a 0-d int64 tensor (``ops.next_key``), so that a new key each
-    call is a new input, not a recompilation."""
+    torch.compile to trace and fuse (``traced_compression``): the same codes as every backend
+    writes under the same key, given here as a 0-d int64 tensor (``ops.next_key``), so that a
+    new key each call is a new input, not a recompilation."""
     x3 = row_source(x.detach(), config.row_order)
     ccol = x3.new_empty(-(-x3.shape[-1] // config.block_shape[1]) + 1, dtype=torch.int32)
     _, codes, low_scales = reference.score_blocks(

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import kernels, norm_input, ops, rng
-from .blocksparse import Codec, codec_for, traced, traced_compress
+from .blocksparse import Codec, codec_for, traced_compress, traced_compression
 from .config import PruneConfig
 from .storage import Parts, empty_parts
 
@@ -116,13 +116,13 @@ def _compressed_input(
     """What a layer's Function saves of its input x, and what it reads it back with, for the
     gradient of ``param`` (every part absent when it needs none): in eager mode the codec's
     parts (``compressed_rows``) and the codec; under torch.compile the traced compression's
-    (``blocksparse.traced``: PyTorch ops that inductor fuses, its key from ``ops.next_key``) or
-    ``ops.compress_rows``' (opaque), and the config."""
+    (``blocksparse.traced_compression``: PyTorch ops that inductor fuses, its key from
+    ``ops.next_key``) or ``ops.compress_rows``' (opaque), and the config."""
     needed = param.requires_grad
     if torch.compiler.is_compiling():
         if not needed:
             return empty_parts(x.device, x.dtype, config.block_shape), config
-        if traced(config, x):
+        if traced_compression(config, x):
             return traced_compress(x, config, ops.next_key(x, param, stream)), config
         return ops.compress_rows(x.detach(), config.to_json(), stream), config
     codec = codec_for(config, x.shape, x.dtype, x.device)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import kernels, rng
 from .bitpack import pack_codes, unpack_codes
-from .blocksparse import Codec, codec_for, row_source, traced, traced_param_grad
+from .blocksparse import Codec, codec_for, row_source, traced_compression, traced_param_grad
 from .config import PruneConfig
 from .derivative_code import ACTIVATIONS, derivative_code, traced_code
 from .kernels import reference
@@ -133,7 +133,7 @@ def _save_compressed(ctx, x, parts, codec_or_config, *params) -> None:
         ctx.compressed = parts is not codec_or_config.nothing_saved
     else:  # under torch.compile: the PruneConfig
         ctx.codec, ctx.config = None, codec_or_config
-        ctx.traced = traced(codec_or_config, x)
+        ctx.traced = traced_compression(codec_or_config, x)
         ctx.compressed = parts[0].numel() > 0 or parts[4].numel() > 0  # kept blocks or codes
     ctx.save_for_backward(*params, *parts)
 
