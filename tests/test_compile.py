@@ -1,6 +1,8 @@
 """torch.compile (inductor, CPU): the layers' autograd Functions are traced around the registered
 kernel operators, so the graph has no breaks and the compiled step saves the same compressed
-tensors as eager."""
+tensors as eager. Off numba (CUDA; "torch" here) the uniform compression and the activation codes
+are traced too: the same codes and keys as eager, and rounding with eager's distribution (also
+under CUDA graphs, where a GPU runs the tests marked for it)."""
 
 import copy
 
