@@ -26,9 +26,7 @@ import copy
 import functools
 import json
 import shlex
-import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import torch
 
 from actprune import PruneConfig, PrunedLinear, ops
-from actprune.bench import device_name
+from actprune.bench import device_name, time_ms
 from actprune.blocksparse import codec_for
 from actprune.layers import CodedActivation, CompressedLayer
 from actprune.methods import MemoryConfig, apply_method
@@ -52,13 +50,7 @@ DENSE_ACTIVATION_GRAD = {
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:
     """Median wall time of ``fn()`` over ``reps`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_ms(fn, reps, warmup=1) / 1e3
 
 
 def kernel_seconds(module: torch.nn.Module, x: torch.Tensor, reps: int) -> tuple[float, float]:
