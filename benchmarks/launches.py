@@ -79,7 +79,10 @@ def _count_triton(counter: Counter) -> None:
 
 
 def measure(layer: nn.Module, x: torch.Tensor, triton_launches: Counter) -> tuple[Counter, Counter]:
-    """(forward, backward) launches of one step of ``layer`` on ``x``."""
+    """(forward, backward) launches of one step of ``layer`` on ``x``, after a first step: what
+    a process does once per device (the code tables, the fused selection's arrival counters) is
+    not a launch per tensor."""
+    layer(x).sum().backward()
     counts = []
     y, x.grad = None, None
     layer.zero_grad(set_to_none=True)  # no accumulation into earlier gradients

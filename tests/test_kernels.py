@@ -372,6 +372,9 @@ kernels = [
     (tb._score_blocks_kernel, "*fp32 *fp32 *fp32 *u8 *i32 i64" + " i32" * 7,
      {**args, "CRITERION": 2, "BITS": 4, "ZERO_CCOL": True}),
     (tb._decode_rows_kernel, "*fp32 *i32 *i32 *u8 *fp32 *fp32" + " i32" * 7, {**args, "BITS": 4}),
+    (tb._compress_blocks_kernel, "*fp32 *fp32 *fp32 *u8 *i32 *i8 *i32 *i32 *i32 *fp32 i64"
+     + " i32" * 9, {**args, "CRITERION": 0, "BITS": 4, "PER_COLUMN": True, "TILE_R": 512,
+                    "NB": 8}),
     (tb._row_codes_kernel, "*fp32 *u8 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
      {"NORM": 2, "BITS": 4, "ROWS": 4, "TILE_C": 256}),
 ]
@@ -382,7 +385,15 @@ for kernel, types, constexprs in kernels:
     for options in (tb.EXACT, {"enable_fp_fusion": True}):
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         found.append(["mul.rn.f32" in ptx, "fma.rn.f32" in ptx])
+        if kernel is tb._compress_blocks_kernel and options is tb.EXACT:
+            lines = ptx.splitlines()
+            ticket = next(i for i, s in enumerate(lines) if "atom.global.gpu.acq_rel.add" in s)
+            barrier = max(i for i, s in enumerate(lines[:ticket]) if "bar.sync" in s)
+            stores = [i for i, s in enumerate(lines[:ticket]) if "st.global" in s]
+            reads = [i for i, s in enumerate(lines) if "ld.global.cg" in s]
+            order = [max(stores) < barrier, min(reads) > ticket]
 print(json.dumps(found))
+print(json.dumps(order))
 """
 
 
@@ -394,10 +405,14 @@ def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _PTX_PROBE], env=env, capture_output=True,
                          text=True, check=True)  # fmt: skip
-    score_exact, score_fused, decode_exact, decode_fused, rows_exact, rows_fused = json.loads(
-        run.stdout)  # fmt: skip
-    assert score_exact == decode_exact == rows_exact == [True, False]  # multiplies, none fused
-    assert score_fused[1] and decode_fused[1] and rows_fused[1]  # with fusion on they would be
+    found, order = run.stdout.splitlines()
+    (score_exact, score_fused, decode_exact, decode_fused, compress_exact, compress_fused,
+     rows_exact, rows_fused) = json.loads(found)  # fmt: skip
+    assert score_exact == decode_exact == compress_exact == rows_exact == [True, False]
+    assert score_fused[1] and decode_fused[1] and compress_fused[1] and rows_fused[1]
+    # The fused selection's handoff (docs/design.md): every store of a program before the barrier
+    # that precedes its acq_rel ticket, and the last program's score reads (.cg) after it.
+    assert json.loads(order) == [True, True]
 
 
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
@@ -426,6 +441,37 @@ def test_select_blocks_is_the_reference(backend, device, dtypes, per_column):
                 assert a.dtype == torch.int32 and torch.equal(a, b), (trial, k)
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
+@pytest.mark.parametrize("per_column", [False, True])
+def test_triton_compress_blocks_is_score_select_pack(per_column):
+    """The fused launch (each program scores its block; the last to arrive in its block-column,
+    or in the grid, selects and packs) writes the bytes of the reference's score, select and
+    pack: kept blocks, indices, remainder codes and scales, on awkward shapes, strided sources,
+    ties and a non-finite block, for every k at the ends and one between; and leaves its
+    arrival counters at zero for the next launch."""
+    from actprune.kernels import triton_blocks as tb
+
+    gen = torch.Generator().manual_seed(3)
+    # On a GPU also ResMLP-S24's fc2 input at b64 (18816 programs racing to their counters).
+    cases = CASES + ([(64, 196, 1536, 0, (32, 32))] if DEVICE == "cuda" else [])
+    for trial, (b, t, k, _, block) in enumerate(cases):
+        dtype = (torch.float32, torch.float16)[trial % 2]
+        x3 = (_source(b, t, k, "cpu", torch.float32, transposed=trial % 2 == 0) * 2).round()
+        x3[0, 1, 2] = float("nan") if trial == 1 else x3[0, 1, 2]
+        x3 = x3.to(DEVICE, dtype)  # integers: ties
+        criterion, bits = [("l2", 0), ("l1", 4), ("max", 2), ("l2", 8), ("l2", 4)][trial]
+        scores, codes, low_scales = reference.score_blocks(x3, block, criterion, bits, 99)
+        total = scores.shape[0] if per_column else scores.numel()
+        for kept in sorted({1, int(torch.randint(1, total + 1, (1,), generator=gen)), total}):
+            rows, cols, ccol = reference.select_blocks(scores, kept, per_column=per_column)
+            want = (reference.pack_blocks(x3, rows, cols, block), rows, ccol, codes, low_scales)
+            got = tb.compress_blocks(x3, block, criterion, bits, 99, kept, per_column)
+            for name, a, w in zip(("values", "rows", "ccol", "codes", "scales"), got, want):
+                assert a.dtype == w.dtype and torch.equal(a.nan_to_num(7), w.nan_to_num(7)), (
+                    trial, kept, name)  # fmt: skip
+    assert all(not counters.any() for counters in tb._arrivals.values())
+
+
 _COMPILE_PROBE = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -442,6 +488,9 @@ kernels = [
     (tb._activation_grad_kernel, "*fp32 *u8 *u8 *fp32 *fp32 i32 i32", {"BITS": 4, "BLOCK": 1024}),
     (tb._select_column_kernel, "*fp32 *i32 *i32 *i32 i32 i32 i32", {"TILE": 256}),
     (tb._select_global_kernel, "*fp32 *i8 *i32 *i32 *i32 i32 i32 i32", {"BLOCK": 1024}),
+    (tb._compress_blocks_kernel, "*fp16 *fp32 *fp32 *u8 *i32 *i8 *i32 *i32 *i32 *fp16 i64"
+     + " i32" * 9, {**args, "CRITERION": 1, "BITS": 0, "PER_COLUMN": False, "TILE_R": 16,
+                    "NB": 8}),
     (tb._row_codes_kernel, "*bf16 *bf16 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
      {"NORM": 1, "BITS": 0, "ROWS": 4, "TILE_C": 1024}),
     (tb._row_codes_kernel, "*fp16 *i8 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
@@ -463,13 +512,14 @@ print("compiled", len(kernels))
 @pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
 def test_new_triton_kernels_compile_for_a_gpu():
     """The interpreter accepts more than the compiler does: the activation-code kernels, the
-    score kernel that zeroes an empty selection's offsets, the two selection kernels and the
-    transformer layers' kernels (row codes, norm statistics and backward, dropout bits) compile
-    to PTX for sm_90 (bundled ptxas, no GPU needed), for float32 and 16-bit inputs."""
+    score kernel that zeroes an empty selection's offsets, the two selection kernels, the fused
+    score-select-pack kernel and the transformer layers' kernels (row codes, norm statistics and
+    backward, dropout bits) compile to PTX for sm_90 (bundled ptxas, no GPU needed), for float32
+    and 16-bit inputs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True,
                          text=True)  # fmt: skip
-    assert run.returncode == 0 and "compiled 13" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 14" in run.stdout, run.stderr[-3000:]
 
 
 def test_numba_serial_and_parallel_compilations_agree(monkeypatch):

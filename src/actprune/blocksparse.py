@@ -168,6 +168,9 @@ class Codec:
         coders = getattr(self.kernels, "uniform_coders", None)
         self.coders = coders(self.source_shape, self.block_shape, self.bits) if (
             coders and config.uniform) else None  # fmt: skip
+        # A backend may score, select and pack in one launch (``triton_blocks.compress_blocks``).
+        self.compress_blocks = None if config.uniform else getattr(
+            self.kernels, "compress_blocks", None)  # fmt: skip
 
     def compress(self, x: torch.Tensor, stream: rng.Stream | None = None) -> Parts:
         """The ``Parts`` of x (this codec's kind, any view of its row source), its rounding
@@ -189,13 +192,17 @@ class Codec:
             _, codes, low_scales = self.kernels.score_blocks(x3, self.block_shape, "max", bits,
                                                              key, ccol)  # fmt: skip
             return values, rows, ccol, scales, codes, low_scales
-        scores, found_codes, found_scales = self.kernels.score_blocks(
-            x3, self.block_shape, c.criterion, bits, key
-        )
         # at least one block is kept (``PruneConfig.kept_blocks``): the backend's kernels
         per_column = c.selection == "column"
-        rows, cols, ccol = self.kernels.select_blocks(scores, self.kept, per_column=per_column)
-        values = self.kernels.pack_blocks(x3, rows, cols, (bm, bk))
+        if self.compress_blocks is not None:
+            values, rows, ccol, found_codes, found_scales = self.compress_blocks(
+                x3, self.block_shape, c.criterion, bits, key, self.kept, per_column)  # fmt: skip
+        else:
+            scores, found_codes, found_scales = self.kernels.score_blocks(
+                x3, self.block_shape, c.criterion, bits, key
+            )
+            rows, cols, ccol = self.kernels.select_blocks(scores, self.kept, per_column=per_column)
+            values = self.kernels.pack_blocks(x3, rows, cols, (bm, bk))
         if c.int8:
             values, scales = quantize_int8(values)
         if bits:

@@ -1,5 +1,5 @@
-"""Triton kernels: block scores with the remainder code, block packing, decoding, and the weight
-gradient over kept blocks.
+"""Triton kernels: block scores with the remainder code, block selection and packing (apart, or
+scored, selected and packed in one launch), decoding, and the weight gradient over kept blocks.
 
 Each kernel sits beside its launcher; the PyTorch reference with the same contract is the function
 of the same name in ``reference.py``. This module imports triton, so it is only imported by the
@@ -82,16 +82,12 @@ def _random_bytes(key, index):
 
 
 @triton.jit
-def _score_blocks_kernel(
-    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, ccol_ptr, key, batch, M, K,
-    stride_b, stride_t, stride_k, n_bc,
-    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
-    CRITERION: tl.constexpr, BITS: tl.constexpr, ZERO_CCOL: tl.constexpr,
+def _score_block(
+    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, key, batch, M, K, stride_b, stride_t, stride_k,
+    n_bc, pid_r, pid_c, BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr,
+    TILE_K: tl.constexpr, CRITERION: tl.constexpr, BITS: tl.constexpr,
 ):  # fmt: skip
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    if ZERO_CCOL:  # an empty selection's offsets, in the same launch (no fill of its own)
-        _zero_offsets(ccol_ptr, pid_r, pid_c)
+    """Block (pid_r, pid_c): its score and, with BITS > 0, its scale and remainder codes."""
     i = tl.arange(0, TILE_M)
     j = tl.arange(0, TILE_K)
     offs_m = pid_r.to(tl.int64) * BM + i
@@ -129,6 +125,22 @@ def _score_blocks_kernel(
         first = (offs_m[:, None] * k_padded + pid_c.to(tl.int64) * BK) // PER
         tl.store(codes_ptr + first + jb[None, :], packed,
                  mask=(i[:, None] < BM) & (jb[None, :] < BK // PER))  # fmt: skip
+
+
+@triton.jit
+def _score_blocks_kernel(
+    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, ccol_ptr, key, batch, M, K,
+    stride_b, stride_t, stride_k, n_bc,
+    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    CRITERION: tl.constexpr, BITS: tl.constexpr, ZERO_CCOL: tl.constexpr,
+):  # fmt: skip
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    if ZERO_CCOL:  # an empty selection's offsets, in the same launch (no fill of its own)
+        _zero_offsets(ccol_ptr, pid_r, pid_c)
+    _score_block(x_ptr, scores_ptr, low_scales_ptr, codes_ptr, key, batch, M, K, stride_b,
+                 stride_t, stride_k, n_bc, pid_r, pid_c, BM, BK, TILE_M, TILE_K, CRITERION,
+                 BITS)  # fmt: skip
 
 
 def score_blocks(
@@ -176,13 +188,13 @@ def _kth_largest_bits(bits, k):
 
 
 @triton.jit
-def _select_column_kernel(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
-                          TILE: tl.constexpr):  # fmt: skip
-    """Program j keeps the k best blocks of block-column j (ties to the lowest block-row), in
-    block-row order, and writes ccol[j + 1] = (j + 1)·k. Reads n_br scores, writes 2k + 1 ints."""
-    j = tl.program_id(0)
+def _select_column(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, j, n_br, n_bc, k,
+                   TILE: tl.constexpr):  # fmt: skip
+    """Keeps the k best blocks of block-column j (ties to the lowest block-row), in block-row
+    order, and writes ccol[j + 1] = (j + 1)·k. Reads n_br scores, writes 2k + 1 ints. The
+    scores are read past the SM's L1 (``.cg``): other programs of the fused kernel wrote them."""
     i = tl.arange(0, TILE)
-    score = tl.load(scores_ptr + i * n_bc + j, mask=i < n_br, other=0.0)
+    score = tl.load(scores_ptr + i * n_bc + j, mask=i < n_br, other=0.0, cache_modifier=".cg")
     bits = tl.where(i < n_br, score.to(tl.int32, bitcast=True), -1)
     kth = _kth_largest_bits(bits, k)
     above, tie = bits > kth, bits == kth
@@ -197,11 +209,19 @@ def _select_column_kernel(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, 
 
 
 @triton.jit
-def _select_global_kernel(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
-                          BLOCK: tl.constexpr):  # fmt: skip
-    """One program keeps the k best blocks of the grid (ties to the lowest row-major id): the
-    threshold by bisection over chunks, the keep flags in row-major order (the ties' ranks need
-    it), then the kept blocks column by column, which is BSC order, with the offsets."""
+def _select_column_kernel(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                          TILE: tl.constexpr):  # fmt: skip
+    """Program j selects block-column j (``_select_column``)."""
+    _select_column(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, tl.program_id(0), n_br, n_bc, k,
+                   TILE)  # fmt: skip
+
+
+@triton.jit
+def _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """Keeps the k best blocks of the grid (ties to the lowest row-major id): the threshold by
+    bisection over chunks, the keep flags in row-major order (the ties' ranks need it), then the
+    kept blocks column by column, which is BSC order, with the offsets. One program's work."""
     n = n_br * n_bc
     lo = tl.zeros((), dtype=tl.int32)
     hi = tl.zeros((), dtype=tl.int32) + _INF_BITS + 1
@@ -210,22 +230,24 @@ def _select_global_kernel(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_
         count = tl.zeros((), dtype=tl.int32)
         for start in range(0, n, BLOCK):
             e = start + tl.arange(0, BLOCK)
-            bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
-            count += tl.sum((bits >= mid).to(tl.int32), axis=0)
+            score = tl.load(scores_ptr + e, mask=e < n, other=-1.0, cache_modifier=".cg")
+            count += tl.sum((score.to(tl.int32, bitcast=True) >= mid).to(tl.int32), axis=0)
         lo, hi = tl.where(count >= k, mid, lo), tl.where(count >= k, hi, mid)
     room = k
     for start in range(0, n, BLOCK):
         e = start + tl.arange(0, BLOCK)
-        bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
-        room -= tl.sum((bits > lo).to(tl.int32), axis=0)
+        score = tl.load(scores_ptr + e, mask=e < n, other=-1.0, cache_modifier=".cg")
+        room -= tl.sum((score.to(tl.int32, bitcast=True) > lo).to(tl.int32), axis=0)
     taken = tl.zeros((), dtype=tl.int32)
     for start in range(0, n, BLOCK):
         e = start + tl.arange(0, BLOCK)
-        bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0).to(tl.int32, bitcast=True)
+        bits = tl.load(scores_ptr + e, mask=e < n, other=-1.0,
+                       cache_modifier=".cg").to(tl.int32, bitcast=True)  # fmt: skip
         tie = bits == lo
         keep = (bits > lo) | (tie & (taken + tl.cumsum(tie.to(tl.int32), axis=0) <= room))
         taken += tl.sum(tie.to(tl.int32), axis=0)
         tl.store(keep_ptr + e, keep.to(tl.int8), mask=e < n)
+    tl.debug_barrier()  # the flags are read back below by other threads of the program
     tl.store(ccol_ptr, 0)
     total = tl.zeros((), dtype=tl.int32)
     for j in range(0, n_bc):
@@ -239,6 +261,13 @@ def _select_global_kernel(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_
         tl.store(ccol_ptr + j + 1, total)
 
 
+@triton.jit
+def _select_global_kernel(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                          BLOCK: tl.constexpr):  # fmt: skip
+    """One program selects over the grid (``_select_global``)."""
+    _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k, BLOCK)
+
+
 def select_blocks(
     scores: torch.Tensor, k: int, *, per_column: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,9 +275,7 @@ def select_blocks(
     outputs."""
     n_br, n_bc = scores.shape
     scores = scores.contiguous()
-    nnz = k * n_bc if per_column else k
-    rows = torch.empty(nnz, dtype=torch.int32, device=scores.device)
-    cols, ccol = torch.empty_like(rows), rows.new_empty(n_bc + 1)
+    rows, cols, ccol = _selection(scores, k, per_column)
     if per_column:
         _select_column_kernel[(n_bc,)](scores, rows, cols, ccol, n_br, n_bc, k,
                                        TILE=_tile(n_br))  # fmt: skip
@@ -258,38 +285,51 @@ def select_blocks(
     return rows, cols, ccol
 
 
+def _selection(
+    scores: torch.Tensor, k: int, per_column: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (rows, cols, ccol) for a selection of k blocks (of each block-column)."""
+    nnz = k * scores.shape[1] if per_column else k
+    rows = torch.empty(nnz, dtype=torch.int32, device=scores.device)
+    return rows, torch.empty_like(rows), rows.new_empty(scores.shape[1] + 1)
+
+
 # --- pack kept blocks: read and write nnz·bm·bk elements -----------------------------------------
 
 
 @triton.jit
+def _pack_slots(
+    x_ptr, rows_ptr, cols_ptr, out_ptr, first, stop, batch, M, K, stride_b, stride_t, stride_k,
+    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    NB: tl.constexpr,
+):  # fmt: skip
+    """out[s] = block (rows[s], cols[s]) of the row source, zero-padded at its edges, for the
+    slots s in [first, stop), NB blocks ([NB, TILE_M, TILE_K] tiles) at a time."""
+    i = tl.arange(0, TILE_M)[None, :, None]
+    j = tl.arange(0, TILE_K)[None, None, :]
+    in_block = (i < BM) & (j < BK)
+    for s0 in range(first, stop, NB):
+        slot = s0 + tl.arange(0, NB)
+        live = slot < stop
+        r = tl.load(rows_ptr + slot, mask=live, other=0).to(tl.int64)[:, None, None]
+        c = tl.load(cols_ptr + slot, mask=live, other=0).to(tl.int64)[:, None, None]
+        offs_m, offs_k = r * BM + i, c * BK + j
+        in_x = in_block & (offs_m < M) & (offs_k < K) & live[:, None, None]
+        rows = _row_offsets(offs_m, batch, stride_b, stride_t)
+        x = tl.load(x_ptr + rows + offs_k * stride_k, mask=in_x, other=0.0)
+        dest = slot.to(tl.int64)[:, None, None] * (BM * BK) + i * BK + j
+        tl.store(out_ptr + dest, x, mask=in_block & live[:, None, None])
+
+
+@triton.jit
 def _pack_blocks_kernel(
-    x_ptr,
-    rows_ptr,
-    cols_ptr,
-    out_ptr,
-    batch,
-    M,
-    K,
-    stride_b,
-    stride_t,
-    stride_k,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    TILE_M: tl.constexpr,
-    TILE_K: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    r = tl.load(rows_ptr + b).to(tl.int64)
-    c = tl.load(cols_ptr + b).to(tl.int64)
-    i = tl.arange(0, TILE_M)
-    j = tl.arange(0, TILE_K)
-    offs_m = r * BM + i
-    offs_k = c * BK + j
-    in_block = (i[:, None] < BM) & (j[None, :] < BK)
-    in_x = in_block & (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    rows = _row_offsets(offs_m, batch, stride_b, stride_t)
-    x = tl.load(x_ptr + rows[:, None] + offs_k[None, :] * stride_k, mask=in_x, other=0.0)
-    tl.store(out_ptr + b * (BM * BK) + i[:, None] * BK + j[None, :], x, mask=in_block)
+    x_ptr, rows_ptr, cols_ptr, out_ptr, batch, M, K, stride_b, stride_t, stride_k,
+    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+):  # fmt: skip
+    """Program b packs slot b."""
+    b = tl.program_id(0)
+    _pack_slots(x_ptr, rows_ptr, cols_ptr, out_ptr, b, b + 1, batch, M, K, stride_b, stride_t,
+                stride_k, BM, BK, TILE_M, TILE_K, 1)  # fmt: skip
 
 
 def pack_blocks(
@@ -303,6 +343,99 @@ def pack_blocks(
         x3, rows, cols, out, batch, batch * t, k, *x3.stride(), **_block_args(block_shape)
     )
     return out
+
+
+# --- score, select and pack in one launch: the last program to score a column (or the grid) ------
+
+
+@triton.jit
+def _compress_blocks_kernel(
+    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, arrivals_ptr, keep_ptr, rows_ptr, cols_ptr,
+    ccol_ptr, values_ptr, key, batch, M, K, stride_b, stride_t, stride_k, n_br, n_bc, k,
+    BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    CRITERION: tl.constexpr, BITS: tl.constexpr, PER_COLUMN: tl.constexpr, TILE_R: tl.constexpr,
+    NB: tl.constexpr,
+):  # fmt: skip
+    """Every program scores (and codes) its block, then takes a ticket from its block-column's
+    arrival counter (PER_COLUMN) or the grid's; the program that arrives last has every score it
+    needs: it resets the counter to 0 for the next launch, selects, and packs the kept blocks.
+    The barrier puts all of the program's stores before its ticket, the acq_rel atomic orders
+    them for the GPU, and the last program reads the scores past L1 (``.cg``)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    _score_block(x_ptr, scores_ptr, low_scales_ptr, codes_ptr, key, batch, M, K, stride_b,
+                 stride_t, stride_k, n_bc, pid_r, pid_c, BM, BK, TILE_M, TILE_K, CRITERION,
+                 BITS)  # fmt: skip
+    tl.debug_barrier()
+    if PER_COLUMN:
+        counter, expected = arrivals_ptr + pid_c, n_br
+    else:
+        counter, expected = arrivals_ptr, n_br * n_bc
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if ticket == expected - 1:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        if PER_COLUMN:
+            _select_column(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, pid_c, n_br, n_bc, k,
+                           TILE_R)  # fmt: skip
+            first = pid_c * k
+        else:
+            _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
+                           1024)  # fmt: skip
+            first = 0
+        tl.debug_barrier()  # the slots just written are read back by other threads
+        _pack_slots(x_ptr, rows_ptr, cols_ptr, values_ptr, first, first + k, batch, M, K,
+                    stride_b, stride_t, stride_k, BM, BK, TILE_M, TILE_K, NB)  # fmt: skip
+
+
+# Blocks the last program packs per step of its loop: NB tiles in flight at once.
+PACK_BLOCKS = 8
+_arrivals: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 counters, at least n, zero between launches (the last program of each column or
+    grid resets its own): one buffer per device and CUDA stream, made once (a zero fill per call
+    would be a launch), so launches on two streams never share a counter."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    found = _arrivals.get((device, stream))
+    if found is None or found.numel() < n:
+        found = _arrivals[(device, stream)] = torch.zeros(max(n, 64), dtype=torch.int32,
+                                                          device=device)  # fmt: skip
+    return found
+
+
+def compress_blocks(
+    x3: torch.Tensor,
+    block_shape: tuple[int, int],
+    criterion: str,
+    bits: int,
+    key: int,
+    k: int,
+    per_column: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, rows, ccol, codes, low_scales): ``score_blocks``, ``select_blocks`` (k ≥ 1) and
+    ``pack_blocks`` of x3 in one launch, the same bytes as the three (the reference's)."""
+    (bm, bk), (batch, t, width) = block_shape, x3.shape
+    m = batch * t
+    n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(width, bk)
+    if bits and (bk * bits) % 8:  # the score kernel's own fallback: three steps
+        scores, codes, low_scales = score_blocks(x3, block_shape, criterion, bits, key)
+        rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
+        return pack_blocks(x3, rows, cols, block_shape), rows, ccol, codes, low_scales
+    scores = torch.empty(n_br, n_bc, device=x3.device, dtype=torch.float32)
+    low_scales = torch.empty((n_br, n_bc) if bits else (0,), device=x3.device, dtype=torch.float32)
+    codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, device=x3.device, dtype=torch.uint8)
+    rows, cols, ccol = _selection(scores, k, per_column)
+    keep = torch.empty(0 if per_column else n_br * n_bc, dtype=torch.int8, device=x3.device)
+    values = torch.empty(rows.numel(), *block_shape, device=x3.device, dtype=x3.dtype)
+    _compress_blocks_kernel[(n_br, n_bc)](
+        x3, scores, low_scales, codes, _arrival_counters(x3.device, n_bc), keep, rows, cols, ccol,
+        values, key, batch, m, width, *x3.stride(), n_br, n_bc, k, **_block_args(block_shape),
+        CRITERION=_CRITERION_CODE[criterion], BITS=bits, PER_COLUMN=per_column,
+        TILE_R=_tile(n_br) if per_column else 16, NB=PACK_BLOCKS, **EXACT,
+    )  # fmt: skip
+    return values, rows, ccol, codes, low_scales
 
 
 @triton.jit
