@@ -373,7 +373,7 @@ kernels = [
      {**args, "CRITERION": 2, "BITS": 4, "ZERO_CCOL": True}),
     (tb._decode_rows_kernel, "*fp32 *i32 *i32 *u8 *fp32 *fp32" + " i32" * 7, {**args, "BITS": 4}),
     (tb._compress_blocks_kernel, "*fp32 *fp32 *fp32 *u8 *i32 *i8 *i32 *i32 *i32 *fp32 i64"
-     + " i32" * 9, {**args, "CRITERION": 0, "BITS": 4, "PER_COLUMN": True, "TILE_R": 512,
+     + " i32" * 11, {**args, "CRITERION": 0, "BITS": 4, "PER_COLUMN": True, "TILE_R": 512,
                     "NB": 8}),
     (tb._row_codes_kernel, "*fp32 *u8 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
      {"NORM": 2, "BITS": 4, "ROWS": 4, "TILE_C": 256}),
@@ -387,11 +387,16 @@ for kernel, types, constexprs in kernels:
         found.append(["mul.rn.f32" in ptx, "fma.rn.f32" in ptx])
         if kernel is tb._compress_blocks_kernel and options is tb.EXACT:
             lines = ptx.splitlines()
-            ticket = next(i for i, s in enumerate(lines) if "atom.global.gpu.acq_rel.add" in s)
-            barrier = max(i for i, s in enumerate(lines[:ticket]) if "bar.sync" in s)
-            stores = [i for i, s in enumerate(lines[:ticket]) if "st.global" in s]
-            reads = [i for i, s in enumerate(lines) if "ld.global.cg" in s]
-            order = [max(stores) < barrier, min(reads) > ticket]
+
+            def at(text, before=len(lines)):
+                return [i for i, line in enumerate(lines[:before]) if text in line]
+
+            def fenced(release):  # the stores before a release, then a bar.sync, then it
+                return max(at("st.global", release)) < max(at("bar.sync", release))
+
+            arrival, selected = at("atom.global.gpu.acq_rel.add")[0], at(".gpu.release.add")[0]
+            order = [fenced(arrival), min(at("ld.global.cg")) > arrival, fenced(selected),
+                     len(at("ld.global.gpu.acquire")) > 0]
 print(json.dumps(found))
 print(json.dumps(order))
 """
@@ -410,9 +415,10 @@ def test_triton_remainder_kernels_compile_for_a_gpu_without_fused_multiply_add()
      rows_exact, rows_fused) = json.loads(found)  # fmt: skip
     assert score_exact == decode_exact == compress_exact == rows_exact == [True, False]
     assert score_fused[1] and decode_fused[1] and compress_fused[1] and rows_fused[1]
-    # The fused selection's handoff (docs/design.md): every store of a program before the barrier
-    # that precedes its acq_rel ticket, and the last program's score reads (.cg) after it.
-    assert json.loads(order) == [True, True]
+    # The fused selection's handoffs (docs/design.md): a scorer's stores, a barrier, then its
+    # acq_rel arrival; the selector's score reads (.cg) after it; the selection's stores, a
+    # barrier, then the release that packers wait for with acquire loads.
+    assert json.loads(order) == [True, True, True, True]
 
 
 @pytest.mark.parametrize("backend, device, dtypes", BACKENDS)
@@ -469,7 +475,7 @@ def test_triton_compress_blocks_is_score_select_pack(per_column):
             for name, a, w in zip(("values", "rows", "ccol", "codes", "scales"), got, want):
                 assert a.dtype == w.dtype and torch.equal(a.nan_to_num(7), w.nan_to_num(7)), (
                     trial, kept, name)  # fmt: skip
-    assert all(not counters.any() for counters in tb._arrivals.values())
+    assert all(not counters.any() for counters in tb._sync.values())
 
 
 _COMPILE_PROBE = """
@@ -489,7 +495,7 @@ kernels = [
     (tb._select_column_kernel, "*fp32 *i32 *i32 *i32 i32 i32 i32", {"TILE": 256}),
     (tb._select_global_kernel, "*fp32 *i8 *i32 *i32 *i32 i32 i32 i32", {"BLOCK": 1024}),
     (tb._compress_blocks_kernel, "*fp16 *fp32 *fp32 *u8 *i32 *i8 *i32 *i32 *i32 *fp16 i64"
-     + " i32" * 9, {**args, "CRITERION": 1, "BITS": 0, "PER_COLUMN": False, "TILE_R": 16,
+     + " i32" * 11, {**args, "CRITERION": 1, "BITS": 0, "PER_COLUMN": False, "TILE_R": 16,
                     "NB": 8}),
     (tb._row_codes_kernel, "*bf16 *bf16 *fp32 *fp32 i32 i32 fp32" + " i32" * 6,
      {"NORM": 1, "BITS": 0, "ROWS": 4, "TILE_C": 1024}),

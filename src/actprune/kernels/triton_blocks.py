@@ -345,63 +345,89 @@ def pack_blocks(
     return out
 
 
-# --- score, select and pack in one launch: the last program to score a column (or the grid) ------
+# --- score, select and pack in one launch: scorers, then selectors, then packers ----------------
+# The launch's sync words (int32, zero between launches): tickets drawn, selections done,
+# programs finished, then one arrival counter per block-column (per-column selection) or one for
+# the grid.
+_TICKETS: tl.constexpr = tl.constexpr(0)
+_SELECTED: tl.constexpr = tl.constexpr(1)
+_FINISHED: tl.constexpr = tl.constexpr(2)
+_ARRIVALS: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
 def _compress_blocks_kernel(
-    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, arrivals_ptr, keep_ptr, rows_ptr, cols_ptr,
+    x_ptr, scores_ptr, low_scales_ptr, codes_ptr, sync_ptr, keep_ptr, rows_ptr, cols_ptr,
     ccol_ptr, values_ptr, key, batch, M, K, stride_b, stride_t, stride_k, n_br, n_bc, k,
+    per_packer, packers,
     BM: tl.constexpr, BK: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
     CRITERION: tl.constexpr, BITS: tl.constexpr, PER_COLUMN: tl.constexpr, TILE_R: tl.constexpr,
     NB: tl.constexpr,
 ):  # fmt: skip
-    """Every program scores (and codes) its block, then takes a ticket from its block-column's
-    arrival counter (PER_COLUMN) or the grid's; the program that arrives last has every score it
-    needs: it resets the counter to 0 for the next launch, selects, and packs the kept blocks.
-    The barrier puts all of the program's stores before its ticket, the acq_rel atomic orders
-    them for the GPU, and the last program reads the scores past L1 (``.cg``)."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    _score_block(x_ptr, scores_ptr, low_scales_ptr, codes_ptr, key, batch, M, K, stride_b,
-                 stride_t, stride_k, n_bc, pid_r, pid_c, BM, BK, TILE_M, TILE_K, CRITERION,
-                 BITS)  # fmt: skip
-    tl.debug_barrier()
-    if PER_COLUMN:
-        counter, expected = arrivals_ptr + pid_c, n_br
-    else:
-        counter, expected = arrivals_ptr, n_br * n_bc
-    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if ticket == expected - 1:
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    """n_br·n_bc scorers, then ``packers`` packers, by the ticket each program draws first (not
+    its program id: a ticket is drawn by a program already running, so every scorer is running
+    or done before any packer draws one, and a waiting packer never holds up a scorer). A scorer
+    scores (and codes) its block, then arrives at its block-column's counter (PER_COLUMN) or the
+    grid's; the last to arrive has every score it needs and selects. A packer waits until every
+    selection is done, then packs its ``per_packer`` slots. The last program to finish zeroes
+    the sync words for the next launch. Ordering: a barrier before each release (the program's
+    stores, by all its threads, before the atomic), acquire atomics at GPU scope, and the
+    selector reads the scores past the SM's L1 (``.cg``)."""
+    n = n_br * n_bc
+    ticket = tl.atomic_add(sync_ptr + _TICKETS, 1, sem="relaxed", scope="gpu")
+    if ticket < n:
+        pid_r, pid_c = ticket // n_bc, ticket % n_bc
+        _score_block(x_ptr, scores_ptr, low_scales_ptr, codes_ptr, key, batch, M, K, stride_b,
+                     stride_t, stride_k, n_bc, pid_r, pid_c, BM, BK, TILE_M, TILE_K, CRITERION,
+                     BITS)  # fmt: skip
         tl.debug_barrier()
         if PER_COLUMN:
-            _select_column(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, pid_c, n_br, n_bc, k,
-                           TILE_R)  # fmt: skip
-            first = pid_c * k
+            counter, expected = sync_ptr + _ARRIVALS + pid_c, n_br
         else:
-            _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
-                           1024)  # fmt: skip
-            first = 0
-        tl.debug_barrier()  # the slots just written are read back by other threads
-        _pack_slots(x_ptr, rows_ptr, cols_ptr, values_ptr, first, first + k, batch, M, K,
-                    stride_b, stride_t, stride_k, BM, BK, TILE_M, TILE_K, NB)  # fmt: skip
+            counter, expected = sync_ptr + _ARRIVALS, n
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == expected - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            tl.debug_barrier()
+            if PER_COLUMN:
+                _select_column(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, pid_c, n_br, n_bc, k,
+                               TILE_R)  # fmt: skip
+            else:
+                _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc,
+                               k, 1024)  # fmt: skip
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + _SELECTED, 1, sem="release", scope="gpu")
+    else:
+        selections = n_bc if PER_COLUMN else 1
+        done = tl.atomic_add(sync_ptr + _SELECTED, 0, sem="acquire", scope="gpu")
+        while done < selections:
+            done = tl.atomic_add(sync_ptr + _SELECTED, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        first = (ticket - n) * per_packer
+        _pack_slots(x_ptr, rows_ptr, cols_ptr, values_ptr, first,
+                    tl.minimum(first + per_packer, k * selections), batch, M, K, stride_b,
+                    stride_t, stride_k, BM, BK, TILE_M, TILE_K, NB)  # fmt: skip
+    tl.debug_barrier()
+    if tl.atomic_add(sync_ptr + _FINISHED, 1, sem="acq_rel", scope="gpu") == n + packers - 1:
+        tl.atomic_xchg(sync_ptr + _TICKETS, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + _SELECTED, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + _FINISHED, 0, sem="relaxed", scope="gpu")
 
 
-# Blocks the last program packs per step of its loop: NB tiles in flight at once.
+# Blocks a packer moves per step of its loop (NB tiles in flight at once), and per program.
 PACK_BLOCKS = 8
-_arrivals: dict[tuple, torch.Tensor] = {}
+PACKER_SLOTS = 64
+_sync: dict[tuple, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 counters, at least n, zero between launches (the last program of each column or
-    grid resets its own): one buffer per device and CUDA stream, made once (a zero fill per call
-    would be a launch), so launches on two streams never share a counter."""
+def _sync_words(device: torch.device, n: int) -> torch.Tensor:
+    """int32 sync words of ``_compress_blocks_kernel``, at least n, zero between launches (each
+    launch zeroes what it used): one buffer per device and CUDA stream, made once (a fill per
+    call would be a launch), so launches on two streams never share one."""
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    found = _arrivals.get((device, stream))
+    found = _sync.get((device, stream))
     if found is None or found.numel() < n:
-        found = _arrivals[(device, stream)] = torch.zeros(max(n, 64), dtype=torch.int32,
-                                                          device=device)  # fmt: skip
+        found = _sync[(device, stream)] = torch.zeros(max(n, 64), dtype=torch.int32,
+                                                      device=device)  # fmt: skip
     return found
 
 
@@ -429,9 +455,11 @@ def compress_blocks(
     rows, cols, ccol = _selection(scores, k, per_column)
     keep = torch.empty(0 if per_column else n_br * n_bc, dtype=torch.int8, device=x3.device)
     values = torch.empty(rows.numel(), *block_shape, device=x3.device, dtype=x3.dtype)
-    _compress_blocks_kernel[(n_br, n_bc)](
-        x3, scores, low_scales, codes, _arrival_counters(x3.device, n_bc), keep, rows, cols, ccol,
-        values, key, batch, m, width, *x3.stride(), n_br, n_bc, k, **_block_args(block_shape),
+    packers = triton.cdiv(rows.numel(), PACKER_SLOTS)
+    sync = _sync_words(x3.device, 3 + (n_bc if per_column else 1))
+    _compress_blocks_kernel[(n_br * n_bc + packers,)](
+        x3, scores, low_scales, codes, sync, keep, rows, cols, ccol, values, key, batch, m, width,
+        *x3.stride(), n_br, n_bc, k, PACKER_SLOTS, packers, **_block_args(block_shape),
         CRITERION=_CRITERION_CODE[criterion], BITS=bits, PER_COLUMN=per_column,
         TILE_R=_tile(n_br) if per_column else 16, NB=PACK_BLOCKS, **EXACT,
     )  # fmt: skip
