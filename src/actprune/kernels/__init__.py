@@ -51,9 +51,17 @@ __all__ = [
 ]
 
 
-@cache
+_found: dict[str, bool] = {}
+
+
 def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether a package is installed, looked up once. A plain dict, not ``functools.cache``:
+    torch.compile traces this (``backend_for``) and warns at every compilation about a cache
+    wrapper it cannot see into."""
+    found = _found.get(name)
+    if found is None:
+        found = _found[name] = importlib.util.find_spec(name) is not None
+    return found
 
 
 _choice: str | None = None  # backend_choice(): None until read
