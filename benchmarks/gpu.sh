@@ -7,11 +7,12 @@
 # configuration's peak and interleaved step time (the step-time JSON is what `actprune plan
 # --step-times` reads for a GPU). (The planner predicts on the meta device: CPU work.)
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to docs/results/gpu-<GPU name>
-#   bash benchmarks/gpu.sh --quick [OUT]  # under 5 minutes: kernel correctness (and the traced
-#       compiled path's on CUDA, CUDA graphs included), dense /
-#       checkpointing / default / paper step times interleaved, eager and compiled, on ResMLP-S24
-#       b64 and GPT-2 124M at seq 1024 (bf16 autocast; hf:gpt2, or the zoo's gpt2_small without
-#       transformers), compress GB/s against a copy. Run it before a change and after.
+#   bash benchmarks/gpu.sh --quick [OUT]  # about 5 minutes: kernel correctness (and the compiled
+#       path's on CUDA, CUDA graphs included), dense / checkpointing / default / paper step times
+#       interleaved, eager and compiled, on ResMLP-S24 b64 (and the default compiled with its
+#       compression traced instead: OUT/traced) and GPT-2 124M at seq 1024 (bf16 autocast;
+#       hf:gpt2, or the zoo's gpt2_small without transformers), compress GB/s against a copy.
+#       Run it before a change and after.
 # Works from a checkout without installing (PYTHONPATH=src) on any torch >= 2.4 with triton.
 # Each step has a time limit and a failed step does not stop the next: whatever finished is kept.
 set -uo pipefail
@@ -36,6 +37,11 @@ if [ "$QUICK" = 1 ]; then
   configs="dense checkpoint actprune_all_u4_b32 actprune_global_s0.9_b32"
   step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
     --rounds 5 --compile --configs $configs --out "$OUT"
+  # The A/B of the compiled path: the default's compression traced (PyTorch ops that inductor
+  # generates) instead of the Triton kernel's operator (docs/design.md, "The compiled path").
+  ACTPRUNE_KERNELS=torch step 90 steps.txt $PY benchmarks/step_time.py --device cuda \
+    --model resmlp_s24 --batch-size 64 --rounds 3 --compile --configs dense actprune_all_u4_b32 \
+    --out "$OUT/traced"
   gpt=gpt2_small
   $PY -c "import transformers" 2>/dev/null && gpt=hf:gpt2
   step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \

@@ -1,14 +1,15 @@
 """torch.compile (inductor, CPU): the layers' autograd Functions are traced around the registered
 kernel operators, so the graph has no breaks and the compiled step saves the same compressed
-tensors as eager. Off numba (CUDA; "torch" here) the uniform compression and the activation codes
-are traced too: the same codes and keys as eager, and rounding with eager's distribution (also
-under CUDA graphs, where a GPU runs the tests marked for it)."""
+tensors as eager. With PyTorch's backend ("torch") the uniform compression and the activation
+codes are traced too: the same codes and keys as eager, and rounding with eager's distribution
+(also under CUDA graphs, where a GPU runs the tests marked for it)."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from actprune import PruneConfig, models, ops, prune_activations_, saved_activation_bytes
 
@@ -98,7 +99,7 @@ def test_every_preset_compiles_fullgraph_and_matches_eager(preset):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-# --- the traced compression (every backend but numba: CUDA, or "torch" here) ----------------------
+# --- the traced compression (PyTorch's backend: kernels.traced) -----------------------------------
 
 
 CUDA = pytest.param(
@@ -151,7 +152,7 @@ def test_traced_compression_writes_the_codecs_parts(shape, config, device):
 
 
 def test_traced_path_compiles_fullgraph_and_matches_eager(monkeypatch):
-    """With a backend whose compressions are traced (kernels.traced: CUDA, or "torch" here), the
+    """With PyTorch's backend, whose compressions are traced (kernels.traced), the
     compiled step calls no codec or backend kernel (the quantization, the activation codes and
     their read-back are PyTorch ops in the graph) and draws the same keys as eager, so the
     gradients agree to rounding. AOT autograd's graphs run as they are (``aot_eager``): inductor's
@@ -228,18 +229,20 @@ def test_traced_keys_follow_eager_when_a_layer_runs_twice():
     )
 
 
-@pytest.mark.parametrize(
-    "device, mode", [("cpu", None), pytest.param("cuda", "reduce-overhead", marks=CUDA.marks)]
-)
-def test_traced_rounding_is_unbiased_with_eagers_variance(device, mode):
-    """Over many compiled steps of one traced layer on the same input the weight gradient's mean
+@pytest.mark.parametrize("device, mode, backend", [
+    ("cpu", None, "torch"),
+    pytest.param("cuda", "reduce-overhead", "torch", marks=CUDA.marks),
+    pytest.param("cuda", "reduce-overhead", "auto", marks=CUDA.marks),
+])  # fmt: skip
+def test_compiled_rounding_is_unbiased_with_eagers_variance(device, mode, backend):
+    """Over many compiled steps of one layer on the same input the weight gradient's mean
     converges to the exact dyᵀ·x and its spread is eager's: each call rounds with a new key (a
     key frozen into the graph, as a captured CUDA graph would replay it, has no spread at all).
-    On CUDA under ``mode="reduce-overhead"``: CUDA graphs, around the host-side key draws."""
+    The traced compression ("torch"), and on CUDA under ``mode="reduce-overhead"`` (CUDA graphs
+    around the host-side key draws) also the Triton kernel's operator ("auto")."""
     from actprune import PrunedLinear, kernels
 
-    if device == "cpu":
-        kernels.set_backend("torch")  # traced off numba
+    kernels.set_backend(backend)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 16, device=device)
     layer = PrunedLinear.from_linear(linear, PruneConfig.preset("recommended"))
@@ -264,3 +267,34 @@ def test_traced_rounding_is_unbiased_with_eagers_variance(device, mode):
         assert ((grads.mean(0) - exact).abs() / (spread / 200**0.5)).mean() < 4
     ratio = compiled.var(0).mean() / eager.var(0).mean()
     assert 0.8 < ratio < 1.25
+
+
+def test_packing_under_inductor_writes_eagers_bytes():
+    """``bitpack`` packs by per-lane shifts under torch.compile (they fuse; the eager form's
+    dtype views cut kernels apart) and by wide-integer views in eager mode: the same bytes, and
+    the same codes back, for every width and a length that pads."""
+    from actprune.bitpack import pack_codes, unpack_codes
+
+    def both_ways(codes):
+        return [(p, unpack_codes(p, bits, codes[bits].numel()))
+                for bits in (1, 2, 4, 8) for p in [pack_codes(codes[bits], bits)]]  # fmt: skip
+
+    codes = {bits: torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8) for bits in (1, 2, 4, 8)}
+    compiled = torch.compile(both_ways, fullgraph=True)(codes)
+    for (packed, back), (want_packed, want_back) in zip(compiled, both_ways(codes)):
+        assert torch.equal(packed, want_packed) and torch.equal(back, want_back)
+
+
+def test_converted_dropout_compiles_with_inductor():
+    """A converted dropout's backward (its mask unpacked from bits) compiles with inductor on the
+    CPU (its mask read as a bool view of bytes once made C++ that did not compile) and passes
+    the gradient where the forward kept an element, scaled by 1 / (1 − p)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.3))
+    prune_activations_(model, PruneConfig.preset("recommended"))
+    assert type(model[1]).__name__ == "CodedDropout"
+    x, w = torch.randn(4, 64, 64, requires_grad=True), torch.randn(4, 64, 64)
+    y = torch.compile(model)(x)
+    y.backward(w)
+    dz = torch.where(y != 0, w / 0.7, 0.0)  # no output of the Linear is exactly 0
+    torch.testing.assert_close(x.grad, dz @ model[0].weight.detach())

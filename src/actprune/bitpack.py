@@ -1,11 +1,18 @@
 """Packing small unsigned codes (1, 2, 4 bits; 8 is the identity) into bytes: the low-bit codes.
 
-Both directions work on the codes viewed as wider integers, so each is a handful of contiguous
-shift/or passes instead of one strided pass per lane: 8 // bits consecutive uint8 codes viewed
-as one integer hold lane i at bit 8·i; shifting right by (8 − bits)·i moves it to bit bits·i, and
-the low byte of the OR of those shifts is the packed byte. Unpacking shifts left and masks.
-(Lane i's copy never lands in another lane's bits, and codes below 2^bits keep every integer
-positive. The byte order of the view is the machine's: little-endian is required.)
+In eager mode both directions work on the codes viewed as wider integers, so each is a handful
+of contiguous shift/or passes instead of one strided pass per lane: 8 // bits consecutive uint8
+codes viewed as one integer hold lane i at bit 8·i; shifting right by (8 − bits)·i moves it to
+bit bits·i, and the low byte of the OR of those shifts is the packed byte. Unpacking shifts left
+and masks. (Lane i's copy never lands in another lane's bits, and codes below 2^bits keep every
+integer positive. The byte order of the view is the machine's: little-endian is required.)
+
+Under torch.compile the same bytes come from per-lane shifts of the codes as [n, 8 // bits]:
+inductor must materialise a tensor to view it as another dtype, so the wide views cut the
+kernel that computes the codes from the one that packs them (and the unpacking from its
+consumer); the per-lane form fuses into both (docs/design.md, "Host cost, launches and the
+compiled path"). In eager mode it measured up to 3× slower than the wide views (4 bits, 2^20
+codes, CPU), hence the two forms, tested to agree.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     pad = -codes.numel() % per
     if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad)])
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    if torch.compiler.is_compiling():
+        lanes = codes.reshape(-1, per)
+        packed = lanes[:, 0]
+        for i in range(1, per):
+            packed = packed | (lanes[:, i] << (bits * i))
+        return packed
     lanes = codes.contiguous().view(_LANES[bits][0])
     packed = lanes.clone()
     for i in range(1, per):
@@ -40,6 +53,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The inverse of ``pack_codes``: uint8 [numel]."""
+    if torch.compiler.is_compiling():
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
     dtype, mask = _LANES[bits]
     wide = packed.to(dtype)
     lanes = wide.clone()

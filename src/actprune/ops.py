@@ -6,9 +6,9 @@ and the meta device see opaque ops with known output shapes instead of tracing i
 Everything around them is an ``autograd.Function`` of PyTorch ops (``PrunedLinearFunction``,
 ``PrunedChannelScaleFunction``, ``CodedActivationFunction``), which torch.compile traces: inductor
 fuses the layer's own computation (F.linear, the scale, the activation) with its neighbours, and
-the Function saves exactly the compressed tensors. Under torch.compile on every backend but numba
-(``kernels.traced``: CUDA) the uniform compression and the activation codes, and what reads them
-back, are PyTorch ops too (``blocksparse.traced_compress``), so inductor fuses them as well; their
+the Function saves exactly the compressed tensors. Under torch.compile with PyTorch's backend
+(``kernels.traced``) the uniform compression and the activation codes, and what reads them back,
+are PyTorch ops too (``blocksparse.traced_compress``), so inductor generates them as well; their
 rounding key comes from ``next_key``. In eager mode the Functions call the kernels directly
 (``blocksparse.Codec``, ``activation_code_parts``): a custom op's Python dispatch costs more than
 a small layer's whole step.

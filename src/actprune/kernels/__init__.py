@@ -120,13 +120,14 @@ def backend_for(x: torch.Tensor) -> str:
 
 def traced(x: torch.Tensor) -> bool:
     """Whether, under torch.compile, the uniform compression and the activation codes of tensors
-    like x (and the gradients read back from them) are ``reference``'s PyTorch ops, traced, so
-    that inductor fuses them with their neighbours (on CUDA the quantization into the kernel that
-    produces x, the decoding into the one that reads it), rather than opaque operators around the
-    backend's kernels. True on every backend but numba: on the CPU inductor's code for the same
-    ops measured slower than the numba kernels (docs/design.md, "Host cost, launches and the
-    compiled path")."""
-    return backend_for(x) != "numba"
+    like x (and the gradients read back from them) are ``reference``'s PyTorch ops, traced for
+    inductor to generate and fuse, rather than operators around the backend's kernels. True
+    where the backend is PyTorch's (``ACTPRUNE_KERNELS=torch``, or no kernel for x's device and
+    dtype). The numba and Triton kernels stay: inductor's code for the same ops measured slower
+    than numba's on the CPU, and for a GPU it splits a compression into four kernels that pass
+    int32 codes through memory, where the Triton kernel is one launch (docs/design.md, "Host
+    cost, launches and the compiled path")."""
+    return backend_for(x) == "torch"
 
 
 _MODULES = {"triton": "triton_blocks", "numba": "cpu_blocks", "meta": "meta_blocks"}

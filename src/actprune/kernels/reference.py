@@ -438,5 +438,6 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def dropout_grad(dy: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
     """dx of a dropout from its packed mask (``pack_mask``): ``native_dropout_backward``, i.e.
     dy · mask · scale (a dropped element of a NaN dy stays NaN, as dense)."""
-    mask = unpack_codes(packed, 1, dy.numel()).view(dy.shape).view(torch.bool)
+    # != 0, not a view as bool: inductor's C++ for a uint8 buffer read as bool did not compile
+    mask = unpack_codes(packed, 1, dy.numel()).view(dy.shape) != 0
     return torch.ops.aten.native_dropout_backward(dy, mask, scale)
