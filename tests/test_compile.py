@@ -298,3 +298,22 @@ def test_converted_dropout_compiles_with_inductor():
     y.backward(w)
     dz = torch.where(y != 0, w / 0.7, 0.0)  # no output of the Linear is exactly 0
     torch.testing.assert_close(x.grad, dz @ model[0].weight.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_the_kernels_operators():
+    """On CUDA under ``mode="reduce-overhead"`` the Triton kernels' operators (compression, the
+    weight gradient, the GELU's derivative code and its gradient) run in and around CUDA graphs,
+    step after step: the input gradient, which reads no rounded code, is eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).cuda()
+    prune_activations_(model, PruneConfig.preset("recommended"))
+    compiled = torch.compile(model, mode="reduce-overhead")
+    for _ in range(3):
+        x = torch.randn(32, 64, device="cuda", requires_grad=True)
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(x).square().sum().backward()
+        got = x.grad.clone()
+        x.grad = None
+        model(x).square().sum().backward()
+        torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)
