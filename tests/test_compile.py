@@ -269,10 +269,11 @@ def test_compiled_rounding_is_unbiased_with_eagers_variance(device, mode, backen
     assert 0.8 < ratio < 1.25
 
 
-def test_packing_under_inductor_writes_eagers_bytes():
+def test_packing_under_compile_writes_eagers_bytes():
     """``bitpack`` packs by per-lane shifts under torch.compile (they fuse; the eager form's
     dtype views cut kernels apart) and by wide-integer views in eager mode: the same bytes, and
-    the same codes back, for every width and a length that pads."""
+    the same codes back, for every width and a length that pads. (AOT autograd's graph run as
+    it is: the traced form's values; inductor's code of it runs in the model tests.)"""
     from actprune.bitpack import pack_codes, unpack_codes
 
     def both_ways(codes):
@@ -280,7 +281,7 @@ def test_packing_under_inductor_writes_eagers_bytes():
                 for bits in (1, 2, 4, 8) for p in [pack_codes(codes[bits], bits)]]  # fmt: skip
 
     codes = {bits: torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8) for bits in (1, 2, 4, 8)}
-    compiled = torch.compile(both_ways, fullgraph=True)(codes)
+    compiled = torch.compile(both_ways, fullgraph=True, backend="aot_eager")(codes)
     for (packed, back), (want_packed, want_back) in zip(compiled, both_ways(codes)):
         assert torch.equal(packed, want_packed) and torch.equal(back, want_back)
 
