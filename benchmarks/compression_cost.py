@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import shlex
 import sys
 from collections import defaultdict
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from actprune import PruneConfig, PrunedLinear, ops
-from actprune.bench import device_name, time_ms
+from actprune.bench import device_name, save_results, time_ms
 from actprune.blocksparse import codec_for
 from actprune.layers import CodedActivation, CompressedLayer
 from actprune.methods import MemoryConfig, apply_method
@@ -164,13 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     md = "\n".join(lines) + "\n"
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"compression_cost_{args.model}_{args.image_size}px_b{args.batch_size}_{args.preset}"
-    (args.out / f"{stem}.md").write_text(md)
     payload = {"command": command.strip(), "torch": torch.__version__,
                "dense_compiled_ms": dense_s * 1e3, "kernels_x": kernels_x, "floor_x": floor_x,
                "rows": rows}  # fmt: skip
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, stem, md, payload)
     return 0
 
 

@@ -11,7 +11,6 @@ the relative error of dx = dy ⊙ gelu'(x) for a random dy.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from actprune import activation_derivative, data, derivative_code, models
+from actprune.bench import save_results
 from actprune.config import ACTIVATION_BITS
 from actprune.derivative_code import ACTIVATIONS
 
@@ -122,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     x_model, source = model_gelu_inputs()
     rows = measure(x_model)
     md = markdown(rows, source, argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "derivative_code.md").write_text(md)
     payload = {"torch": torch.__version__, "gelu_input_source": source, "codes": rows}
-    (args.out / "derivative_code.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, "derivative_code", md, payload)
     print(md)
     return 0
 

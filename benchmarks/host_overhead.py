@@ -14,7 +14,6 @@ python benchmarks/host_overhead.py --calls 500 --features 64 --batch-size 8
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from actprune import PruneConfig, PrunedLinear
+from actprune.bench import save_results
 
 PRESETS = ("recommended", "paper", "blocks")
 
@@ -85,13 +85,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['overhead_x_linear']:.2f} |" for r in rows]  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"host_overhead_linear{n}_b{args.batch_size}"
-    (args.out / f"{stem}.md").write_text(table + "\n")
     meta = {"command": command.strip(), "features": n, "batch": args.batch_size,
             "calls": args.calls, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "rows": rows}  # fmt: skip
-    (args.out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_results(args.out, f"host_overhead_linear{n}_b{args.batch_size}", table + "\n", meta)
     return 0
 
 

@@ -15,7 +15,6 @@ python benchmarks/launches.py --presets transformer --out docs/results/launches_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import actprune
 from actprune import PruneConfig
+from actprune.bench import save_results
 from actprune.models.gpt import CausalSelfAttention, GPTConfig
 from actprune.models.llama import LlamaConfig, SwiGLU
 from actprune.models.resmlp import Affine
@@ -152,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['backward_ops']} |" for r in rows]  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "launches.md").write_text(table + "\n")
-    (args.out / "launches.json").write_text(
-        json.dumps({"command": command.strip(), "rows": rows}, indent=2) + "\n"
-    )
+    save_results(args.out, "launches", table + "\n", {"command": command.strip(), "rows": rows})
     return 0
 
 

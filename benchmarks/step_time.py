@@ -19,7 +19,6 @@ src/actprune/step_times.json, is a copy of one such run).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from actprune import PruneConfig
-from actprune.bench import device_name
+from actprune.bench import device_name, save_results
 from actprune.methods import MemoryConfig, apply_method, frontier_methods
 from actprune.workloads import build_workload, language_model
 
@@ -141,14 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} |\n" for r in rows]
     table += [f"| {name} | failed: {error} | |\n" for name, error in failed.items()]
     md = head + "".join(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.md").write_text(md)
     setup = {"model": args.model, "image_size": args.image_size, "seq_len": args.seq_len,
              "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
                "times": times, "failed": failed}  # fmt: skip
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, stem, md, payload)
     print(md)
     return 0
 

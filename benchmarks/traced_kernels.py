@@ -15,7 +15,6 @@ python benchmarks/traced_kernels.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -31,6 +30,7 @@ from torch._inductor.utils import run_and_get_code
 
 import actprune
 from actprune import PruneConfig
+from actprune.bench import save_results
 from actprune.models.resmlp import Affine
 
 # inductor's threshold for a GPU (its CPU's is realize_cpu_opcount_threshold)
@@ -94,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
               for r in rows]  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "traced_kernels.md").write_text(table + "\n")
-    (args.out / "traced_kernels.json").write_text(
-        json.dumps({"command": command.strip(), "rows": rows}, indent=2) + "\n"
-    )
+    save_results(args.out, "traced_kernels", table + "\n",
+                 {"command": command.strip(), "rows": rows})
     return 0
 
 

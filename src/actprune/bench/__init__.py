@@ -5,10 +5,12 @@ Every figure is a median, and every ratio is taken against a baseline measured i
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -34,3 +36,11 @@ def device_name(device: str | torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def save_results(out_dir: Path, stem: str, md: str, payload: dict) -> None:
+    """A benchmark's results: ``stem.md`` (the table as printed) and ``stem.json`` (payload)
+    in ``out_dir``, created if needed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")

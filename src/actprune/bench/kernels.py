@@ -7,7 +7,6 @@ beat in bandwidth), the dense weight gradient dyᵀ·x (cuBLAS / MKL), and torch
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ import torch
 from .. import kernels
 from ..blocksparse import compress_rows_of, row_source
 from ..config import PRESETS, PruneConfig
-from . import device_name, time_ms
+from . import device_name, save_results, time_ms
 
 # ResMLP-S24's Linear shapes at batch 8, (B, T, K, N): the input x [B, T, K] (its B·T rows in
 # token-major order) and N outputs: fc1, fc2, the token mixer (whose rows are B·384 channels).
@@ -184,7 +183,6 @@ def write_results(
     rows: list[KernelRow], device: str, out_dir: Path, stem: str, command: str
 ) -> str:
     """Write ``stem``.json and ``stem``.md under out_dir; returns the markdown."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -202,9 +200,7 @@ def write_results(
         "remainder, tile by tile.\n\n"
         f"{table}\n"
     )
-    (out_dir / f"{stem}.md").write_text(md)
-    payload = {**meta, "rows": [asdict(r) for r in rows]}
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(out_dir, stem, md, {**meta, "rows": [asdict(r) for r in rows]})
     return md
 
 

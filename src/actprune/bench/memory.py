@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from ..config import PruneConfig
 from ..memory import measure_training_step
 from ..methods import MemoryConfig, apply_method, methods
 from ..workloads import build_workload
-from . import device_name
+from . import device_name, save_results
 
 
 @dataclass
@@ -196,7 +195,6 @@ def write_memory_results(
     rows: list[MemoryRow], out_dir: Path, stem: str, command: str, setup: dict
 ) -> str:
     """``stem``.json, ``stem``.md and ``stem``.png under out_dir; returns the markdown."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = memory_table(rows)
     dev = device_name(setup["device"])
     md = (
@@ -215,7 +213,6 @@ def write_memory_results(
             "saved-tensor hooks: its saved column counts only the block inputs; its peak counts "
             "everything.\n"
         )
-    (out_dir / f"{stem}.md").write_text(md)
     payload = {
         **setup,
         "device_name": dev,
@@ -223,6 +220,6 @@ def write_memory_results(
         "command": command,
         "rows": [asdict(r) for r in rows],
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(out_dir, stem, md, payload)
     plot_memory(rows, out_dir / f"{stem}.png")
     return md
