@@ -7,8 +7,9 @@ gradient stay exact and only the parameter gradient sees the pruned input (Barle
 arXiv 2311.16883). An activation's input is on the input-gradient path; it is kept as a low-bit
 code of the derivative (``derivative_code``; ReLU: an exact 1-bit mask). The computations are
 autograd Functions around registered kernel operators (``ops.py``): torch.compile traces the
-Functions (inductor fuses the layer's own PyTorch ops, and off numba the uniform compression and
-the activation codes too), keeps the other kernels whole and saves only the compressed tensors.
+Functions (inductor fuses the layer's own PyTorch ops, and with PyTorch's backend the uniform
+compression and the activation codes too), keeps the kernels whole and saves only the compressed
+tensors.
 
 In eager mode a tensor is compressed once per config even when several layers read it (q, k and v
 projections of one input): the later layers reuse the first one's tensors, so autograd holds one
