@@ -448,6 +448,25 @@ def test_select_blocks_is_the_reference(backend, device, dtypes, per_column):
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
+def test_triton_global_selection_finds_the_kth_score_by_its_bytes():
+    """Global selection finds the k-th largest score by radix selection, one byte of its bits a
+    pass: exact on scores that share their high bytes (a narrow range), all zero, subnormal, or
+    only zeros and +inf, for k at both ends and between."""
+    from actprune.kernels import triton_blocks as tb
+
+    gen = torch.Generator().manual_seed(1)
+    grids = [torch.zeros(7, 9), 1 + torch.rand(30, 40, generator=gen) * 1e-4,
+             torch.rand(33, 35, generator=gen) * 1e-38,
+             torch.where(torch.rand(40, 30, generator=gen) < 0.5, float("inf"), 0.0)]  # fmt: skip
+    for scores in grids:
+        n = scores.numel()
+        for k in (1, n // 2, n):
+            want = reference.select_blocks(scores, k)
+            got = tb.select_blocks(scores.to(DEVICE), k)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (scores[0, 0], k)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="no triton")
 @pytest.mark.parametrize("per_column", [False, True])
 def test_triton_compress_blocks_is_score_select_pack(per_column):
     """The fused launch (each program scores its block; the last to arrive in its block-column,

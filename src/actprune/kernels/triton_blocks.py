@@ -217,22 +217,39 @@ def _select_column_kernel(scores_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, 
 
 
 @triton.jit
+def _kth_largest_bits_in_memory(scores_ptr, n, k, BLOCK: tl.constexpr):
+    """The bits of the k-th largest of n scores in memory, by radix selection: four passes over
+    the scores, each a histogram of one byte of the bits (high byte first) among the scores
+    whose higher bytes are the answer's so far. (Bisection, as ``_kth_largest_bits`` does on a
+    tile in registers, would read them 31 times.)"""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((), dtype=tl.int32)
+    need = tl.zeros((), dtype=tl.int32) + k  # how many of the candidates still rank above
+    for byte in tl.static_range(3, -1, -1):
+        shift = 8 * byte
+        hist = tl.zeros((256,), dtype=tl.int32)
+        for start in range(0, n, BLOCK):
+            e = start + tl.arange(0, BLOCK)
+            score = tl.load(scores_ptr + e, mask=e < n, other=0.0, cache_modifier=".cg")
+            bits = score.to(tl.int32, bitcast=True)
+            higher = (bits >> shift) >> 8 == prefix >> shift >> 8  # the bytes above agree
+            hist += tl.histogram((bits >> shift) & 255, 256, mask=(e < n) & higher)
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # per bin, from top
+        chosen = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > chosen, hist, 0), axis=0)
+        prefix |= chosen << shift
+    return prefix
+
+
+@triton.jit
 def _select_global(scores_ptr, keep_ptr, rows_ptr, cols_ptr, ccol_ptr, n_br, n_bc, k,
                    BLOCK: tl.constexpr):  # fmt: skip
     """Keeps the k best blocks of the grid (ties to the lowest row-major id): the threshold by
-    bisection over chunks, the keep flags in row-major order (the ties' ranks need it), then the
-    kept blocks column by column, which is BSC order, with the offsets. One program's work."""
+    radix selection over chunks, the keep flags in row-major order (the ties' ranks need it),
+    then the kept blocks column by column, which is BSC order, with the offsets. One program's
+    work."""
     n = n_br * n_bc
-    lo = tl.zeros((), dtype=tl.int32)
-    hi = tl.zeros((), dtype=tl.int32) + _INF_BITS + 1
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        count = tl.zeros((), dtype=tl.int32)
-        for start in range(0, n, BLOCK):
-            e = start + tl.arange(0, BLOCK)
-            score = tl.load(scores_ptr + e, mask=e < n, other=-1.0, cache_modifier=".cg")
-            count += tl.sum((score.to(tl.int32, bitcast=True) >= mid).to(tl.int32), axis=0)
-        lo, hi = tl.where(count >= k, mid, lo), tl.where(count >= k, hi, mid)
+    lo = _kth_largest_bits_in_memory(scores_ptr, n, k, BLOCK)
     room = k
     for start in range(0, n, BLOCK):
         e = start + tl.arange(0, BLOCK)
