@@ -168,9 +168,10 @@ class Codec:
         coders = getattr(self.kernels, "uniform_coders", None)
         self.coders = coders(self.source_shape, self.block_shape, self.bits) if (
             coders and config.uniform) else None  # fmt: skip
-        # A backend may score, select and pack in one launch (``triton_blocks.compress_blocks``).
-        self.compress_blocks = None if config.uniform else getattr(
-            self.kernels, "compress_blocks", None)  # fmt: skip
+        # A backend may score, select and pack in one launch (``triton_blocks.fused_compression``).
+        fused = getattr(self.kernels, "fused_compression", None)
+        self.compress_blocks = fused(self.block_shape, self.bits) if (
+            fused and not config.uniform) else None  # fmt: skip
 
     def compress(self, x: torch.Tensor, stream: rng.Stream | None = None) -> Parts:
         """The ``Parts`` of x (this codec's kind, any view of its row source), its rounding

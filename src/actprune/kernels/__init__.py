@@ -147,7 +147,7 @@ def backend_module(x: torch.Tensor) -> ModuleType:
     ``channel_scale_grad`` with ``reference``'s contracts; ``blocksparse.Codec`` asks once and
     calls them directly. Two are optional, used where a backend has them: ``uniform_coders``
     (numba: uniform quantization's code and weight gradient, each one call) and
-    ``compress_blocks`` (Triton: score, select and pack in one launch)."""
+    ``fused_compression`` (Triton: score, select and pack in one launch)."""
     return _module("meta" if x.device.type == "meta" else backend_for(x))
 
 

@@ -15,6 +15,7 @@ block's tile is padded to a power of two >= 16 (``tl.dot``'s minimum) and masked
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -143,6 +144,12 @@ def _score_blocks_kernel(
                  BITS)  # fmt: skip
 
 
+def _bytes_within_blocks(bk: int, bits: int) -> bool:
+    """Whether every byte of the remainder's codes lies in one block (one program writes it):
+    else ``score_blocks`` runs the reference."""
+    return not bits or (bk * bits) % 8 == 0
+
+
 def score_blocks(
     x3: torch.Tensor,
     block_shape: tuple[int, int],
@@ -154,7 +161,7 @@ def score_blocks(
     """Triton version of ``reference.score_blocks``: one read of x3 for scores and codes, and
     ``ccol`` zeroed by the same launch."""
     (bm, bk), (batch, t, k) = block_shape, x3.shape
-    if bits and (bk * bits) % 8:  # a byte would span two blocks: not one program's to write
+    if not _bytes_within_blocks(bk, bits):
         return reference.score_blocks(x3, block_shape, criterion, bits, key, ccol)
     m = batch * t
     n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(k, bk)
@@ -458,14 +465,11 @@ def compress_blocks(
     per_column: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values, rows, ccol, codes, low_scales): ``score_blocks``, ``select_blocks`` (k ≥ 1) and
-    ``pack_blocks`` of x3 in one launch, the same bytes as the three (the reference's)."""
+    ``pack_blocks`` of x3 in one launch, the same bytes as the three (the reference's), where
+    ``fused_compression`` offers it."""
     (bm, bk), (batch, t, width) = block_shape, x3.shape
     m = batch * t
     n_br, n_bc = triton.cdiv(m, bm), triton.cdiv(width, bk)
-    if bits and (bk * bits) % 8:  # the score kernel's own fallback: three steps
-        scores, codes, low_scales = score_blocks(x3, block_shape, criterion, bits, key)
-        rows, cols, ccol = select_blocks(scores, k, per_column=per_column)
-        return pack_blocks(x3, rows, cols, block_shape), rows, ccol, codes, low_scales
     scores = torch.empty(n_br, n_bc, device=x3.device, dtype=torch.float32)
     low_scales = torch.empty((n_br, n_bc) if bits else (0,), device=x3.device, dtype=torch.float32)
     codes = torch.empty(n_br * bm * n_bc * bk * bits // 8, device=x3.device, dtype=torch.uint8)
@@ -481,6 +485,13 @@ def compress_blocks(
         TILE_R=_tile(n_br) if per_column else 16, NB=PACK_BLOCKS, **EXACT,
     )  # fmt: skip
     return values, rows, ccol, codes, low_scales
+
+
+def fused_compression(block_shape: tuple[int, int], bits: int) -> Callable | None:
+    """``compress_blocks`` for selections of ``block_shape`` blocks with a ``bits`` remainder,
+    or None where its codes' bytes would span blocks (``blocksparse.Codec`` then scores,
+    selects and packs apart, the scores by the reference)."""
+    return compress_blocks if _bytes_within_blocks(block_shape[1], bits) else None
 
 
 @triton.jit
