@@ -351,7 +351,7 @@ def _uniform_weight_grad_kernel(dy, codes, low_scales, bits, bm, bk, out):
     k_padded = n_bc * bk
     scales = np.empty(k_padded, np.float32)
     lanes = np.empty(k_padded, np.uint8)
-    row = np.empty(k_padded, np.float32)
+    row = np.empty((1, k_padded), np.float32)
     no_kept, no_values = np.full(n_bc, -1, np.int32), np.empty((0, bm, bk), np.float32)
     out[:] = 0
     t = b = 0
@@ -359,11 +359,11 @@ def _uniform_weight_grad_kernel(dy, codes, low_scales, bits, bm, bk, out):
         if r % bm == 0:
             _block_row_scales(low_scales, r // bm, bk, bits, scales)
         _unpack_rows(codes, bits, r, 1, k_padded, lanes)
-        _decoded_row(lanes, 0, scales, bits, no_kept, no_values, 0, row)
+        _decoded_row(lanes, 0, scales, bits, no_kept, no_values, 0, row, 0)
         for i in range(n):
             g = dy[b, t, i]
             for j in range(k):
-                out[i, j] += g * row[j]
+                out[i, j] += g * row[0, j]
         t, b = _next_row(t, b, batch)
 
 
@@ -509,23 +509,23 @@ def _kept_map(row_indices, ccol, n_br):
 
 
 @nb.njit(inline="always")
-def _decoded_row(lanes, i, scales, bits, kept, values, block_row_i, row):
-    """Row ``block_row_i`` of a block-row of X̃ into ``row`` [n_bc·bk]: codes ``lanes[i·n_bc·bk:]``
-    (unpacked) scaled by each element's block scale (``scales``), or zeros without a remainder,
-    then the kept blocks' rows over it. ``kept`` is the block-row's row of ``_kept_map``. Plain
-    loops: numba's slice assignment checks for overlap and cost more than the copy."""
-    k_padded, bk = row.shape[0], values.shape[2]
+def _decoded_row(lanes, i, scales, bits, kept, values, block_row_i, out, r):
+    """Row ``block_row_i`` of a block-row of X̃ into ``out[r]`` (its first n_bc·bk columns): codes
+    ``lanes[i·n_bc·bk:]`` (unpacked) scaled by each element's block scale (``scales``), or zeros
+    without a remainder, then the kept blocks' rows over it. Written in place, 2-D indexed: a
+    row view per row, or a row buffer and a copy, cost more than the row's work at K = 16."""
+    k_padded, bk = kept.shape[0] * values.shape[2], values.shape[2]
     if bits:
         step, one = np.float32(2.0 / ((1 << bits) - 1)), np.float32(1.0)
         for j in range(k_padded):
-            row[j] = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
+            out[r, j] = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
     else:
         for j in range(k_padded):
-            row[j] = 0
+            out[r, j] = 0
     for c in range(kept.shape[0]):
         if kept[c] >= 0:
             for j in range(bk):
-                row[c * bk + j] = values[kept[c], block_row_i, j]
+                out[r, c * bk + j] = values[kept[c], block_row_i, j]
 
 
 @nb.njit(**_JIT)
@@ -548,30 +548,30 @@ def _block_row_scales(low_scales, br, bk, bits, out):
 @nb.njit(**_JIT)
 def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out, dy, acc):
     """Decode the rows of block-row br of X̃ a chunk at a time (``_CODE_CHUNK`` elements: the
-    chunk's codes are contiguous, one flat pass unpacks them) into a row buffer, then use each
-    row: with ``dy`` empty, copy it to its batch-major place in the tile ``out`` (``decode_rows``);
-    otherwise add dy ⊙ row into ``acc`` [K] (the channel-scale gradient; dy read in place).
-    Arrays are indexed in 2-D / 3-D: a row view per row cost more than the row's work at K = 16."""
+    chunk's codes are contiguous, one flat pass unpacks them) and use each row: with ``dy``
+    empty, decode it straight to its batch-major place in the tile ``out`` (``decode_rows``);
+    otherwise into a row buffer, and add dy ⊙ row into ``acc`` [K] (the channel-scale gradient;
+    dy read in place). Arrays are indexed in 2-D / 3-D: a row view per row cost more than the
+    row's work at K = 16."""
     nnz, bm, bk = values.shape
     k_padded = kept.shape[0] * bk
     scales = np.empty(k_padded, np.float32)
     _block_row_scales(low_scales, br, bk, bits, scales)
     rows = max(1, min(bm, _CODE_CHUNK // k_padded))
     lanes = np.empty(rows * k_padded, np.uint8)
-    row = np.empty(k_padded, values.dtype)
+    row = np.empty((1, k_padded), values.dtype)
     to_tile, tokens = dy.size == 0, out.shape[0] // batch
     t, b = divmod(br * bm, batch)
     for i0 in range(0, min(bm, m - br * bm), rows):
         count = min(rows, m - br * bm - i0, bm - i0)
         _unpack_rows(codes, bits, br * bm + i0, count, k_padded, lanes)
         for i in range(count):
-            _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row)
             if to_tile:
-                for j in range(k_padded):
-                    out[b * tokens + t - t0, j] = row[j]
+                _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, out, b * tokens + t - t0)
             else:
+                _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row, 0)
                 for j in range(acc.shape[0]):
-                    acc[j] += dy[b, t, j] * row[j]
+                    acc[j] += dy[b, t, j] * row[0, j]
             t, b = _next_row(t, b, batch)
 
 
@@ -658,23 +658,40 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
 
 @_Parallel
 def _activation_codes_kernel(x, bounds, bits, codes, nonfinite):
+    """``bounds`` is a tuple: its length is part of the compiled type, so the comparisons unroll
+    and the loop over a chunk's elements vectorises (a loop over an array of bounds per element
+    did not: docs/design.md, "CPU fast path")."""
     rows, k = x.shape
+    flat_x = x.reshape(-1)
     for chunk in nb.prange(-(-rows // 8)):
         first, count = chunk * 8, min(8, rows - chunk * 8)
-        lanes = np.zeros(-(-count * k // 8) * 8, np.uint8)
+        n = count * k
+        lanes = np.empty(-(-n // 8) * 8, np.uint8)
+        lanes[n:] = 0
+        flat = flat_x[first * k : first * k + n]
+        for e in range(n):  # the code is the number of boundaries below x (NaN: none)
+            v = flat[e]
+            c = np.uint8(0)
+            for t in bounds:
+                c += v > t
+            lanes[e] = c
         flags = 0
         for i in range(count):
-            row, lane = x[first + i], lanes[i * k : (i + 1) * k]
-            for t in bounds:  # the code is the number of boundaries below x (NaN: none)
-                for j in range(k):
-                    lane[j] += row[j] > t
-            bad = 0
+            bad = False
             for j in range(k):
-                bad |= not (abs(row[j]) < np.inf)
-            flags |= bad << i
+                bad |= not (abs(flat[i * k + j]) < np.inf)
+            flags |= np.int32(bad) << i
         nonfinite[chunk] = flags
         start = first * k * bits // 8
-        _pack_lanes(lanes, bits, codes[start : start - (-count * k * bits // 8)])
+        _pack_lanes(lanes, bits, codes[start : start - (-n * bits // 8)])
+
+
+@functools.cache
+def _code_constants(code: DerivativeCode) -> tuple[tuple, np.ndarray]:
+    """The code's boundaries as a tuple of float32 (compared in x's dtype) and its values as a
+    float32 table: made once per code, not per call."""
+    bounds = tuple(np.float32(t) for t in code.boundaries)
+    return bounds, np.array(code.values, dtype=np.float32)
 
 
 def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -686,29 +703,38 @@ def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tenso
     )
     x2 = x2.contiguous()
     rows, k = x2.shape
-    codes = torch.empty(-(-rows * k * code.bits // 8), dtype=torch.uint8)
-    nonfinite = torch.empty(-(-rows // 8), dtype=torch.uint8)
-    bounds = np.array(code.boundaries, dtype=np.float32)  # compared in x's dtype
-    _activation_codes_kernel[x2.numel()](x2.numpy(), bounds, code.bits, codes.numpy(),
-                                         nonfinite.numpy())  # fmt: skip
-    return codes, nonfinite
+    codes = np.empty(-(-rows * k * code.bits // 8), np.uint8)
+    nonfinite = np.empty(-(-rows // 8), np.uint8)
+    _activation_codes_kernel[x2.numel()](x2.numpy(), _code_constants(code)[0], code.bits, codes,
+                                         nonfinite)  # fmt: skip
+    return torch.from_numpy(codes), torch.from_numpy(nonfinite)
 
 
 @_Parallel
 def _activation_grad_kernel(dy, codes, nonfinite, table, bits, out):
+    """A 4-entry table (2-bit codes) is read by selects, which vectorise; a longer one by an
+    indexed load per element."""
     rows, k = dy.shape
+    flat_dy, flat_out = dy.reshape(-1), out.reshape(-1)
+    t0, t1, t2, t3 = table[0], table[1], table[2], table[3]  # tables have 4 or 16 entries
     for chunk in nb.prange(-(-rows // 8)):
         first, count = chunk * 8, min(8, rows - chunk * 8)
-        lanes = np.zeros(-(-count * k // 8) * 8, np.uint8)
+        n = count * k
+        lanes = np.empty(-(-n // 8) * 8, np.uint8)
         start = first * k * bits // 8
-        _unpack_lanes(codes[start : start - (-count * k * bits // 8)], bits, lanes)
+        _unpack_lanes(codes[start : start - (-n * bits // 8)], bits, lanes)
+        g, dx = flat_dy[first * k : first * k + n], flat_out[first * k : first * k + n]
+        if table.shape[0] == 4:
+            for e in range(n):
+                c = lanes[e]
+                dx[e] = g[e] * (t0 if c == 0 else (t1 if c == 1 else (t2 if c == 2 else t3)))
+        else:
+            for e in range(n):
+                dx[e] = g[e] * table[lanes[e]]
         for i in range(count):
-            row, lane, dx = dy[first + i], lanes[i * k : (i + 1) * k], out[first + i]
             if (nonfinite[chunk] >> i) & 1:
-                dx[:] = np.nan
-                continue
-            for j in range(k):
-                dx[j] = row[j] * table[lane[j]]
+                for j in range(i * k, (i + 1) * k):
+                    dx[j] = np.nan
 
 
 def activation_grad(
@@ -720,12 +746,11 @@ def activation_grad(
         if dy.dim()
         else dy.reshape(1, 1)
     )
-    dy2 = dy2.contiguous()
-    out = torch.empty_like(dy2)
-    table = np.array(code.values, dtype=np.float32)
-    _activation_grad_kernel[dy2.numel()](dy2.numpy(), codes.numpy(), nonfinite.numpy(), table,
-                                         code.bits, out.numpy())  # fmt: skip
-    return out.view(dy.shape)
+    dy2 = dy2.contiguous().numpy()
+    out = np.empty(dy2.shape, np.float32)
+    _activation_grad_kernel[dy2.size](dy2, codes.numpy(), nonfinite.numpy(),
+                                      _code_constants(code)[1], code.bits, out)  # fmt: skip
+    return torch.from_numpy(out).view(dy.shape)
 
 
 # --- per-row codes of the input-gradient path (``rowcode``) -------------------------------------
