@@ -319,9 +319,18 @@ def _scorer(
     return score
 
 
-def _array(x3: torch.Tensor) -> np.ndarray:
-    """x3's memory as a C-contiguous array (a no-op for activations: one compiled layout)."""
-    return x3.detach().contiguous().numpy()
+def _array(x: torch.Tensor) -> np.ndarray:
+    """x's elements as a C-contiguous array: its own memory when it is contiguous (activations
+    are: one compiled layout), else a copy into an array numpy allocates (in a ResMLP step most
+    compressed inputs and their gradients arrive transposed). torch's CPU allocator page-faults
+    every 4 KB of each fresh allocation of 256 KB or more, call after call; numpy's arrays come
+    from the C heap, which keeps its pages (docs/design.md, "CPU fast path")."""
+    x = x.detach()
+    if x.is_contiguous() or x.dtype != torch.float32:  # the kernels' data is float32
+        return x.contiguous().numpy()
+    out = np.empty(x.shape, np.float32)
+    torch.from_numpy(out).copy_(x)
+    return out
 
 
 def score_blocks(
@@ -466,7 +475,7 @@ def select_blocks(
     nnz = k * n_bc if per_column else k
     rows, cols = np.empty(nnz, np.int32), np.empty(nnz, np.int32)
     ccol = np.zeros(n_bc + 1, np.int32)
-    _select_kernel(scores.contiguous().numpy(), k, per_column, rows, cols, ccol)
+    _select_kernel(_array(scores), k, per_column, rows, cols, ccol)
     return torch.from_numpy(rows), torch.from_numpy(cols), torch.from_numpy(ccol)
 
 
@@ -492,7 +501,7 @@ def pack_blocks(
     """numba version of ``reference.pack_blocks``: reads only the kept blocks of x3."""
     out = np.empty((rows.numel(), *block_shape), np.float32)
     _pack_blocks_kernel[out.size](
-        x3.detach().contiguous().numpy(), rows.numpy(), cols.numpy(), *block_shape, out
+        _array(x3), rows.numpy(), cols.numpy(), *block_shape, out
     )
     return torch.from_numpy(out)
 
@@ -646,7 +655,7 @@ def channel_scale_grad(dy3: torch.Tensor, x: BlockSparse) -> torch.Tensor:
     row of X̃ decoded into a row buffer, never a tile."""
     out = np.empty(x.shape[1], np.float64)
     _channel_scale_grad_kernel[dy3.numel()](
-        dy3.detach().contiguous().numpy(), *_low(x), x.values.numpy(), x.row_indices.numpy(),
+        _array(dy3), *_low(x), x.values.numpy(), x.row_indices.numpy(),
         x.ccol_indices.numpy(), out,
     )  # fmt: skip
     return torch.from_numpy(out).to(dy3.dtype)
@@ -746,7 +755,7 @@ def activation_grad(
         if dy.dim()
         else dy.reshape(1, 1)
     )
-    dy2 = dy2.contiguous().numpy()
+    dy2 = _array(dy2)
     out = np.empty(dy2.shape, np.float32)
     _activation_grad_kernel[dy2.size](dy2, codes.numpy(), nonfinite.numpy(),
                                       _code_constants(code)[1], code.bits, out)  # fmt: skip
@@ -796,7 +805,7 @@ def _encode4_kernel(flat, cols, inverses, top, packed):
 def encode_row_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """numba version of ``reference.encode_row_codes``: the same codes and scales, bit for bit, in
     two reads of x (row maxima, then codes) instead of about six whole-tensor passes."""
-    x = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+    x = _array(x.reshape(-1, x.shape[-1]))
     rows, cols = x.shape
     top = np.float32(2 ** (bits - 1) - 1)
     scales, inverses = torch.empty(rows), np.empty(rows, np.float32)
