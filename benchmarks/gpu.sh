@@ -7,8 +7,9 @@
 # configuration's peak and interleaved step time (the step-time JSON is what `actprune plan
 # --step-times` reads for a GPU). (The planner predicts on the meta device: CPU work.)
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to docs/results/gpu-<GPU name>
-#   bash benchmarks/gpu.sh --quick [OUT]  # about 5 minutes: kernel correctness (and the compiled
-#       path's on CUDA, CUDA graphs included), dense / checkpointing / default / paper step times
+#   bash benchmarks/gpu.sh --quick [OUT]  # at most 9 minutes (its steps' limits add to 550 s, most
+#       needed first; never run on a device yet, so how long each takes is not known): kernel
+#       correctness (and the compiled path's on CUDA, CUDA graphs included), dense / checkpointing / default / paper step times
 #       interleaved, eager and compiled, on ResMLP-S24 b64 (and the default compiled with its
 #       compression traced instead: OUT/traced) and GPT-2 124M at seq 1024 (bf16 autocast;
 #       hf:gpt2, or the zoo's gpt2_small without transformers), compress GB/s against a copy.
@@ -31,23 +32,23 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, keep its output, repo
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
-if [ "$QUICK" = 1 ]; then
+if [ "$QUICK" = 1 ]; then  # most needed first: a step cut short keeps the rounds it finished
   step 120 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py \
     tests/test_compile.py -k "not compile_for_a_gpu and (test_kernels or cuda)"
   configs="dense checkpoint actprune_all_u4_b32 actprune_global_s0.9_b32"
   step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
     --rounds 5 --compile --configs $configs --out "$OUT"
+  step 40 bench.txt $PY -m actprune bench kernels --device cuda --dtype float32 --batch-size 64 \
+    --model resmlp_s24 --repeats 20 --preset recommended paper --out "$OUT"
+  gpt=gpt2_small
+  $PY -c "import transformers" 2>/dev/null && gpt=hf:gpt2
+  step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \
+    --batch-size 8 --amp bf16 --rounds 5 --compile --configs $configs --out "$OUT"
   # The A/B of the compiled path: the default's compression traced (PyTorch ops that inductor
   # generates) instead of the Triton kernel's operator (docs/design.md, "The compiled path").
   ACTPRUNE_KERNELS=torch step 90 steps.txt $PY benchmarks/step_time.py --device cuda \
     --model resmlp_s24 --batch-size 64 --rounds 3 --compile --configs dense actprune_all_u4_b32 \
     --out "$OUT/traced"
-  gpt=gpt2_small
-  $PY -c "import transformers" 2>/dev/null && gpt=hf:gpt2
-  step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model $gpt --seq-len 1024 \
-    --batch-size 8 --amp bf16 --rounds 5 --compile --configs $configs --out "$OUT"
-  step 40 bench.txt $PY -m actprune bench kernels --device cuda --dtype float32 --batch-size 64 \
-    --model resmlp_s24 --repeats 20 --preset recommended paper --out "$OUT"
   exit 0
 fi
 step 150 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py tests/test_layers.py \

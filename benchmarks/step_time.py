@@ -3,7 +3,10 @@
 `actprune bench memory` times each configuration in its own block of steps; on a shared 2-core VM
 the machine's speed drifts between blocks (dense ResMLP-S24 steps measured 12.9–17.7 s in
 different runs). Here every round runs one step of each configuration in turn, so drift hits all
-of them alike, and the ratios are medians over rounds of the per-round ratio to dense.
+of them alike, and the ratios are medians over rounds of the per-round ratio to dense. With
+--compile the eager configurations run first, then the compiled ones (each compiled row's ratio
+is to compiled dense), and the table is rewritten after every round, so a run stopped by a time
+limit (benchmarks/gpu.sh) keeps what it measured.
 
 python benchmarks/step_time.py --model resmlp_s24 --batch-size 32 --rounds 5
 python benchmarks/step_time.py --model resmlp_tiny --image-size 28 --batch-size 128 --rounds 40
@@ -71,14 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if args.configs:
         configs = [c for c in configs if c.name in args.configs or c.name == "dense"]
-    runs = []  # timing only: each model has its own random initialisation
-    for config in configs:
-        for compiled in (False, True) if args.compile else (False,):
-            work = build_workload(args.model, args.image_size, args.seq_len)
-            model = apply_method(work.model, config).to(args.device)
-            name = config.name + (" (compiled)" if compiled else "")
-            run = torch.compile(model) if compiled else model
-            runs.append((name, run, torch.optim.AdamW(model.parameters())))
+    work = build_workload(args.model, args.image_size, args.seq_len)  # the loss and the batch
     batch = work.batch(args.batch_size, args.device)
     amp = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.amp == "bf16")
 
@@ -93,39 +89,59 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         return time.perf_counter() - start
 
+    modes = (False, True) if args.compile else (False,)
+    command = "python benchmarks/step_time.py " + shlex.join(argv if argv else sys.argv[1:])
+    times: dict[str, list[float]] = {}
     failed: dict[str, str] = {}  # configuration: its error (the others still run)
-    for name, model, opt in runs:  # warm-up: optimizer state, compilation, allocator
-        try:
-            for _ in range(2 if name.endswith("(compiled)") else 1):
-                step(model, opt)
-        except Exception as error:  # a device run is scarce: report it and go on
-            failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            print(f"FAILED: {name}: {failed[name]}", file=sys.stderr, flush=True)
-            continue
-        print(f"warm: {name}", file=sys.stderr, flush=True)
-    if "dense" in failed:
-        raise SystemExit(f"dense failed, no ratios: {failed['dense']}")
-    if "dense (compiled)" in failed:  # no compiled ratios: keep the eager rows
-        for name, _, _ in runs:
-            if name.endswith("(compiled)"):
+    md = ""
+    for compiled in modes:  # eager first: a run cut short by a time limit keeps its eager rows
+        runs = []  # timing only: each model has its own random initialisation
+        for config in configs:
+            fresh = build_workload(args.model, args.image_size, args.seq_len).model
+            model = apply_method(fresh, config).to(args.device)
+            name = config.name + (" (compiled)" if compiled else "")
+            run = torch.compile(model) if compiled else model
+            runs.append((name, run, torch.optim.AdamW(model.parameters())))
+        for name, model, opt in runs:  # warm-up: optimizer state, compilation, allocator
+            try:
+                for _ in range(2 if compiled else 1):
+                    step(model, opt)
+            except Exception as error:  # a device run is scarce: report it and go on
+                failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                print(f"FAILED: {name}: {failed[name]}", file=sys.stderr, flush=True)
+                continue
+            print(f"warm: {name}", file=sys.stderr, flush=True)
+        base = "dense (compiled)" if compiled else "dense"
+        if base in failed:  # no ratios in this mode
+            if not compiled:
+                raise SystemExit(f"dense failed, no ratios: {failed['dense']}")
+            for name, _, _ in runs:
                 failed.setdefault(name, "dense (compiled) failed")
-    runs = [run for run in runs if run[0] not in failed]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-    for r in range(args.rounds):
-        for name, model, opt in runs:
-            times[name].append(step(model, opt))
-        latest = ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items())
-        print(f"round {r + 1}/{args.rounds}: {latest}", file=sys.stderr, flush=True)
+        runs = [run for run in runs if run[0] not in failed]
+        times.update({name: [] for name, _, _ in runs})
+        for r in range(args.rounds):
+            for name, model, opt in runs:
+                times[name].append(step(model, opt))
+            latest = ", ".join(f"{name} {times[name][-1]:.3f}s" for name, _, _ in runs)
+            print(f"round {r + 1}/{args.rounds}: {latest}", file=sys.stderr, flush=True)
+            md = _save(args, command, work.size, times, failed)  # after every round
+        del runs, model, opt  # free this mode's models before the next mode's are built
+    print(md)
+    return 0
+
+
+def _save(args: argparse.Namespace, command: str, size: int, times: dict, failed: dict) -> str:
+    """Write the table and JSON of the rounds so far (each mode's ratios to its own dense)."""
     rows = []
-    for name, t in times.items():  # each to dense of its own mode (eager or compiled)
+    for name, t in times.items():
         dense = times["dense (compiled)" if name.endswith("(compiled)") else "dense"]
         ratio = statistics.median(a / d for a, d in zip(t, dense))
-        rows.append({"config": name, "median_s": statistics.median(t), "ratio": ratio})
-    command = "python benchmarks/step_time.py " + shlex.join(argv if argv else sys.argv[1:])
+        rows.append({"config": name, "median_s": statistics.median(t), "ratio": ratio,
+                     "rounds": len(t)})  # fmt: skip
     which = "step_time_frontier" if args.frontier else "step_time"
     which += "_compiled" if args.compile else ""
     kind = args.device.split(":")[0]
-    shape = f"{args.image_size}px" if args.image_size else f"seq{work.size}"
+    shape = f"{args.image_size}px" if args.image_size else f"seq{size}"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
     stem = f"{which}_{name}_{shape}_b{args.batch_size}_{kind}"
     stem += "_bf16" if args.amp != "none" else ""
@@ -133,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         f"# Step time, interleaved: {args.model} at {shape}, batch "
         f"{args.batch_size}, on {device_name(args.device)}\n\ntorch {torch.__version__}, "
         f"{args.rounds} rounds, AdamW, autocast {args.amp}. Command: `{command.strip()}`\n\n"
-        "Each round runs one step of every configuration in turn; ratio = median over rounds "
-        "of step / the same round's dense step (compiled rows: compiled dense's).\n\n"
-        "| config | median step s | × dense |\n|---|---|---|\n"
+        "The eager configurations are timed first, then the compiled ones; within each, every "
+        "round runs one step of each configuration in turn, and ratio = median over rounds of "
+        "step / the same round's dense step (compiled rows: compiled dense's). The files are "
+        "rewritten after every round (a run cut short keeps the rounds it finished).\n\n"
+        "| config | median step s | × dense | rounds |\n|---|---|---|---|\n"
     )
-    table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} |\n" for r in rows]
-    table += [f"| {name} | failed: {error} | |\n" for name, error in failed.items()]
+    table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} | {r['rounds']} |\n"
+             for r in rows]  # fmt: skip
+    table += [f"| {name} | failed: {error} | | |\n" for name, error in failed.items()]
     md = head + "".join(table)
     setup = {"model": args.model, "image_size": args.image_size, "seq_len": args.seq_len,
              "batch": args.batch_size, "amp": args.amp,
@@ -146,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
                "times": times, "failed": failed}  # fmt: skip
     save_results(args.out, stem, md, payload)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":
