@@ -326,7 +326,9 @@ def _array(x: torch.Tensor) -> np.ndarray:
     every 4 KB of each fresh allocation of 256 KB or more, call after call; numpy's arrays come
     from the C heap, which keeps its pages (docs/design.md, "CPU fast path")."""
     x = x.detach()
-    if x.is_contiguous() or x.dtype != torch.float32:  # the kernels' data is float32
+    if x.is_contiguous():
+        return x.numpy()
+    if x.dtype != torch.float32:  # the kernels' data is float32
         return x.contiguous().numpy()
     out = np.empty(x.shape, np.float32)
     torch.from_numpy(out).copy_(x)
