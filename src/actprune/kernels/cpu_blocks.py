@@ -561,9 +561,10 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
     """Decode the rows of block-row br of X̃ a chunk at a time (``_CODE_CHUNK`` elements: the
     chunk's codes are contiguous, one flat pass unpacks them) and use each row: with ``dy``
     empty, decode it straight to its batch-major place in the tile ``out`` (``decode_rows``);
-    otherwise into a row buffer, and add dy ⊙ row into ``acc`` [K] (the channel-scale gradient;
-    dy read in place). Arrays are indexed in 2-D / 3-D: a row view per row cost more than the
-    row's work at K = 16."""
+    otherwise add dy ⊙ row into ``acc`` [K] (the channel-scale gradient; dy read in place), the
+    row decoded into a row buffer where the block-row keeps a block, else multiplied as it is
+    decoded (uniform codes: the same float32 operations, no buffer). Arrays are indexed in
+    2-D / 3-D: a row view per row cost more than the row's work at K = 16."""
     nnz, bm, bk = values.shape
     k_padded = kept.shape[0] * bk
     scales = np.empty(k_padded, np.float32)
@@ -572,6 +573,9 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
     lanes = np.empty(rows * k_padded, np.uint8)
     row = np.empty((1, k_padded), values.dtype)
     to_tile, tokens = dy.size == 0, out.shape[0] // batch
+    codes_only = bits and kept.max() < 0  # no kept block: dy ⊙ X̃ straight from the codes
+    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
+    one = np.float32(1.0)
     t, b = divmod(br * bm, batch)
     for i0 in range(0, min(bm, m - br * bm), rows):
         count = min(rows, m - br * bm - i0, bm - i0)
@@ -579,6 +583,10 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
         for i in range(count):
             if to_tile:
                 _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, out, b * tokens + t - t0)
+            elif codes_only:
+                for j in range(acc.shape[0]):
+                    v = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
+                    acc[j] += dy[b, t, j] * v
             else:
                 _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row, 0)
                 for j in range(acc.shape[0]):
