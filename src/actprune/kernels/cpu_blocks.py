@@ -720,12 +720,11 @@ def activation_codes(x: torch.Tensor, code: DerivativeCode) -> tuple[torch.Tenso
         if x.dim()
         else x.reshape(1, 1)
     )
-    x2 = x2.contiguous()
+    x2 = _array(x2)
     rows, k = x2.shape
     codes = np.empty(-(-rows * k * code.bits // 8), np.uint8)
     nonfinite = np.empty(-(-rows // 8), np.uint8)
-    _activation_codes_kernel[x2.numel()](x2.numpy(), _code_constants(code)[0], code.bits, codes,
-                                         nonfinite)  # fmt: skip
+    _activation_codes_kernel[x2.size](x2, _code_constants(code)[0], code.bits, codes, nonfinite)
     return torch.from_numpy(codes), torch.from_numpy(nonfinite)
 
 
