@@ -13,7 +13,8 @@
 #       interleaved, eager and compiled, on ResMLP-S24 b64 (and the default compiled with its
 #       compression traced instead: OUT/traced) and GPT-2 124M at seq 1024 (bf16 autocast;
 #       hf:gpt2, or the zoo's gpt2_small without transformers), compress GB/s against a copy.
-#       Run it before a change and after.
+#       Run it before a change and after. The step tables' "host s" column (until the step's
+#       last call returned) beside "median step s" says whether launching limits a step.
 # Works from a checkout without installing (PYTHONPATH=src) on any torch >= 2.4 with triton.
 # Each step has a time limit and a failed step does not stop the next: whatever finished is kept.
 set -uo pipefail

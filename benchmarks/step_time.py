@@ -6,7 +6,9 @@ different runs). Here every round runs one step of each configuration in turn, s
 of them alike, and the ratios are medians over rounds of the per-round ratio to dense. With
 --compile the eager configurations run first, then the compiled ones (each compiled row's ratio
 is to compiled dense), and the table is rewritten after every round, so a run stopped by a time
-limit (benchmarks/gpu.sh) keeps what it measured.
+limit (benchmarks/gpu.sh) keeps what it measured. Each row also gives the median time until the
+step's last call returned, before the device finished: on a GPU, a step whose host time is near
+its step time is limited by launching, not by the device's work.
 
 python benchmarks/step_time.py --model resmlp_s24 --batch-size 32 --rounds 5
 python benchmarks/step_time.py --model resmlp_tiny --image-size 28 --batch-size 128 --rounds 40
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = work.batch(args.batch_size, args.device)
     amp = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.amp == "bf16")
 
-    def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> float:
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
+        """Seconds of one training step, and until its last call returned (on a GPU, the host's
+        share: near the step's time when launching is what limits it)."""
         sync()
         start = time.perf_counter()
         with amp:
@@ -86,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        host = time.perf_counter() - start
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, host
 
     modes = (False, True) if args.compile else (False,)
     command = "python benchmarks/step_time.py " + shlex.join(argv if argv else sys.argv[1:])
     times: dict[str, list[float]] = {}
+    hosts: dict[str, list[float]] = {}  # seconds until the step's last call returned
     failed: dict[str, str] = {}  # configuration: its error (the others still run)
     md = ""
     for compiled in modes:  # eager first: a run cut short by a time limit keeps its eager rows
@@ -119,24 +125,30 @@ def main(argv: list[str] | None = None) -> int:
                 failed.setdefault(name, "dense (compiled) failed")
         runs = [run for run in runs if run[0] not in failed]
         times.update({name: [] for name, _, _ in runs})
+        hosts.update({name: [] for name, _, _ in runs})
         for r in range(args.rounds):
             for name, model, opt in runs:
-                times[name].append(step(model, opt))
+                seconds, host = step(model, opt)
+                times[name].append(seconds)
+                hosts[name].append(host)
             latest = ", ".join(f"{name} {times[name][-1]:.3f}s" for name, _, _ in runs)
             print(f"round {r + 1}/{args.rounds}: {latest}", file=sys.stderr, flush=True)
-            md = _save(args, command, work.size, times, failed)  # after every round
+            md = _save(args, command, work.size, times, hosts, failed)  # after every round
         del runs, model, opt  # free this mode's models before the next mode's are built
     print(md)
     return 0
 
 
-def _save(args: argparse.Namespace, command: str, size: int, times: dict, failed: dict) -> str:
+def _save(
+    args: argparse.Namespace, command: str, size: int, times: dict, hosts: dict, failed: dict
+) -> str:
     """Write the table and JSON of the rounds so far (each mode's ratios to its own dense)."""
     rows = []
     for name, t in times.items():
         dense = times["dense (compiled)" if name.endswith("(compiled)") else "dense"]
         ratio = statistics.median(a / d for a, d in zip(t, dense))
         rows.append({"config": name, "median_s": statistics.median(t), "ratio": ratio,
+                     "host_median_s": statistics.median(hosts[name]),
                      "rounds": len(t)})  # fmt: skip
     which = "step_time_frontier" if args.frontier else "step_time"
     which += "_compiled" if args.compile else ""
@@ -152,18 +164,20 @@ def _save(args: argparse.Namespace, command: str, size: int, times: dict, failed
         "The eager configurations are timed first, then the compiled ones; within each, every "
         "round runs one step of each configuration in turn, and ratio = median over rounds of "
         "step / the same round's dense step (compiled rows: compiled dense's). The files are "
-        "rewritten after every round (a run cut short keeps the rounds it finished).\n\n"
-        "| config | median step s | × dense | rounds |\n|---|---|---|---|\n"
+        "rewritten after every round (a run cut short keeps the rounds it finished). Host s: "
+        "until the step's last call returned, before the device finished (on a GPU, near the "
+        "step's time when launching limits it; on the CPU the step's time).\n\n"
+        "| config | median step s | × dense | host s | rounds |\n|---|---|---|---|---|\n"
     )
-    table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} | {r['rounds']} |\n"
-             for r in rows]  # fmt: skip
-    table += [f"| {name} | failed: {error} | | |\n" for name, error in failed.items()]
+    table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} | "
+             f"{r['host_median_s']:.3f} | {r['rounds']} |\n" for r in rows]  # fmt: skip
+    table += [f"| {name} | failed: {error} | | | |\n" for name, error in failed.items()]
     md = head + "".join(table)
     setup = {"model": args.model, "image_size": args.image_size, "seq_len": args.seq_len,
              "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
-               "times": times, "failed": failed}  # fmt: skip
+               "times": times, "host_times": hosts, "failed": failed}  # fmt: skip
     save_results(args.out, stem, md, payload)
     return md
 
