@@ -520,6 +520,13 @@ def _kept_map(row_indices, ccol, n_br):
 
 
 @nb.njit(inline="always")
+def _remainder_value(code, bits, scale):
+    """One remainder code decoded: (code · 2/(2^bits − 1) − 1) · scale, float32 operations in
+    the reference's order. The one place every decoding loop here takes it from."""
+    return (np.float32(code) * np.float32(2.0 / ((1 << bits) - 1)) - np.float32(1.0)) * scale
+
+
+@nb.njit(inline="always")
 def _decoded_row(lanes, i, scales, bits, kept, values, block_row_i, out, r):
     """Row ``block_row_i`` of a block-row of X̃ into ``out[r]`` (its first n_bc·bk columns): codes
     ``lanes[i·n_bc·bk:]`` (unpacked) scaled by each element's block scale (``scales``), or zeros
@@ -527,9 +534,8 @@ def _decoded_row(lanes, i, scales, bits, kept, values, block_row_i, out, r):
     row view per row, or a row buffer and a copy, cost more than the row's work at K = 16."""
     k_padded, bk = kept.shape[0] * values.shape[2], values.shape[2]
     if bits:
-        step, one = np.float32(2.0 / ((1 << bits) - 1)), np.float32(1.0)
         for j in range(k_padded):
-            out[r, j] = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
+            out[r, j] = _remainder_value(lanes[i * k_padded + j], bits, scales[j])
     else:
         for j in range(k_padded):
             out[r, j] = 0
@@ -574,8 +580,6 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
     row = np.empty((1, k_padded), values.dtype)
     to_tile, tokens = dy.size == 0, out.shape[0] // batch
     codes_only = bits and kept.max() < 0  # no kept block: dy ⊙ X̃ straight from the codes
-    step = np.float32(2.0 / ((1 << bits) - 1)) if bits else np.float32(0.0)
-    one = np.float32(1.0)
     t, b = divmod(br * bm, batch)
     for i0 in range(0, min(bm, m - br * bm), rows):
         count = min(rows, m - br * bm - i0, bm - i0)
@@ -585,8 +589,8 @@ def _block_row_of_x(codes, low_scales, bits, values, kept, br, m, batch, t0, out
                 _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, out, b * tokens + t - t0)
             elif codes_only:
                 for j in range(acc.shape[0]):
-                    v = (np.float32(lanes[i * k_padded + j]) * step - one) * scales[j]
-                    acc[j] += dy[b, t, j] * v
+                    acc[j] += dy[b, t, j] * _remainder_value(lanes[i * k_padded + j], bits,
+                                                             scales[j])  # fmt: skip
             else:
                 _decoded_row(lanes, i, scales, bits, kept, values, i0 + i, row, 0)
                 for j in range(acc.shape[0]):
