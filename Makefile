@@ -34,4 +34,4 @@ demo: install data
 	$(BIN)/actprune compare --out runs/demo --overwrite
 
 bench-kernels: install
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/kernel_speed.py

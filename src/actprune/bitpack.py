@@ -32,6 +32,13 @@ _LANES = {
 }
 
 
+def top_code(bits: int) -> int:
+    """The largest code of ``bits`` bits, 2^bits − 1: written as a power because ``bits`` may be
+    a symbolic int under torch.compile, and torch 2.11's dynamo fails on ``1 << bits`` of one
+    (``lshift`` of a SymInt; the GPU machines run 2.11)."""
+    return 2**bits - 1
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes < 2^bits, 1-D, packed 8 // bits to a byte (first code in the lowest bits)."""
     per = 8 // bits
@@ -55,7 +62,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The inverse of ``pack_codes``: uint8 [numel]."""
     if torch.compiler.is_compiling():
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+        return ((packed[:, None] >> shifts) & top_code(bits)).reshape(-1)[:numel]
     dtype, mask = _LANES[bits]
     wide = packed.to(dtype)
     lanes = wide.clone()

@@ -87,7 +87,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum()
         ctx.save_for_backward(h, weight, bias, target, lse, count)
         ctx.rows, ctx.ignore_index = rows, ignore_index
-        return (total / count).to(h.dtype)
+        loss = total / count
+        # No .to() of the same dtype: an output that aliases an intermediate got a zero gradient
+        # from torch 2.11's dynamo (every parameter's gradient was 0 under torch.compile).
+        return loss if loss.dtype == h.dtype else loss.to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):

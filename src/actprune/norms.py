@@ -20,6 +20,8 @@ kernels sum in another order).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -105,7 +107,7 @@ class CodedNorm(CompressedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_name and getattr(self, self.weight_name)
         bias = self.bias_name and getattr(self, self.bias_name)
-        dense = super().forward
+        dense = functools.partial(self.dense_class.forward, self)  # not super(): torch 2.11
         if not _needs_graph(x, weight, bias):
             return dense(x)
         bits = self.prune_config.norm_bits

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .bitpack import unpack_codes
+from .bitpack import top_code, unpack_codes
 
 # The tensors of a BlockSparse as the registered operators pass them: values, row_indices,
 # ccol_indices, scales, low_codes, low_scales (the last three empty when unused).
@@ -112,13 +112,18 @@ class LowBitBlocks:
     bits: int
 
     def decode(
-        self, block_shape: tuple[int, int], dtype: torch.dtype, block_rows: slice = slice(None)
+        self,
+        block_shape: tuple[int, int],
+        dtype: torch.dtype,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """The blocked view [n, bm, n_bc, bk] of the decoded tensor's ``block_rows`` (all n_br by
-        default; a range of block-rows reads only its own codes), in ``dtype``."""
+        """The blocked view [n, bm, n_bc, bk] of the decoded tensor's block-rows [start, stop)
+        (all n_br by default; a range of block-rows reads only its own codes), in ``dtype``.
+        (Two ints, not a slice: torch 2.11's dynamo cannot build a slice of symbolic ints.)"""
         (n_br, n_bc), (bm, bk) = self.scales.shape, block_shape
-        start, stop, _ = block_rows.indices(n_br)
-        levels, per_row = (1 << self.bits) - 1, bm * n_bc * bk  # elements per block-row
+        stop = n_br if stop is None else min(stop, n_br)
+        levels, per_row = top_code(self.bits), bm * n_bc * bk  # elements per block-row
         if (start * per_row * self.bits) % 8:
             raise ValueError(f"block-row {start} does not start on a byte of the packed codes")
         first, count = start * per_row * self.bits // 8, max(0, stop - start) * per_row

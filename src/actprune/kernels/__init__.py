@@ -51,17 +51,10 @@ __all__ = [
 ]
 
 
-_found: dict[str, bool] = {}
-
-
-def _installed(name: str) -> bool:
-    """Whether a package is installed, looked up once. A plain dict, not ``functools.cache``:
-    torch.compile traces this (``backend_for``) and warns at every compilation about a cache
-    wrapper it cannot see into."""
-    found = _found.get(name)
-    if found is None:
-        found = _found[name] = importlib.util.find_spec(name) is not None
-    return found
+# Whether each optional kernel package is installed, looked up when this module is imported:
+# torch.compile traces ``backend_for``, and torch 2.11's dynamo refuses to trace
+# ``importlib.util.find_spec`` (a lookup on first use broke a compiled model's first step there).
+_INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("numba", "triton")}
 
 
 _choice: str | None = None  # backend_choice(): None until read
@@ -112,8 +105,8 @@ def backend_for(x: torch.Tensor) -> str:
     if choice != "auto":
         return choice
     if x.is_cuda:
-        return "triton" if _installed("triton") else "torch"
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _installed("numba"):
+        return "triton" if _INSTALLED["triton"] else "torch"
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _INSTALLED["numba"]:
         return "numba"
     return "torch"
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .. import rng
-from ..bitpack import pack_codes, unpack_codes
+from ..bitpack import pack_codes, top_code, unpack_codes
 from ..derivative_code import DerivativeCode
 from ..storage import BlockSparse, blocked_view
 
@@ -72,7 +72,7 @@ def low_bit_code(
     "Remainder"). A block holding NaN/±Inf has scale NaN and all-zero codes, so it decodes to NaN
     (such blocks score +inf and are kept exactly when any block is kept)."""
     blocks = blocked_view(x.contiguous(), block_shape)  # row-major, so flat order = index
-    levels = (1 << bits) - 1
+    levels = top_code(bits)
     scales = blocks.abs().amax(dim=(1, 3)).float()  # [n_br, n_bc]
     # A true division (``scalar / tensor`` would multiply by a rounded reciprocal).
     c = torch.full_like(scales, 128 * levels).div_(scales.clamp_min(1e-30))
@@ -183,7 +183,7 @@ def decode_rows(x: BlockSparse, start: int, stop: int, batch: int) -> torch.Tens
     if x.remainder is None:
         tile = x.values.new_zeros(stop - start, bm, n_bc, bk)
     else:
-        tile = x.remainder.decode(x.block_shape, x.values.dtype, slice(start, stop))
+        tile = x.remainder.decode(x.block_shape, x.values.dtype, start, stop)
     if x.nnz_blocks:  # (static: a traced uniform decoding has no data-dependent shape)
         here = ((x.row_indices >= start) & (x.row_indices < stop)).nonzero().squeeze(1)
         rows = x.row_indices[here].long() - start
@@ -432,7 +432,9 @@ def decode_row_codes(
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A dropout's bool mask as bits, 8 to a byte in flat order (first element in the lowest
     bit; the last byte zero-padded): uint8 [ceil(numel / 8)]."""
-    return pack_codes(mask.flatten().view(torch.uint8), 1)
+    # Traced, a conversion: torch 2.11's inductor cannot lower a bool tensor viewed as uint8.
+    as_bytes = mask.to if torch.compiler.is_compiling() else mask.view
+    return pack_codes(as_bytes(torch.uint8).flatten(), 1)
 
 
 def dropout_grad(dy: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:

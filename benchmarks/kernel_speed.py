@@ -1,7 +1,10 @@
 """Compression and block-sparse dW against the dense matmul and torch.sparse BSR.
 
-python benchmarks/kernels.py             # CPU, fp32 -> docs/results/kernels_cpu_float32.{md,json}
-python benchmarks/kernels.py --device cuda --dtype float16   # Triton vs cuBLAS vs torch.sparse
+python benchmarks/kernel_speed.py   # CPU, fp32 -> docs/results/kernels_cpu_float32.{md,json}
+python benchmarks/kernel_speed.py --device cuda --dtype float16  # Triton vs cuBLAS vs torch.sparse
+
+(Not named kernels.py: a script's folder comes first on sys.path, and that name hid Hugging Face's
+``kernels`` package, which transformers 5 imports when it is installed.)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
-    command = "python benchmarks/kernels.py " + shlex.join(
+    command = "python benchmarks/kernel_speed.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     stem = args.stem or f"kernels_{args.device.split(':')[0]}_{args.dtype}"
