@@ -6,7 +6,10 @@ different runs). Here every round runs one step of each configuration in turn, s
 of them alike, and the ratios are medians over rounds of the per-round ratio to dense. With
 --compile the eager configurations run first, then the compiled ones (each compiled row's ratio
 is to compiled dense), and the table is rewritten after every round, so a run stopped by a time
-limit (benchmarks/gpu.sh) keeps what it measured. Each row also gives the median time until the
+limit (benchmarks/gpu.sh) keeps what it measured; the configurations are warmed up (compiled) one
+at a time after dense, the default next, each followed by a round of those ready, so a limit
+reached while a later one compiles keeps the ratios of those before it (and each row says how
+long its warm-up took). Each row also gives the median time until the
 step's last call returned, before the device finished: on a GPU, a step whose host time is near
 its step time is limited by launching, not by the device's work.
 
@@ -68,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     language = language_model(args.model)
     configs = frontier_methods(language=language) if args.frontier else [
         MemoryConfig.dense(),
+        MemoryConfig.actprune(PruneConfig.preset("recommended")),  # compiled next after dense
         MemoryConfig.checkpointing(),
-        MemoryConfig.actprune(PruneConfig.preset("recommended")),
         MemoryConfig.actprune(PruneConfig.preset("blocks")),
         MemoryConfig.actprune(PruneConfig.preset("paper")),
         *([MemoryConfig.actprune(PruneConfig.preset("transformer"))] if language else []),
@@ -98,8 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/step_time.py " + shlex.join(argv if argv else sys.argv[1:])
     times: dict[str, list[float]] = {}
     hosts: dict[str, list[float]] = {}  # seconds until the step's last call returned
+    ratios: dict[str, list[float]] = {}  # each step / the same round's dense step
+    warm: dict[str, float] = {}  # seconds of the warm-up steps (compilation included)
     failed: dict[str, str] = {}  # configuration: its error (the others still run)
     md = ""
+
+    def timed_round(runs: list, label: str) -> str:
+        """One step of each of ``runs`` in turn (dense first), saved at once."""
+        for name, model, opt in runs:
+            seconds, host = step(model, opt)
+            times.setdefault(name, []).append(seconds)
+            hosts.setdefault(name, []).append(host)
+            ratios.setdefault(name, []).append(seconds / times[runs[0][0]][-1])
+        latest = ", ".join(f"{name} {times[name][-1]:.3f}s" for name, _, _ in runs)
+        print(f"{label}: {latest}", file=sys.stderr, flush=True)
+        return _save(args, command, work.size, times, hosts, ratios, warm, failed)
+
     for compiled in modes:  # eager first: a run cut short by a time limit keeps its eager rows
         runs = []  # timing only: each model has its own random initialisation
         for config in configs:
@@ -108,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             name = config.name + (" (compiled)" if compiled else "")
             run = torch.compile(model) if compiled else model
             runs.append((name, run, torch.optim.AdamW(model.parameters())))
+        base = "dense (compiled)" if compiled else "dense"
+        ready = []  # warmed up, dense first
         for name, model, opt in runs:  # warm-up: optimizer state, compilation, allocator
+            started = time.perf_counter()
             try:
                 for _ in range(2 if compiled else 1):
                     step(model, opt)
@@ -116,40 +136,35 @@ def main(argv: list[str] | None = None) -> int:
                 failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                 print(f"FAILED: {name}: {failed[name]}", file=sys.stderr, flush=True)
                 continue
-            print(f"warm: {name}", file=sys.stderr, flush=True)
-        base = "dense (compiled)" if compiled else "dense"
+            warm[name] = time.perf_counter() - started
+            print(f"warm: {name} ({warm[name]:.1f} s)", file=sys.stderr, flush=True)
+            ready.append((name, model, opt))
+            if len(ready) > 1 and ready[0][0] == base:
+                # a round as soon as a configuration is ready: a time limit reached while later
+                # ones compile keeps the ratios of those before
+                md = timed_round(ready, f"warm-up round ({name} ready)")
         if base in failed:  # no ratios in this mode
             if not compiled:
                 raise SystemExit(f"dense failed, no ratios: {failed['dense']}")
             for name, _, _ in runs:
                 failed.setdefault(name, "dense (compiled) failed")
         runs = [run for run in runs if run[0] not in failed]
-        times.update({name: [] for name, _, _ in runs})
-        hosts.update({name: [] for name, _, _ in runs})
         for r in range(args.rounds):
-            for name, model, opt in runs:
-                seconds, host = step(model, opt)
-                times[name].append(seconds)
-                hosts[name].append(host)
-            latest = ", ".join(f"{name} {times[name][-1]:.3f}s" for name, _, _ in runs)
-            print(f"round {r + 1}/{args.rounds}: {latest}", file=sys.stderr, flush=True)
-            md = _save(args, command, work.size, times, hosts, failed)  # after every round
-        del runs, model, opt  # free this mode's models before the next mode's are built
+            md = timed_round(runs, f"round {r + 1}/{args.rounds}")
+        del runs, ready, model, opt  # free this mode's models before the next mode's are built
     print(md)
     return 0
 
 
 def _save(
-    args: argparse.Namespace, command: str, size: int, times: dict, hosts: dict, failed: dict
+    args: argparse.Namespace, command: str, size: int, times: dict, hosts: dict, ratios: dict,
+    warm: dict, failed: dict,
 ) -> str:
     """Write the table and JSON of the rounds so far (each mode's ratios to its own dense)."""
-    rows = []
-    for name, t in times.items():
-        dense = times["dense (compiled)" if name.endswith("(compiled)") else "dense"]
-        ratio = statistics.median(a / d for a, d in zip(t, dense))
-        rows.append({"config": name, "median_s": statistics.median(t), "ratio": ratio,
-                     "host_median_s": statistics.median(hosts[name]),
-                     "rounds": len(t)})  # fmt: skip
+    rows = [{"config": name, "median_s": statistics.median(t),
+             "ratio": statistics.median(ratios[name]),
+             "host_median_s": statistics.median(hosts[name]), "rounds": len(t),
+             "warm_s": warm[name]} for name, t in times.items()]  # fmt: skip
     which = "step_time_frontier" if args.frontier else "step_time"
     which += "_compiled" if args.compile else ""
     kind = args.device.split(":")[0]
@@ -163,21 +178,27 @@ def _save(
         f"{args.rounds} rounds, AdamW, autocast {args.amp}. Command: `{command.strip()}`\n\n"
         "The eager configurations are timed first, then the compiled ones; within each, every "
         "round runs one step of each configuration in turn, and ratio = median over rounds of "
-        "step / the same round's dense step (compiled rows: compiled dense's). The files are "
-        "rewritten after every round (a run cut short keeps the rounds it finished). Host s: "
-        "until the step's last call returned, before the device finished (on a GPU, near the "
-        "step's time when launching limits it; on the CPU the step's time).\n\n"
-        "| config | median step s | × dense | host s | rounds |\n|---|---|---|---|---|\n"
+        "step / the same round's dense step (compiled rows: compiled dense's). Each "
+        "configuration is warmed up (compiled) in turn after dense, and a round of those ready "
+        "so far follows each, so rows have different round counts. The files are rewritten "
+        "after every round (a run cut short keeps the rounds it finished). Host s: until the "
+        "step's last call returned, before the device finished (on a GPU, near the step's "
+        "time when launching limits it; on the CPU the step's time). Warm s: the warm-up "
+        "steps (one eager, two compiled), compilation included.\n\n"
+        "| config | median step s | × dense | host s | rounds | warm s |\n"
+        "|---|---|---|---|---|---|\n"
     )
     table = [f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} | "
-             f"{r['host_median_s']:.3f} | {r['rounds']} |\n" for r in rows]  # fmt: skip
-    table += [f"| {name} | failed: {error} | | | |\n" for name, error in failed.items()]
+             f"{r['host_median_s']:.3f} | {r['rounds']} | {r['warm_s']:.1f} |\n"
+             for r in rows]  # fmt: skip
+    table += [f"| {name} | failed: {error} | | | | |\n" for name, error in failed.items()]
     md = head + "".join(table)
     setup = {"model": args.model, "image_size": args.image_size, "seq_len": args.seq_len,
              "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
-               "times": times, "host_times": hosts, "failed": failed}  # fmt: skip
+               "times": times, "host_times": hosts, "ratios": ratios, "warm_s": warm,
+               "failed": failed}  # fmt: skip
     save_results(args.out, stem, md, payload)
     return md
 
