@@ -35,7 +35,8 @@ step() {  # step SECONDS LOG COMMAND...: run with a limit, keep its output, repo
   echo "exit status ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
 if [ "$QUICK" = 1 ]; then  # most needed first: a step cut short keeps the rounds it finished
-  step 120 tests.txt $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_kernels.py \
+  # -v: each test's result as it ends, so a run cut by the limit still says which passed
+  step 120 tests.txt $PY -m pytest -v --tb=short -p no:cacheprovider -n 4 tests/test_kernels.py \
     tests/test_compile.py -k "not compile_for_a_gpu and (test_kernels or cuda)"
   configs="dense checkpoint actprune_all_u4_b32 actprune_global_s0.9_b32"
   step 150 steps.txt $PY benchmarks/step_time.py --device cuda --model resmlp_s24 --batch-size 64 \
