@@ -197,7 +197,7 @@ def _save(
              "batch": args.batch_size, "amp": args.amp,
              "device_name": device_name(args.device)}  # fmt: skip
     payload = {"command": command.strip(), "torch": torch.__version__, **setup, "rows": rows,
-               "times": times, "host_times": hosts, "ratios": ratios, "warm_s": warm,
+               "times": times, "host_times": hosts, "ratios": ratios,
                "failed": failed}  # fmt: skip
     save_results(args.out, stem, md, payload)
     return md

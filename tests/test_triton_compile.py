@@ -62,10 +62,10 @@ def _record(launches: list, monkeypatch: pytest.MonkeyPatch) -> None:
         values = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
         signature, constexprs = {}, {}
         for name, value in values.items():
-            constexpr = "constexpr" in str(params[name].annotation) or _type(value) is None
-            if constexpr:
+            kind = None if "constexpr" in str(params[name].annotation) else _type(value)
+            if kind is None:
                 constexprs[name] = value
-            signature[name] = "constexpr" if constexpr else _type(value)
+            signature[name] = kind or "constexpr"
         options = {k: v for k, v in kwargs.items() if k not in params}
         launches.append((self.fn.__name__, signature, constexprs, options))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
